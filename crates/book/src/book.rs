@@ -1,0 +1,1379 @@
+//! One market's order book: resting orders, armed conditional orders, expiries and matching.
+//!
+//! Orders live in a slab (`Vec<Order>` plus a free list) and are linked into per-level FIFO
+//! queues by slab index. An index-only hash table maps order ids to slab slots, so an id costs a
+//! few bytes of index beyond the order itself. Every operation validates first and mutates only
+//! after every check has passed, so a rejection changes nothing.
+
+use std::cmp::Reverse;
+use std::collections::BTreeMap;
+use std::hash::BuildHasher;
+
+use hashbrown::HashTable;
+use rustc_hash::{FxBuildHasher, FxHashMap};
+
+use crate::event::{CancelCause, Event, RejectReason};
+use crate::ladder::{Ladder, key};
+use crate::limits;
+use crate::market::MarketSpec;
+use crate::stats::MarketData;
+use crate::types::{
+    MarketId, OrderId, OrderType, PaymentMethods, Price, Qty, SelfTradePrevention, Side,
+    TimeInForce, Timestamp, UserId,
+};
+
+/// Marks the end of a linked list and "no level".
+pub(crate) const NIL: u32 = u32::MAX;
+
+/// "No expiry".
+pub(crate) const NEVER: Timestamp = Timestamp::MAX;
+
+/// A request to place an order. Optional P2P constraints default to "no constraint".
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlaceOrder {
+    /// Market.
+    pub market: MarketId,
+    /// Order id, unique among the market's live orders.
+    pub id: OrderId,
+    /// Owner.
+    pub user: UserId,
+    /// Side.
+    pub side: Side,
+    /// Type.
+    pub order_type: OrderType,
+    /// Limit price (limit and stop-limit orders), or protection price (market-like orders).
+    pub price: Option<Price>,
+    /// Trigger price of stop and take-profit orders.
+    pub stop_price: Option<Price>,
+    /// Quantity.
+    pub qty: Qty,
+    /// Time in force.
+    pub tif: TimeInForce,
+    /// Reject instead of trading on arrival.
+    pub post_only: bool,
+    /// Expiry of a GTD order.
+    pub expire_at: Option<Timestamp>,
+    /// Payment methods the owner accepts.
+    pub payment_methods: PaymentMethods,
+    /// Minimum reputation of a counterparty.
+    pub min_reputation: u32,
+    /// The owner's reputation, as known to the caller.
+    pub reputation: u32,
+    /// Minimum size of one fill (a smaller remaining quantity may still fill in one piece).
+    pub min_fill: Option<Qty>,
+    /// Maximum size of one fill.
+    pub max_fill: Option<Qty>,
+    /// Self-trade prevention; the market's default when absent.
+    pub stp: Option<SelfTradePrevention>,
+}
+
+impl PlaceOrder {
+    /// A GTC limit order with no constraint.
+    pub fn limit(
+        market: MarketId,
+        id: OrderId,
+        user: UserId,
+        side: Side,
+        price: Price,
+        qty: Qty,
+    ) -> PlaceOrder {
+        PlaceOrder {
+            market,
+            id,
+            user,
+            side,
+            order_type: OrderType::Limit,
+            price: Some(price),
+            stop_price: None,
+            qty,
+            tif: TimeInForce::Gtc,
+            post_only: false,
+            expire_at: None,
+            payment_methods: PaymentMethods::ANY,
+            min_reputation: 0,
+            reputation: 0,
+            min_fill: None,
+            max_fill: None,
+            stp: None,
+        }
+    }
+
+    /// An IOC market order with no protection price and no constraint.
+    pub fn market(market: MarketId, id: OrderId, user: UserId, side: Side, qty: Qty) -> PlaceOrder {
+        PlaceOrder {
+            order_type: OrderType::Market,
+            price: None,
+            tif: TimeInForce::Ioc,
+            ..PlaceOrder::limit(market, id, user, side, Price(0), qty)
+        }
+    }
+}
+
+/// A request to change a live order's price and/or open quantity.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModifyOrder {
+    /// Market.
+    pub market: MarketId,
+    /// Order id.
+    pub id: OrderId,
+    /// Owner (checked).
+    pub user: UserId,
+    /// New limit price.
+    pub price: Option<Price>,
+    /// New open quantity.
+    pub qty: Option<Qty>,
+}
+
+/// Where a live order is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum State {
+    /// The slot is free.
+    Free,
+    /// On the book, in a level queue.
+    Resting,
+    /// A conditional order waiting for its trigger.
+    Armed,
+}
+
+/// A live order, 112 bytes. Field order keeps the hot matching fields together.
+#[derive(Clone, Debug)]
+pub(crate) struct Order {
+    pub(crate) id: OrderId,
+    pub(crate) user: UserId,
+    pub(crate) remaining: u64,
+    pub(crate) accept: u64,
+    pub(crate) reputation: u32,
+    pub(crate) min_reputation: u32,
+    pub(crate) next: u32,
+    pub(crate) prev: u32,
+    pub(crate) min_fill: u64,
+    pub(crate) max_fill: u64,
+    /// Limit price, or the protection price of a market-like conditional order (0 = none).
+    pub(crate) price: i64,
+    pub(crate) filled: u64,
+    /// Acceptance sequence: time priority, and the tie-breaker of triggers and expiries.
+    pub(crate) seq: u64,
+    pub(crate) expire_at: Timestamp,
+    pub(crate) level: u32,
+    pub(crate) side: Side,
+    pub(crate) order_type: OrderType,
+    pub(crate) tif: TimeInForce,
+    pub(crate) stp: SelfTradePrevention,
+    pub(crate) tier: u8,
+    pub(crate) post_only: bool,
+    pub(crate) state: State,
+}
+
+/// A price level: a FIFO queue of resting orders (ranked by tier first when the market has tiers).
+#[derive(Clone, Debug)]
+pub(crate) struct Level {
+    pub(crate) price: i64,
+    pub(crate) head: u32,
+    pub(crate) tail: u32,
+    pub(crate) qty: u64,
+    pub(crate) count: u32,
+}
+
+/// The incoming side of a match: a new order, a triggered one, or a re-priced one.
+#[derive(Clone, Debug)]
+struct Taker {
+    id: OrderId,
+    user: UserId,
+    side: Side,
+    /// Worst acceptable price; `None` sweeps without bound.
+    limit: Option<i64>,
+    remaining: u64,
+    accept: u64,
+    reputation: u32,
+    min_reputation: u32,
+    min_fill: u64,
+    max_fill: u64,
+    stp: SelfTradePrevention,
+    filled: u64,
+}
+
+impl Taker {
+    #[inline]
+    fn crosses(&self, level_price: i64) -> bool {
+        match (self.limit, self.side) {
+            (None, _) => true,
+            (Some(limit), Side::Buy) => level_price <= limit,
+            (Some(limit), Side::Sell) => level_price >= limit,
+        }
+    }
+
+    /// Size of the next fill against `maker`, or 0 when their constraints keep them apart.
+    /// Payment methods must intersect, each side must meet the other's minimum reputation, and
+    /// the fill (capped by both maximum fill sizes) must reach both minimum fill sizes, where a
+    /// minimum larger than an order's remaining quantity counts as that remaining quantity.
+    #[inline]
+    fn fill_with(&self, maker: &Order) -> u64 {
+        if self.accept & maker.accept == 0
+            || maker.reputation < self.min_reputation
+            || self.reputation < maker.min_reputation
+        {
+            return 0;
+        }
+        let fill = self
+            .remaining
+            .min(maker.remaining)
+            .min(self.max_fill)
+            .min(maker.max_fill);
+        let needed = self
+            .min_fill
+            .min(self.remaining)
+            .max(maker.min_fill.min(maker.remaining));
+        if fill < needed { 0 } else { fill }
+    }
+}
+
+/// How a sweep ended for the taker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SweepEnd {
+    /// Filled, out of crossing liquidity, or limited by price.
+    Normal,
+    /// Self-trade prevention cancelled the taker's remainder.
+    SelfTradeCancelled,
+}
+
+/// One market's book and market data.
+#[derive(Clone, Debug)]
+pub(crate) struct Book {
+    pub(crate) market: MarketId,
+    pub(crate) spec: MarketSpec,
+    pub(crate) orders: Vec<Order>,
+    free_orders: Vec<u32>,
+    ids: HashTable<u32>,
+    pub(crate) levels: Vec<Level>,
+    free_levels: Vec<u32>,
+    pub(crate) bids: Ladder,
+    pub(crate) asks: Ladder,
+    /// Armed orders that fire when the last price rises to their stop (buy stop, sell
+    /// take-profit), by (stop, seq).
+    pub(crate) triggers_above: BTreeMap<(i64, u64), u32>,
+    /// Armed orders that fire when the last price falls to their stop (sell stop, buy
+    /// take-profit), by (stop descending, seq).
+    pub(crate) triggers_below: BTreeMap<(Reverse<i64>, u64), u32>,
+    /// Stop price of each armed order, by slot.
+    pub(crate) stop_prices: FxHashMap<u32, i64>,
+    /// Orders with an expiry, by (expire_at, seq).
+    pub(crate) expiries: BTreeMap<(Timestamp, u64), u32>,
+    /// Live orders per user.
+    pub(crate) user_orders: FxHashMap<UserId, u32>,
+    pub(crate) live: usize,
+    pub(crate) next_seq: u64,
+    pub(crate) data: MarketData,
+}
+
+#[inline]
+fn hash_id(id: OrderId) -> u64 {
+    FxBuildHasher.hash_one(id)
+}
+
+impl Book {
+    pub(crate) fn new(market: MarketId, spec: MarketSpec) -> Book {
+        Book {
+            market,
+            spec,
+            orders: Vec::new(),
+            free_orders: Vec::new(),
+            ids: HashTable::new(),
+            levels: Vec::new(),
+            free_levels: Vec::new(),
+            bids: Ladder::default(),
+            asks: Ladder::default(),
+            triggers_above: BTreeMap::new(),
+            triggers_below: BTreeMap::new(),
+            stop_prices: FxHashMap::default(),
+            expiries: BTreeMap::new(),
+            user_orders: FxHashMap::default(),
+            live: 0,
+            next_seq: 1,
+            data: MarketData::default(),
+        }
+    }
+
+    // ----- lookups -------------------------------------------------------------------------
+
+    /// Slot of a live order.
+    #[inline]
+    pub(crate) fn slot_of(&self, id: OrderId) -> Option<u32> {
+        let orders = &self.orders;
+        self.ids
+            .find(hash_id(id), |&slot| orders[slot as usize].id == id)
+            .copied()
+    }
+
+    #[inline]
+    pub(crate) fn ladder(&self, side: Side) -> &Ladder {
+        match side {
+            Side::Buy => &self.bids,
+            Side::Sell => &self.asks,
+        }
+    }
+
+    #[inline]
+    fn ladder_mut(&mut self, side: Side) -> &mut Ladder {
+        match side {
+            Side::Buy => &mut self.bids,
+            Side::Sell => &mut self.asks,
+        }
+    }
+
+    /// Best price of a side.
+    pub(crate) fn best_price(&self, side: Side) -> Option<i64> {
+        self.ladder(side)
+            .best()
+            .map(|level| self.levels[level as usize].price)
+    }
+
+    // ----- slots and levels ----------------------------------------------------------------
+
+    pub(crate) fn alloc_order(&mut self, order: Order) -> u32 {
+        let id = order.id;
+        let user = order.user;
+        let slot = match self.free_orders.pop() {
+            Some(slot) => {
+                self.orders[slot as usize] = order;
+                slot
+            }
+            None => {
+                self.orders.push(order);
+                (self.orders.len() - 1) as u32
+            }
+        };
+        let orders = &self.orders;
+        self.ids
+            .insert_unique(hash_id(id), slot, |&s| hash_id(orders[s as usize].id));
+        *self.user_orders.entry(user).or_insert(0) += 1;
+        self.live += 1;
+        slot
+    }
+
+    fn free_order(&mut self, slot: u32) {
+        let (id, user) = {
+            let order = &self.orders[slot as usize];
+            (order.id, order.user)
+        };
+        let orders = &self.orders;
+        match self
+            .ids
+            .find_entry(hash_id(id), |&s| orders[s as usize].id == id)
+        {
+            Ok(entry) => {
+                entry.remove();
+            }
+            Err(_) => unreachable!("a live order is always indexed"),
+        }
+        if let Some(count) = self.user_orders.get_mut(&user) {
+            *count -= 1;
+            if *count == 0 {
+                self.user_orders.remove(&user);
+            }
+        }
+        let order = &mut self.orders[slot as usize];
+        order.state = State::Free;
+        if order.expire_at != NEVER {
+            self.expiries.remove(&(order.expire_at, order.seq));
+        }
+        self.free_orders.push(slot);
+        self.live -= 1;
+    }
+
+    /// Links a resting order into the level for its price, creating the level if needed.
+    pub(crate) fn link(&mut self, slot: u32) {
+        let (side, price, remaining, tier) = {
+            let order = &self.orders[slot as usize];
+            (order.side, order.price, order.remaining, order.tier)
+        };
+        let level = match self.ladder(side).search(key(side, price)) {
+            Ok(position) => self.ladder(side).level_at(position),
+            Err(position) => {
+                let level = self.alloc_level(price);
+                self.ladder_mut(side)
+                    .insert(position, key(side, price), level);
+                level
+            }
+        };
+        let tiered = !self.spec.reputation_tiers.is_empty();
+        // With reputation tiers, the new order goes behind every order of its tier or higher.
+        let mut after = self.levels[level as usize].tail;
+        if tiered {
+            while after != NIL && self.orders[after as usize].tier < tier {
+                after = self.orders[after as usize].prev;
+            }
+        }
+        let before = if after == NIL {
+            self.levels[level as usize].head
+        } else {
+            self.orders[after as usize].next
+        };
+        {
+            let order = &mut self.orders[slot as usize];
+            order.prev = after;
+            order.next = before;
+            order.level = level;
+            order.state = State::Resting;
+        }
+        if after == NIL {
+            self.levels[level as usize].head = slot;
+        } else {
+            self.orders[after as usize].next = slot;
+        }
+        if before == NIL {
+            self.levels[level as usize].tail = slot;
+        } else {
+            self.orders[before as usize].prev = slot;
+        }
+        let lvl = &mut self.levels[level as usize];
+        lvl.qty += remaining;
+        lvl.count += 1;
+    }
+
+    /// Unlinks a resting order from its level, removing the level when it empties.
+    fn unlink(&mut self, slot: u32) {
+        let (prev, next, level, remaining, side) = {
+            let order = &self.orders[slot as usize];
+            (
+                order.prev,
+                order.next,
+                order.level,
+                order.remaining,
+                order.side,
+            )
+        };
+        if prev == NIL {
+            self.levels[level as usize].head = next;
+        } else {
+            self.orders[prev as usize].next = next;
+        }
+        if next == NIL {
+            self.levels[level as usize].tail = prev;
+        } else {
+            self.orders[next as usize].prev = prev;
+        }
+        let lvl = &mut self.levels[level as usize];
+        lvl.qty -= remaining;
+        lvl.count -= 1;
+        if lvl.count == 0 {
+            let price = lvl.price;
+            let position = self
+                .ladder(side)
+                .search(key(side, price))
+                .expect("a non-empty level is on its ladder");
+            self.ladder_mut(side).remove(position);
+            self.free_levels.push(level);
+        }
+        self.orders[slot as usize].level = NIL;
+    }
+
+    fn alloc_level(&mut self, price: i64) -> u32 {
+        let level = Level {
+            price,
+            head: NIL,
+            tail: NIL,
+            qty: 0,
+            count: 0,
+        };
+        match self.free_levels.pop() {
+            Some(slot) => {
+                self.levels[slot as usize] = level;
+                slot
+            }
+            None => {
+                self.levels.push(level);
+                (self.levels.len() - 1) as u32
+            }
+        }
+    }
+
+    fn emit_level(&self, side: Side, level: u32, out: &mut Vec<Event>) {
+        let lvl = &self.levels[level as usize];
+        out.push(Event::Book {
+            market: self.market,
+            side,
+            price: Price(lvl.price),
+            qty: Qty(lvl.qty),
+            orders: lvl.count,
+        });
+    }
+
+    /// Emits the L2 state of the level at `price`, which may be gone.
+    fn emit_price_level(&self, side: Side, price: i64, out: &mut Vec<Event>) {
+        match self.ladder(side).search(key(side, price)) {
+            Ok(position) => self.emit_level(side, self.ladder(side).level_at(position), out),
+            Err(_) => out.push(Event::Book {
+                market: self.market,
+                side,
+                price: Price(price),
+                qty: Qty::ZERO,
+                orders: 0,
+            }),
+        }
+    }
+
+    fn take_seq(&mut self) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        seq
+    }
+
+    // ----- validation ----------------------------------------------------------------------
+
+    fn check_price(&self, price: i64) -> Result<(), RejectReason> {
+        if price <= 0 {
+            return Err(RejectReason::InvalidPrice);
+        }
+        if price % self.spec.tick != 0 {
+            return Err(RejectReason::BadTick);
+        }
+        Ok(())
+    }
+
+    fn check_band(&self, price: i64) -> Result<(), RejectReason> {
+        if let (Some(band), Some(last)) = (self.spec.price_band_bps, self.data.last_price) {
+            let distance = (i128::from(price) - i128::from(last)).abs() * 10_000;
+            if distance > i128::from(band) * i128::from(last) {
+                return Err(RejectReason::PriceBand);
+            }
+        }
+        Ok(())
+    }
+
+    fn check_size(&self, qty: u64) -> Result<(), RejectReason> {
+        if qty == 0 {
+            return Err(RejectReason::InvalidQuantity);
+        }
+        if !qty.is_multiple_of(self.spec.lot) {
+            return Err(RejectReason::BadLot);
+        }
+        if self.spec.min_qty.is_some_and(|min| qty < min.0) {
+            return Err(RejectReason::SizeTooSmall);
+        }
+        if self.spec.max_qty.is_some_and(|max| qty > max.0) {
+            return Err(RejectReason::SizeTooLarge);
+        }
+        Ok(())
+    }
+
+    fn check_notional(&self, price: Option<i64>, qty: u64) -> Result<(), RejectReason> {
+        if let (Some(min), Some(price)) = (self.spec.min_notional, price)
+            && (price as u128) * u128::from(qty) < min
+        {
+            return Err(RejectReason::MinNotional);
+        }
+        Ok(())
+    }
+
+    /// Whether one more live order of `user` fits, and a new level at `price` if it rests.
+    fn check_capacity(
+        &self,
+        user: UserId,
+        side: Side,
+        rest_price: Option<i64>,
+    ) -> Result<(), RejectReason> {
+        if self.live >= limits::ORDERS_PER_MARKET_MAX
+            || self.user_orders.get(&user).copied().unwrap_or(0) as usize
+                >= limits::ORDERS_PER_USER_MAX
+        {
+            return Err(RejectReason::TooManyOrders);
+        }
+        if let Some(price) = rest_price {
+            let ladder = self.ladder(side);
+            if ladder.len() >= limits::LEVELS_PER_SIDE_MAX
+                && ladder.search(key(side, price)).is_err()
+            {
+                return Err(RejectReason::TooManyOrders);
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_place(&self, cmd: &PlaceOrder, now: Timestamp) -> Result<(), RejectReason> {
+        if self.slot_of(cmd.id).is_some() {
+            return Err(RejectReason::DuplicateOrderId);
+        }
+        let market_like = cmd.order_type.is_market_like();
+        match cmd.price {
+            Some(price) => self.check_price(price.0)?,
+            None if !market_like => return Err(RejectReason::InvalidPrice),
+            None => {}
+        }
+        if cmd.order_type.is_conditional() {
+            match cmd.stop_price {
+                Some(stop) if stop.0 > 0 && stop.0 % self.spec.tick == 0 => {}
+                _ => return Err(RejectReason::InvalidStopPrice),
+            }
+        } else if cmd.stop_price.is_some() {
+            return Err(RejectReason::InvalidStopPrice);
+        }
+        self.check_size(cmd.qty.0)?;
+        if !self.spec.payment_methods_ok(cmd.payment_methods) {
+            return Err(RejectReason::UnknownPaymentMethod);
+        }
+        self.check_notional(cmd.price.or(cmd.stop_price).map(|p| p.0), cmd.qty.0)?;
+        if let (Some(price), false) = (cmd.price, market_like) {
+            self.check_band(price.0)?;
+        }
+        if market_like && !matches!(cmd.tif, TimeInForce::Ioc | TimeInForce::Fok) {
+            return Err(RejectReason::InvalidTimeInForce);
+        }
+        if cmd.post_only && (market_like || !cmd.tif.rests()) {
+            return Err(RejectReason::InvalidTimeInForce);
+        }
+        match (cmd.tif, cmd.expire_at) {
+            (TimeInForce::Gtd, Some(at)) if at > now => {}
+            (TimeInForce::Gtd, _) | (_, Some(_)) => return Err(RejectReason::InvalidExpiry),
+            _ => {}
+        }
+        let lot = self.spec.lot;
+        let fill_ok = |q: Option<Qty>| q.is_none_or(|q| q.0 > 0 && q.0 % lot == 0);
+        if !fill_ok(cmd.min_fill)
+            || !fill_ok(cmd.max_fill)
+            || matches!((cmd.min_fill, cmd.max_fill), (Some(min), Some(max)) if min > max)
+        {
+            return Err(RejectReason::InvalidFillLimits);
+        }
+        let rest_price = if cmd.tif.rests() && !market_like {
+            cmd.price.map(|p| p.0)
+        } else {
+            None
+        };
+        // A conditional order takes a slot now; its level is checked when it triggers.
+        let rest_price = if cmd.order_type.is_conditional() {
+            None
+        } else {
+            rest_price
+        };
+        self.check_capacity(cmd.user, cmd.side, rest_price)
+    }
+
+    // ----- matching ------------------------------------------------------------------------
+
+    /// Quantity the taker could fill now, stopping once `target` is reached, without changing
+    /// anything. Mirrors [`Book::sweep`]: a resting order of the same user stops the count unless
+    /// the taker's self-trade mode cancels resting orders.
+    fn fillable(&self, taker: &Taker, target: u64) -> u64 {
+        let ladder = self.ladder(taker.side.opposite());
+        let mut probe = taker.clone();
+        let mut filled = 0;
+        for level in ladder.iter_best_first() {
+            let lvl = &self.levels[level as usize];
+            if !probe.crosses(lvl.price) {
+                break;
+            }
+            let mut cursor = lvl.head;
+            while cursor != NIL {
+                let maker = &self.orders[cursor as usize];
+                cursor = maker.next;
+                let fill = probe.fill_with(maker);
+                if fill == 0 {
+                    continue;
+                }
+                if maker.user == probe.user {
+                    if probe.stp == SelfTradePrevention::CancelOldest {
+                        continue;
+                    }
+                    return filled;
+                }
+                filled += fill;
+                probe.remaining -= fill;
+                if filled >= target || probe.remaining == 0 {
+                    return filled;
+                }
+            }
+        }
+        filled
+    }
+
+    /// Whether a post-only order at this price would meet a compatible resting order.
+    fn would_cross(&self, taker: &Taker) -> bool {
+        let Some(best) = self.best_price(taker.side.opposite()) else {
+            return false;
+        };
+        if !taker.crosses(best) {
+            return false;
+        }
+        let ladder = self.ladder(taker.side.opposite());
+        for level in ladder.iter_best_first() {
+            let lvl = &self.levels[level as usize];
+            if !taker.crosses(lvl.price) {
+                break;
+            }
+            let mut cursor = lvl.head;
+            while cursor != NIL {
+                let maker = &self.orders[cursor as usize];
+                if taker.fill_with(maker) > 0 {
+                    return true;
+                }
+                cursor = maker.next;
+            }
+        }
+        false
+    }
+
+    /// Matches the taker against the opposite side, best level first, skipping resting orders
+    /// it cannot trade with. Emits trades, self-trade cancellations and one L2 event per level
+    /// touched.
+    fn sweep(&mut self, taker: &mut Taker, now: Timestamp, out: &mut Vec<Event>) -> SweepEnd {
+        let maker_side = taker.side.opposite();
+        let mut position = self.ladder(maker_side).len();
+        let mut end = SweepEnd::Normal;
+        while position > 0 && taker.remaining > 0 && end == SweepEnd::Normal {
+            position -= 1;
+            let level = self.ladder(maker_side).level_at(position);
+            let level_price = self.levels[level as usize].price;
+            if !taker.crosses(level_price) {
+                break;
+            }
+            let mut cursor = self.levels[level as usize].head;
+            let mut touched = false;
+            while cursor != NIL && taker.remaining > 0 {
+                let slot = cursor;
+                let maker = &self.orders[slot as usize];
+                cursor = maker.next;
+                let fill = taker.fill_with(maker);
+                if fill == 0 {
+                    continue;
+                }
+                touched = true;
+                if maker.user == taker.user {
+                    end = self.prevent_self_trade(taker, slot, out);
+                    if end != SweepEnd::Normal {
+                        break;
+                    }
+                    continue;
+                }
+                let maker = &mut self.orders[slot as usize];
+                maker.remaining -= fill;
+                maker.filled += fill;
+                let maker_id = maker.id;
+                let maker_user = maker.user;
+                let maker_done = maker.remaining == 0;
+                self.levels[level as usize].qty -= fill;
+                taker.remaining -= fill;
+                taker.filled += fill;
+                out.push(Event::Trade {
+                    market: self.market,
+                    maker: maker_id,
+                    taker: taker.id,
+                    maker_user,
+                    taker_user: taker.user,
+                    taker_side: taker.side,
+                    price: Price(level_price),
+                    qty: Qty(fill),
+                });
+                self.data.record_trade(now, level_price, fill);
+                if maker_done {
+                    self.remove_resting(slot);
+                }
+            }
+            if touched {
+                // The level may be gone now; `emit_price_level` reports zero then.
+                self.emit_price_level(maker_side, level_price, out);
+            }
+        }
+        end
+    }
+
+    /// Applies the taker's self-trade mode against its own resting order in `slot`.
+    fn prevent_self_trade(
+        &mut self,
+        taker: &mut Taker,
+        slot: u32,
+        out: &mut Vec<Event>,
+    ) -> SweepEnd {
+        match taker.stp {
+            SelfTradePrevention::CancelNewest => SweepEnd::SelfTradeCancelled,
+            SelfTradePrevention::CancelOldest => {
+                self.cancel_resting(slot, CancelCause::SelfTrade, out, false);
+                SweepEnd::Normal
+            }
+            SelfTradePrevention::CancelBoth => {
+                self.cancel_resting(slot, CancelCause::SelfTrade, out, false);
+                SweepEnd::SelfTradeCancelled
+            }
+            SelfTradePrevention::Decrement => {
+                let maker_remaining = self.orders[slot as usize].remaining;
+                let cut = maker_remaining.min(taker.remaining);
+                if cut == maker_remaining {
+                    self.cancel_resting(slot, CancelCause::SelfTrade, out, false);
+                } else {
+                    let maker = &mut self.orders[slot as usize];
+                    maker.remaining -= cut;
+                    let (id, user, open, level) =
+                        (maker.id, maker.user, maker.remaining, maker.level);
+                    self.levels[level as usize].qty -= cut;
+                    out.push(Event::Cancelled {
+                        market: self.market,
+                        id,
+                        user,
+                        remaining: Qty(cut),
+                        open: Qty(open),
+                        cause: CancelCause::SelfTrade,
+                    });
+                }
+                // The taker loses the same quantity; at zero it is done and nothing rests.
+                taker.remaining -= cut;
+                out.push(Event::Cancelled {
+                    market: self.market,
+                    id: taker.id,
+                    user: taker.user,
+                    remaining: Qty(cut),
+                    open: Qty(taker.remaining),
+                    cause: CancelCause::SelfTrade,
+                });
+                SweepEnd::Normal
+            }
+        }
+    }
+
+    /// Removes a resting order that has been filled completely.
+    fn remove_resting(&mut self, slot: u32) {
+        self.unlink(slot);
+        self.free_order(slot);
+    }
+
+    /// Cancels a live order (resting or armed) with a cause, emitting the event and, for a
+    /// resting order outside a sweep, its L2 change.
+    fn cancel_resting(
+        &mut self,
+        slot: u32,
+        cause: CancelCause,
+        out: &mut Vec<Event>,
+        emit_l2: bool,
+    ) {
+        let order = &self.orders[slot as usize];
+        let (id, user, remaining, side, price, state) = (
+            order.id,
+            order.user,
+            order.remaining,
+            order.side,
+            order.price,
+            order.state,
+        );
+        match state {
+            State::Resting => self.unlink(slot),
+            State::Armed => self.disarm(slot),
+            State::Free => unreachable!("cancel of a free slot"),
+        }
+        self.free_order(slot);
+        out.push(Event::Cancelled {
+            market: self.market,
+            id,
+            user,
+            remaining: Qty(remaining),
+            open: Qty(0),
+            cause,
+        });
+        if emit_l2 && state == State::Resting {
+            self.emit_price_level(side, price, out);
+        }
+    }
+
+    fn disarm(&mut self, slot: u32) {
+        let stop = self
+            .stop_prices
+            .remove(&slot)
+            .expect("an armed order has a stop price");
+        let order = &self.orders[slot as usize];
+        if fires_above(order.order_type, order.side) {
+            self.triggers_above.remove(&(stop, order.seq));
+        } else {
+            self.triggers_below.remove(&(Reverse(stop), order.seq));
+        }
+    }
+
+    fn taker_from(&self, order: &Order, limit: Option<i64>) -> Taker {
+        Taker {
+            id: order.id,
+            user: order.user,
+            side: order.side,
+            limit,
+            remaining: order.remaining,
+            accept: order.accept,
+            reputation: order.reputation,
+            min_reputation: order.min_reputation,
+            min_fill: order.min_fill,
+            max_fill: order.max_fill,
+            stp: order.stp,
+            filled: order.filled,
+        }
+    }
+
+    // ----- operations ----------------------------------------------------------------------
+
+    /// Places an order. Emits `Rejected` alone when any check fails.
+    pub(crate) fn place(&mut self, cmd: &PlaceOrder, now: Timestamp, out: &mut Vec<Event>) {
+        if let Err(reason) = self.validate_place(cmd, now) {
+            out.push(Event::Rejected {
+                market: Some(self.market),
+                id: cmd.id,
+                reason,
+            });
+            return;
+        }
+        let stp = cmd.stp.unwrap_or(self.spec.default_stp);
+        let order = Order {
+            id: cmd.id,
+            user: cmd.user,
+            remaining: cmd.qty.0,
+            accept: cmd.payment_methods.0,
+            reputation: cmd.reputation,
+            min_reputation: cmd.min_reputation,
+            next: NIL,
+            prev: NIL,
+            min_fill: cmd.min_fill.map_or(0, |q| q.0),
+            max_fill: cmd.max_fill.map_or(u64::MAX, |q| q.0),
+            price: cmd.price.map_or(0, |p| p.0),
+            filled: 0,
+            seq: 0,
+            expire_at: match cmd.tif {
+                TimeInForce::Day => self.spec.next_cutoff(now),
+                TimeInForce::Gtd => cmd.expire_at.unwrap_or(NEVER),
+                _ => NEVER,
+            },
+            level: NIL,
+            side: cmd.side,
+            order_type: cmd.order_type,
+            tif: cmd.tif,
+            stp,
+            tier: self.spec.tier_of(cmd.reputation),
+            post_only: cmd.post_only,
+            state: State::Free,
+        };
+
+        if cmd.order_type.is_conditional() {
+            let stop = cmd.stop_price.map_or(0, |p| p.0);
+            let due = self
+                .data
+                .last_price
+                .is_some_and(|last| trigger_due(cmd.order_type, cmd.side, stop, last));
+            if !due {
+                self.accept(&order, out);
+                self.arm(order, stop);
+                return;
+            }
+            // Already due: accept and trigger at once, then continue as a triggered order.
+            self.accept(&order, out);
+            out.push(Event::Triggered {
+                market: self.market,
+                id: order.id,
+                user: order.user,
+                last_price: Price(self.data.last_price.unwrap_or(0)),
+            });
+            self.run_triggered(order, now, out);
+            self.fire_triggers(now, out);
+            return;
+        }
+
+        // Limit orders always have a price; a market order's price is its optional protection.
+        let limit = (order.price != 0).then_some(order.price);
+        let taker = self.taker_from(&order, limit);
+        if cmd.post_only && self.would_cross(&taker) {
+            out.push(Event::Rejected {
+                market: Some(self.market),
+                id: cmd.id,
+                reason: RejectReason::PostOnlyWouldCross,
+            });
+            return;
+        }
+        if cmd.tif == TimeInForce::Fok && self.fillable(&taker, cmd.qty.0) < cmd.qty.0 {
+            out.push(Event::Rejected {
+                market: Some(self.market),
+                id: cmd.id,
+                reason: RejectReason::FokUnfillable,
+            });
+            return;
+        }
+        if cmd.order_type == OrderType::Market && self.fillable(&taker, 1) == 0 {
+            out.push(Event::Rejected {
+                market: Some(self.market),
+                id: cmd.id,
+                reason: RejectReason::NoLiquidity,
+            });
+            return;
+        }
+        self.accept(&order, out);
+        self.execute(order, taker, now, out);
+        self.fire_triggers(now, out);
+    }
+
+    fn accept(&self, order: &Order, out: &mut Vec<Event>) {
+        out.push(Event::Accepted {
+            market: self.market,
+            id: order.id,
+            user: order.user,
+            side: order.side,
+            order_type: order.order_type,
+            qty: Qty(order.remaining),
+        });
+    }
+
+    fn arm(&mut self, mut order: Order, stop: i64) {
+        order.seq = self.take_seq();
+        order.state = State::Armed;
+        let fires_up = fires_above(order.order_type, order.side);
+        let (seq, expire_at) = (order.seq, order.expire_at);
+        let slot = self.alloc_order(order);
+        if fires_up {
+            self.triggers_above.insert((stop, seq), slot);
+        } else {
+            self.triggers_below.insert((Reverse(stop), seq), slot);
+        }
+        self.stop_prices.insert(slot, stop);
+        if expire_at != NEVER {
+            self.expiries.insert((expire_at, seq), slot);
+        }
+    }
+
+    /// Sweeps with a taker built from `order` (not in a slot), then rests or cancels the rest.
+    fn execute(
+        &mut self,
+        mut order: Order,
+        mut taker: Taker,
+        now: Timestamp,
+        out: &mut Vec<Event>,
+    ) {
+        let end = self.sweep(&mut taker, now, out);
+        order.remaining = taker.remaining;
+        order.filled = taker.filled;
+        if taker.remaining == 0 {
+            return;
+        }
+        let cause = match end {
+            SweepEnd::SelfTradeCancelled => Some(CancelCause::SelfTrade),
+            SweepEnd::Normal if order.order_type.is_market_like() => {
+                Some(CancelCause::MarketRemainder)
+            }
+            SweepEnd::Normal if !order.tif.rests() => Some(if order.tif == TimeInForce::Fok {
+                CancelCause::FillOrKill
+            } else {
+                CancelCause::ImmediateOrCancel
+            }),
+            SweepEnd::Normal => None,
+        };
+        match cause {
+            Some(cause) => out.push(Event::Cancelled {
+                market: self.market,
+                id: order.id,
+                user: order.user,
+                remaining: Qty(taker.remaining),
+                open: Qty(0),
+                cause,
+            }),
+            None => {
+                order.seq = self.take_seq();
+                let (side, seq, expire_at) = (order.side, order.seq, order.expire_at);
+                let slot = self.alloc_order(order);
+                self.link(slot);
+                if expire_at != NEVER {
+                    self.expiries.insert((expire_at, seq), slot);
+                }
+                let level = self.orders[slot as usize].level;
+                self.emit_level(side, level, out);
+            }
+        }
+    }
+
+    /// Runs a triggered conditional order (already out of its slot) as a market or limit order.
+    fn run_triggered(&mut self, mut order: Order, now: Timestamp, out: &mut Vec<Event>) {
+        let market_like = order.order_type.is_market_like();
+        order.order_type = if market_like {
+            OrderType::Market
+        } else {
+            OrderType::Limit
+        };
+        let limit = (order.price != 0).then_some(order.price);
+        let taker = self.taker_from(&order, limit);
+        let refuse = |cause| Event::Cancelled {
+            market: self.market,
+            id: order.id,
+            user: order.user,
+            remaining: Qty(order.remaining),
+            open: Qty(0),
+            cause,
+        };
+        if order.post_only && self.would_cross(&taker) {
+            out.push(refuse(CancelCause::PostOnly));
+            return;
+        }
+        if order.tif == TimeInForce::Fok && self.fillable(&taker, order.remaining) < order.remaining
+        {
+            out.push(refuse(CancelCause::FillOrKill));
+            return;
+        }
+        if market_like && self.fillable(&taker, 1) == 0 {
+            out.push(refuse(CancelCause::NoLiquidity));
+            return;
+        }
+        // The slot it held was released when it triggered, so only the level limit can refuse
+        // it here.
+        if !market_like
+            && order.tif.rests()
+            && self
+                .check_capacity(order.user, order.side, Some(order.price))
+                .is_err()
+        {
+            out.push(refuse(CancelCause::BookFull));
+            return;
+        }
+        self.execute(order, taker, now, out);
+    }
+
+    /// Fires every due armed order, one at a time and in a fixed order, until none is due:
+    /// first orders that fire on a rising price (lowest stop first), then those that fire on a
+    /// falling price (highest stop first), ties by acceptance order. A fired order's trades can
+    /// make more orders due; each order fires at most once, so this ends.
+    fn fire_triggers(&mut self, now: Timestamp, out: &mut Vec<Event>) {
+        while let Some(last) = self.data.last_price {
+            let slot = if let Some((&(stop, _), &slot)) = self.triggers_above.first_key_value()
+                && stop <= last
+            {
+                slot
+            } else if let Some((&(Reverse(stop), _), &slot)) = self.triggers_below.first_key_value()
+                && stop >= last
+            {
+                slot
+            } else {
+                return;
+            };
+            self.disarm(slot);
+            let order = self.orders[slot as usize].clone();
+            self.free_order(slot);
+            out.push(Event::Triggered {
+                market: self.market,
+                id: order.id,
+                user: order.user,
+                last_price: Price(last),
+            });
+            self.run_triggered(order, now, out);
+        }
+    }
+
+    /// Cancels one live order of its owner.
+    pub(crate) fn cancel(&mut self, id: OrderId, user: UserId, out: &mut Vec<Event>) {
+        let slot = match self.owned_slot(id, user) {
+            Ok(slot) => slot,
+            Err(reason) => {
+                out.push(Event::Rejected {
+                    market: Some(self.market),
+                    id,
+                    reason,
+                });
+                return;
+            }
+        };
+        self.cancel_resting(slot, CancelCause::User, out, true);
+    }
+
+    fn owned_slot(&self, id: OrderId, user: UserId) -> Result<u32, RejectReason> {
+        let slot = self.slot_of(id).ok_or(RejectReason::UnknownOrder)?;
+        if self.orders[slot as usize].user != user {
+            return Err(RejectReason::NotOwner);
+        }
+        Ok(slot)
+    }
+
+    /// Cancels every live order of the market, or of one user in it, oldest first.
+    pub(crate) fn cancel_all(&mut self, user: Option<UserId>, out: &mut Vec<Event>) {
+        let mut slots: Vec<(u64, u32)> = self
+            .orders
+            .iter()
+            .enumerate()
+            .filter(|(_, order)| order.state != State::Free && user.is_none_or(|u| u == order.user))
+            .map(|(slot, order)| (order.seq, slot as u32))
+            .collect();
+        slots.sort_unstable();
+        for (_, slot) in slots {
+            self.cancel_resting(slot, CancelCause::CancelAll, out, true);
+        }
+    }
+
+    /// Changes a live order's price and/or open quantity. A smaller quantity at the same price
+    /// keeps the order's place; any other change sends it to the back and, if the new price
+    /// crosses, it trades first as a taker.
+    pub(crate) fn modify(&mut self, cmd: &ModifyOrder, now: Timestamp, out: &mut Vec<Event>) {
+        let slot = match self.validate_modify(cmd) {
+            Ok(slot) => slot,
+            Err(reason) => {
+                out.push(Event::Rejected {
+                    market: Some(self.market),
+                    id: cmd.id,
+                    reason,
+                });
+                return;
+            }
+        };
+        let order = &self.orders[slot as usize];
+        let new_price = cmd.price.map_or(order.price, |p| p.0);
+        let new_qty = cmd.qty.map_or(order.remaining, |q| q.0);
+        let keeps_priority = new_price == order.price && new_qty <= order.remaining;
+        if order.state == State::Armed {
+            // An armed order keeps its trigger position; only its terms change.
+            let order = &mut self.orders[slot as usize];
+            order.price = new_price;
+            order.remaining = new_qty;
+            out.push(self.modified_event(slot, true));
+            return;
+        }
+        if keeps_priority {
+            let order = &mut self.orders[slot as usize];
+            let cut = order.remaining - new_qty;
+            order.remaining = new_qty;
+            let (side, level) = (order.side, order.level);
+            self.levels[level as usize].qty -= cut;
+            out.push(self.modified_event(slot, true));
+            self.emit_level(side, level, out);
+            return;
+        }
+        let (side, old_price) = (order.side, order.price);
+        self.unlink(slot);
+        let mut order = self.orders[slot as usize].clone();
+        self.free_order(slot);
+        order.price = new_price;
+        order.remaining = new_qty;
+        out.push(Event::Modified {
+            market: self.market,
+            id: order.id,
+            user: order.user,
+            price: Price(new_price),
+            qty: Qty(new_qty),
+            priority_kept: false,
+        });
+        self.emit_price_level(side, old_price, out);
+        let taker = self.taker_from(&order, Some(new_price));
+        self.execute(order, taker, now, out);
+        self.fire_triggers(now, out);
+    }
+
+    fn validate_modify(&self, cmd: &ModifyOrder) -> Result<u32, RejectReason> {
+        let slot = self.owned_slot(cmd.id, cmd.user)?;
+        let order = &self.orders[slot as usize];
+        if cmd.price.is_none() && cmd.qty.is_none() {
+            return Err(RejectReason::InvalidModify);
+        }
+        if cmd.price.is_some() && order.order_type.is_market_like() {
+            return Err(RejectReason::InvalidModify);
+        }
+        let new_price = cmd.price.map_or(order.price, |p| p.0);
+        let new_qty = cmd.qty.map_or(order.remaining, |q| q.0);
+        if new_price == order.price && new_qty == order.remaining {
+            return Err(RejectReason::InvalidModify);
+        }
+        if let Some(price) = cmd.price {
+            self.check_price(price.0)?;
+            self.check_band(price.0)?;
+        }
+        let reduction_only = new_price == order.price && new_qty < order.remaining;
+        if reduction_only {
+            if new_qty == 0 {
+                return Err(RejectReason::InvalidQuantity);
+            }
+            if !new_qty.is_multiple_of(self.spec.lot) {
+                return Err(RejectReason::BadLot);
+            }
+        } else {
+            self.check_size(new_qty)?;
+            let price = (new_price != 0).then_some(new_price);
+            self.check_notional(price, new_qty)?;
+        }
+        if order.state == State::Resting && !reduction_only {
+            let ladder = self.ladder(order.side);
+            // Moving the only order of a level frees that level, so a full ladder still has
+            // room for the new one.
+            let frees_level = self.levels[order.level as usize].count == 1;
+            if ladder.len() >= limits::LEVELS_PER_SIDE_MAX
+                && !frees_level
+                && ladder.search(key(order.side, new_price)).is_err()
+            {
+                return Err(RejectReason::TooManyOrders);
+            }
+            if order.post_only {
+                let mut taker = self.taker_from(order, Some(new_price));
+                taker.remaining = new_qty;
+                if self.would_cross(&taker) {
+                    return Err(RejectReason::PostOnlyWouldCross);
+                }
+            }
+        }
+        Ok(slot)
+    }
+
+    fn modified_event(&self, slot: u32, priority_kept: bool) -> Event {
+        let order = &self.orders[slot as usize];
+        Event::Modified {
+            market: self.market,
+            id: order.id,
+            user: order.user,
+            price: Price(order.price),
+            qty: Qty(order.remaining),
+            priority_kept,
+        }
+    }
+
+    /// Expires every order whose expiry is at or before `now`, in expiry then acceptance order.
+    pub(crate) fn expire(&mut self, now: Timestamp, out: &mut Vec<Event>) {
+        while let Some((&(at, _), &slot)) = self.expiries.first_key_value() {
+            if at > now {
+                break;
+            }
+            let order = &self.orders[slot as usize];
+            let (id, user, remaining, side, price, state) = (
+                order.id,
+                order.user,
+                order.remaining,
+                order.side,
+                order.price,
+                order.state,
+            );
+            match state {
+                State::Resting => self.unlink(slot),
+                State::Armed => self.disarm(slot),
+                State::Free => unreachable!("an expiry of a free slot"),
+            }
+            self.free_order(slot);
+            out.push(Event::Expired {
+                market: self.market,
+                id,
+                user,
+                remaining: Qty(remaining),
+            });
+            if state == State::Resting {
+                self.emit_price_level(side, price, out);
+            }
+        }
+    }
+
+    /// Heap bytes held by the book's order and level structures.
+    pub(crate) fn heap_bytes(&self) -> usize {
+        self.orders.capacity() * std::mem::size_of::<Order>()
+            + self.free_orders.capacity() * 4
+            + self.ids.capacity() * 5
+            + self.levels.capacity() * std::mem::size_of::<Level>()
+            + self.free_levels.capacity() * 4
+            + self.bids.heap_bytes()
+            + self.asks.heap_bytes()
+    }
+}
+
+/// Whether an order of this type and side fires when the price rises to its stop.
+pub(crate) fn fires_above(order_type: OrderType, side: Side) -> bool {
+    matches!(
+        (order_type, side),
+        (OrderType::StopMarket | OrderType::StopLimit, Side::Buy)
+            | (
+                OrderType::TakeProfitMarket | OrderType::TakeProfitLimit,
+                Side::Sell
+            )
+    )
+}
+
+/// Whether a conditional order with this stop is due at the last trade price.
+pub(crate) fn trigger_due(order_type: OrderType, side: Side, stop: i64, last: i64) -> bool {
+    if fires_above(order_type, side) {
+        last >= stop
+    } else {
+        last <= stop
+    }
+}

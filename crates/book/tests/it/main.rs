@@ -1,0 +1,5 @@
+//! Integration tests of the matching engine: scenarios, the reference model and properties.
+
+mod model;
+mod properties;
+mod scenarios;
