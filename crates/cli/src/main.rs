@@ -1,1 +1,57 @@
-fn main() {}
+//! The `agora` binary.
+
+use std::fs::File;
+use std::io::{self, BufReader};
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+/// Agora: a peer-to-peer exchange and settlement server.
+#[derive(Parser)]
+#[command(name = "agora", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Commands,
+}
+
+#[derive(Subcommand)]
+enum Commands {
+    /// The matching engine on its own.
+    Book {
+        #[command(subcommand)]
+        command: BookCommands,
+    },
+}
+
+#[derive(Subcommand)]
+enum BookCommands {
+    /// Read commands as JSON lines, write events as JSON lines (see docs/replay.md).
+    Replay {
+        /// Read commands from this file instead of standard input.
+        #[arg(long, short)]
+        input: Option<PathBuf>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Commands::Book {
+            command: BookCommands::Replay { input },
+        } => {
+            let stdout = io::stdout().lock();
+            match input {
+                Some(path) => {
+                    let file = File::open(&path)
+                        .with_context(|| format!("cannot open {}", path.display()))?;
+                    cli::replay::run(BufReader::new(file), stdout)?;
+                }
+                None => {
+                    cli::replay::run(io::stdin().lock(), stdout)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}

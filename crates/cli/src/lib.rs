@@ -1,0 +1,3 @@
+//! The `agora` command line: subcommands and the JSON-lines replay edge of the matching engine.
+
+pub mod replay;
