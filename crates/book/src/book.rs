@@ -258,8 +258,6 @@ pub(crate) struct Book {
     pub(crate) stop_prices: FxHashMap<u32, i64>,
     /// Orders with an expiry, by (expire_at, seq).
     pub(crate) expiries: BTreeMap<(Timestamp, u64), u32>,
-    /// Live orders per user.
-    pub(crate) user_orders: FxHashMap<UserId, u32>,
     pub(crate) live: usize,
     pub(crate) next_seq: u64,
     pub(crate) data: MarketData,
@@ -286,7 +284,6 @@ impl Book {
             triggers_below: BTreeMap::new(),
             stop_prices: FxHashMap::default(),
             expiries: BTreeMap::new(),
-            user_orders: FxHashMap::default(),
             live: 0,
             next_seq: 1,
             data: MarketData::default(),
@@ -331,7 +328,6 @@ impl Book {
 
     pub(crate) fn alloc_order(&mut self, order: Order) -> u32 {
         let id = order.id;
-        let user = order.user;
         let slot = match self.free_orders.pop() {
             Some(slot) => {
                 self.orders[slot as usize] = order;
@@ -345,16 +341,12 @@ impl Book {
         let orders = &self.orders;
         self.ids
             .insert_unique(hash_id(id), slot, |&s| hash_id(orders[s as usize].id));
-        *self.user_orders.entry(user).or_insert(0) += 1;
         self.live += 1;
         slot
     }
 
     fn free_order(&mut self, slot: u32) {
-        let (id, user) = {
-            let order = &self.orders[slot as usize];
-            (order.id, order.user)
-        };
+        let id = self.orders[slot as usize].id;
         let orders = &self.orders;
         match self
             .ids
@@ -364,12 +356,6 @@ impl Book {
                 entry.remove();
             }
             Err(_) => unreachable!("a live order is always indexed"),
-        }
-        if let Some(count) = self.user_orders.get_mut(&user) {
-            *count -= 1;
-            if *count == 0 {
-                self.user_orders.remove(&user);
-            }
         }
         let order = &mut self.orders[slot as usize];
         order.state = State::Free;
@@ -430,8 +416,9 @@ impl Book {
         lvl.count += 1;
     }
 
-    /// Unlinks a resting order from its level, removing the level when it empties.
-    fn unlink(&mut self, slot: u32) {
+    /// Unlinks a resting order from its level, removing the level when it empties. Returns the
+    /// level when it still has orders.
+    fn unlink(&mut self, slot: u32) -> Option<u32> {
         let (prev, next, level, remaining, side) = {
             let order = &self.orders[slot as usize];
             (
@@ -455,16 +442,18 @@ impl Book {
         let lvl = &mut self.levels[level as usize];
         lvl.qty -= remaining;
         lvl.count -= 1;
-        if lvl.count == 0 {
-            let price = lvl.price;
-            let position = self
-                .ladder(side)
-                .search(key(side, price))
-                .expect("a non-empty level is on its ladder");
-            self.ladder_mut(side).remove(position);
-            self.free_levels.push(level);
-        }
         self.orders[slot as usize].level = NIL;
+        if lvl.count > 0 {
+            return Some(level);
+        }
+        let price = lvl.price;
+        let position = self
+            .ladder(side)
+            .search(key(side, price))
+            .expect("a non-empty level is on its ladder");
+        self.ladder_mut(side).remove(position);
+        self.free_levels.push(level);
+        None
     }
 
     fn alloc_level(&mut self, price: i64) -> u32 {
@@ -498,11 +487,11 @@ impl Book {
         });
     }
 
-    /// Emits the L2 state of the level at `price`, which may be gone.
-    fn emit_price_level(&self, side: Side, price: i64, out: &mut Vec<Event>) {
-        match self.ladder(side).search(key(side, price)) {
-            Ok(position) => self.emit_level(side, self.ladder(side).level_at(position), out),
-            Err(_) => out.push(Event::Book {
+    /// Emits the L2 state of a level that may be gone (then its quantity is zero).
+    fn emit_level_or_gone(&self, side: Side, price: i64, level: Option<u32>, out: &mut Vec<Event>) {
+        match level {
+            Some(level) => self.emit_level(side, level, out),
+            None => out.push(Event::Book {
                 market: self.market,
                 side,
                 price: Price(price),
@@ -524,7 +513,8 @@ impl Book {
         if price <= 0 {
             return Err(RejectReason::InvalidPrice);
         }
-        if price % self.spec.tick != 0 {
+        // Most ticks are one unit (the unit comes from the tick's decimals): skip the division.
+        if self.spec.tick != 1 && price % self.spec.tick != 0 {
             return Err(RejectReason::BadTick);
         }
         Ok(())
@@ -544,7 +534,7 @@ impl Book {
         if qty == 0 {
             return Err(RejectReason::InvalidQuantity);
         }
-        if !qty.is_multiple_of(self.spec.lot) {
+        if self.spec.lot != 1 && !qty.is_multiple_of(self.spec.lot) {
             return Err(RejectReason::BadLot);
         }
         if self.spec.min_qty.is_some_and(|min| qty < min.0) {
@@ -565,17 +555,10 @@ impl Book {
         Ok(())
     }
 
-    /// Whether one more live order of `user` fits, and a new level at `price` if it rests.
-    fn check_capacity(
-        &self,
-        user: UserId,
-        side: Side,
-        rest_price: Option<i64>,
-    ) -> Result<(), RejectReason> {
-        if self.live >= limits::ORDERS_PER_MARKET_MAX
-            || self.user_orders.get(&user).copied().unwrap_or(0) as usize
-                >= limits::ORDERS_PER_USER_MAX
-        {
+    /// Whether one more live order fits, and a new level at `price` if it rests. Limits per
+    /// user belong to the layer that knows users (the core), not to the book.
+    fn check_capacity(&self, side: Side, rest_price: Option<i64>) -> Result<(), RejectReason> {
+        if self.live >= limits::ORDERS_PER_MARKET_MAX {
             return Err(RejectReason::TooManyOrders);
         }
         if let Some(price) = rest_price {
@@ -645,7 +628,7 @@ impl Book {
         } else {
             rest_price
         };
-        self.check_capacity(cmd.user, cmd.side, rest_price)
+        self.check_capacity(cmd.side, rest_price)
     }
 
     // ----- matching ------------------------------------------------------------------------
@@ -769,8 +752,10 @@ impl Book {
                 }
             }
             if touched {
-                // The level may be gone now; `emit_price_level` reports zero then.
-                self.emit_price_level(maker_side, level_price, out);
+                // No level is allocated during a sweep, so a level emptied here still reads as
+                // empty in its (freed) slot.
+                let alive = (self.levels[level as usize].count > 0).then_some(level);
+                self.emit_level_or_gone(maker_side, level_price, alive, out);
             }
         }
         end
@@ -830,7 +815,7 @@ impl Book {
 
     /// Removes a resting order that has been filled completely.
     fn remove_resting(&mut self, slot: u32) {
-        self.unlink(slot);
+        let _ = self.unlink(slot);
         self.free_order(slot);
     }
 
@@ -852,11 +837,14 @@ impl Book {
             order.price,
             order.state,
         );
-        match state {
+        let level = match state {
             State::Resting => self.unlink(slot),
-            State::Armed => self.disarm(slot),
+            State::Armed => {
+                self.disarm(slot);
+                None
+            }
             State::Free => unreachable!("cancel of a free slot"),
-        }
+        };
         self.free_order(slot);
         out.push(Event::Cancelled {
             market: self.market,
@@ -867,7 +855,7 @@ impl Book {
             cause,
         });
         if emit_l2 && state == State::Resting {
-            self.emit_price_level(side, price, out);
+            self.emit_level_or_gone(side, price, level, out);
         }
     }
 
@@ -1112,7 +1100,7 @@ impl Book {
         if !market_like
             && order.tif.rests()
             && self
-                .check_capacity(order.user, order.side, Some(order.price))
+                .check_capacity(order.side, Some(order.price))
                 .is_err()
         {
             out.push(refuse(CancelCause::BookFull));
@@ -1227,23 +1215,46 @@ impl Book {
             self.emit_level(side, level, out);
             return;
         }
-        let (side, old_price) = (order.side, order.price);
-        self.unlink(slot);
-        let mut order = self.orders[slot as usize].clone();
-        self.free_order(slot);
+        // Off the book and to the back: the order keeps its slot and id entry, takes a new
+        // place in the expiry index, and trades first if its new price crosses.
+        let (side, old_price, expire_at, old_seq) =
+            (order.side, order.price, order.expire_at, order.seq);
+        let old_level = self.unlink(slot);
+        if expire_at != NEVER {
+            self.expiries.remove(&(expire_at, old_seq));
+        }
+        let order = &mut self.orders[slot as usize];
         order.price = new_price;
         order.remaining = new_qty;
-        out.push(Event::Modified {
-            market: self.market,
-            id: order.id,
-            user: order.user,
-            price: Price(new_price),
-            qty: Qty(new_qty),
-            priority_kept: false,
-        });
-        self.emit_price_level(side, old_price, out);
-        let taker = self.taker_from(&order, Some(new_price));
-        self.execute(order, taker, now, out);
+        out.push(self.modified_event(slot, false));
+        self.emit_level_or_gone(side, old_price, old_level, out);
+        let mut taker = self.taker_from(&self.orders[slot as usize], Some(new_price));
+        let end = self.sweep(&mut taker, now, out);
+        let order = &mut self.orders[slot as usize];
+        order.remaining = taker.remaining;
+        order.filled = taker.filled;
+        if taker.remaining == 0 {
+            self.free_order(slot);
+        } else if end == SweepEnd::SelfTradeCancelled {
+            out.push(Event::Cancelled {
+                market: self.market,
+                id: taker.id,
+                user: taker.user,
+                remaining: Qty(taker.remaining),
+                open: Qty(0),
+                cause: CancelCause::SelfTrade,
+            });
+            self.free_order(slot);
+        } else {
+            let seq = self.take_seq();
+            self.orders[slot as usize].seq = seq;
+            self.link(slot);
+            if expire_at != NEVER {
+                self.expiries.insert((expire_at, seq), slot);
+            }
+            let level = self.orders[slot as usize].level;
+            self.emit_level(side, level, out);
+        }
         self.fire_triggers(now, out);
     }
 
@@ -1327,11 +1338,14 @@ impl Book {
                 order.price,
                 order.state,
             );
-            match state {
+            let level = match state {
                 State::Resting => self.unlink(slot),
-                State::Armed => self.disarm(slot),
+                State::Armed => {
+                    self.disarm(slot);
+                    None
+                }
                 State::Free => unreachable!("an expiry of a free slot"),
-            }
+            };
             self.free_order(slot);
             out.push(Event::Expired {
                 market: self.market,
@@ -1340,7 +1354,7 @@ impl Book {
                 remaining: Qty(remaining),
             });
             if state == State::Resting {
-                self.emit_price_level(side, price, out);
+                self.emit_level_or_gone(side, price, level, out);
             }
         }
     }

@@ -9,9 +9,6 @@ pub const SYMBOL_BYTES_MAX: usize = 32;
 /// Live orders (resting plus armed conditional orders) in one market.
 pub const ORDERS_PER_MARKET_MAX: usize = 4_000_000;
 
-/// Live orders of one user in one market.
-pub const ORDERS_PER_USER_MAX: usize = 1_000_000;
-
 /// Distinct price levels on one side of one book. Levels live in a sorted vector, so this also
 /// bounds the cost of inserting a level far from the top of the book.
 pub const LEVELS_PER_SIDE_MAX: usize = 200_000;
