@@ -594,6 +594,30 @@ const SCENARIOS: &[(&str, &str)] = &[
          rejected 1 UNKNOWN_MARKET",
     ),
     (
+        "ids of orders that are gone can be used again",
+        "> market BTC-USD
+         market 0
+         > sell id=1 user=1 price=100 qty=1
+         accepted 1
+         > buy id=2 user=2 price=100 qty=1
+         accepted 2
+         trade 1<-2 100x1
+         > cancel id=1 user=1
+         rejected 1 UNKNOWN_ORDER
+         > sell id=1 user=3 price=101 qty=2
+         accepted 1
+         > buy id=1 user=3 price=99 qty=1
+         rejected 1 DUPLICATE_ORDER_ID
+         > sell id=3 user=3 price=102 qty=1
+         accepted 3
+         > cancel id=1 user=3
+         cancelled 1 2 user
+         > cancel id=1 user=3
+         rejected 1 UNKNOWN_ORDER
+         > modify id=3 user=3 qty=2
+         modified 3 102x2 moved",
+    ),
+    (
         "rejection codes",
         "> market BTC-USD tick=5 lot=10 min_qty=20 max_qty=100 min_notional=5000 band=1000
          market 0
