@@ -620,18 +620,9 @@ impl Book {
         {
             return Err(RejectReason::InvalidFillLimits);
         }
-        let rest_price = if cmd.tif.rests() && !market_like {
-            cmd.price.map(|p| p.0)
-        } else {
-            None
-        };
         // A conditional order takes a slot now; its level is checked when it triggers.
-        let rest_price = if cmd.order_type.is_conditional() {
-            None
-        } else {
-            rest_price
-        };
-        self.check_capacity(cmd.side, rest_price)
+        let may_rest = cmd.tif.rests() && cmd.order_type == OrderType::Limit;
+        self.check_capacity(cmd.side, cmd.price.filter(|_| may_rest).map(|p| p.0))
     }
 
     // ----- matching ------------------------------------------------------------------------
@@ -674,12 +665,6 @@ impl Book {
 
     /// Whether a post-only order at this price would meet a compatible resting order.
     fn would_cross(&self, taker: &Taker) -> bool {
-        let Some(best) = self.best_price(taker.side.opposite()) else {
-            return false;
-        };
-        if !taker.crosses(best) {
-            return false;
-        }
         let ladder = self.ladder(taker.side.opposite());
         for level in ladder.iter_best_first() {
             let lvl = &self.levels[level as usize];
@@ -897,11 +882,7 @@ impl Book {
     /// Places an order. Emits `Rejected` alone when any check fails.
     pub(crate) fn place(&mut self, cmd: &PlaceOrder, now: Timestamp, out: &mut Vec<Event>) {
         if let Err(reason) = self.validate_place(cmd, now) {
-            out.push(Event::Rejected {
-                market: Some(self.market),
-                id: cmd.id,
-                reason,
-            });
+            self.reject(cmd.id, reason, out);
             return;
         }
         let stp = cmd.stp.unwrap_or(self.spec.default_stp);
@@ -961,33 +942,31 @@ impl Book {
         // Limit orders always have a price; a market order's price is its optional protection.
         let limit = (order.price != 0).then_some(order.price);
         let taker = self.taker_from(&order, limit);
-        if cmd.post_only && self.would_cross(&taker) {
-            out.push(Event::Rejected {
-                market: Some(self.market),
-                id: cmd.id,
-                reason: RejectReason::PostOnlyWouldCross,
-            });
-            return;
-        }
-        if cmd.tif == TimeInForce::Fok && self.fillable(&taker, cmd.qty.0) < cmd.qty.0 {
-            out.push(Event::Rejected {
-                market: Some(self.market),
-                id: cmd.id,
-                reason: RejectReason::FokUnfillable,
-            });
-            return;
-        }
-        if cmd.order_type == OrderType::Market && self.fillable(&taker, 1) == 0 {
-            out.push(Event::Rejected {
-                market: Some(self.market),
-                id: cmd.id,
-                reason: RejectReason::NoLiquidity,
-            });
+        // The checks that depend on the book, still before any change.
+        let refused = if cmd.post_only && self.would_cross(&taker) {
+            Some(RejectReason::PostOnlyWouldCross)
+        } else if cmd.tif == TimeInForce::Fok && self.fillable(&taker, cmd.qty.0) < cmd.qty.0 {
+            Some(RejectReason::FokUnfillable)
+        } else if cmd.order_type == OrderType::Market && self.fillable(&taker, 1) == 0 {
+            Some(RejectReason::NoLiquidity)
+        } else {
+            None
+        };
+        if let Some(reason) = refused {
+            self.reject(cmd.id, reason, out);
             return;
         }
         self.accept(&order, out);
         self.execute(order, taker, now, out);
         self.fire_triggers(now, out);
+    }
+
+    fn reject(&self, id: OrderId, reason: RejectReason, out: &mut Vec<Event>) {
+        out.push(Event::Rejected {
+            market: Some(self.market),
+            id,
+            reason,
+        });
     }
 
     fn accept(&self, order: &Order, out: &mut Vec<Event>) {
@@ -1054,17 +1033,24 @@ impl Book {
                 cause,
             }),
             None => {
-                order.seq = self.take_seq();
-                let (side, seq, expire_at) = (order.side, order.seq, order.expire_at);
                 let slot = self.alloc_order(order);
-                self.link(slot);
-                if expire_at != NEVER {
-                    self.expiries.insert((expire_at, seq), slot);
-                }
-                let level = self.orders[slot as usize].level;
-                self.emit_level(side, level, out);
+                self.rest(slot, out);
             }
         }
+    }
+
+    /// Puts the order in `slot` at the back of its level with a new sequence number, indexes its
+    /// expiry, and reports the level.
+    fn rest(&mut self, slot: u32, out: &mut Vec<Event>) {
+        let seq = self.take_seq();
+        self.orders[slot as usize].seq = seq;
+        self.link(slot);
+        let order = &self.orders[slot as usize];
+        let (side, level, expire_at) = (order.side, order.level, order.expire_at);
+        if expire_at != NEVER {
+            self.expiries.insert((expire_at, seq), slot);
+        }
+        self.emit_level(side, level, out);
     }
 
     /// Runs a triggered conditional order (already out of its slot) as a market or limit order.
@@ -1144,14 +1130,7 @@ impl Book {
     pub(crate) fn cancel(&mut self, id: OrderId, user: UserId, out: &mut Vec<Event>) {
         let slot = match self.owned_slot(id, user) {
             Ok(slot) => slot,
-            Err(reason) => {
-                out.push(Event::Rejected {
-                    market: Some(self.market),
-                    id,
-                    reason,
-                });
-                return;
-            }
+            Err(reason) => return self.reject(id, reason, out),
         };
         self.cancel_resting(slot, CancelCause::User, out, true);
     }
@@ -1185,14 +1164,7 @@ impl Book {
     pub(crate) fn modify(&mut self, cmd: &ModifyOrder, now: Timestamp, out: &mut Vec<Event>) {
         let slot = match self.validate_modify(cmd) {
             Ok(slot) => slot,
-            Err(reason) => {
-                out.push(Event::Rejected {
-                    market: Some(self.market),
-                    id: cmd.id,
-                    reason,
-                });
-                return;
-            }
+            Err(reason) => return self.reject(cmd.id, reason, out),
         };
         let order = &self.orders[slot as usize];
         let new_price = cmd.price.map_or(order.price, |p| p.0);
@@ -1247,14 +1219,7 @@ impl Book {
             });
             self.free_order(slot);
         } else {
-            let seq = self.take_seq();
-            self.orders[slot as usize].seq = seq;
-            self.link(slot);
-            if expire_at != NEVER {
-                self.expiries.insert((expire_at, seq), slot);
-            }
-            let level = self.orders[slot as usize].level;
-            self.emit_level(side, level, out);
+            self.rest(slot, out);
         }
         self.fire_triggers(now, out);
     }
