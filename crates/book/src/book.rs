@@ -558,18 +558,40 @@ impl Book {
         Ok(())
     }
 
-    /// Whether one more live order fits, and a new level at `price` if it rests. Limits per
-    /// user belong to the layer that knows users (the core), not to the book.
-    fn check_capacity(&self, side: Side, rest_price: Option<i64>) -> Result<(), RejectReason> {
-        if self.live >= limits::ORDERS_PER_MARKET_MAX {
+    /// Whether one more live order fits, and, for an order that may rest `qty` at `price`,
+    /// whether its level can take it: a new level needs room on the ladder, an existing one must
+    /// keep its total within `u64`. `moving` is a resting order that leaves its level first (a
+    /// modify). Limits per user belong to the layer that knows users (the core), not the book.
+    pub(crate) fn check_capacity(
+        &self,
+        side: Side,
+        rest: Option<(i64, u64)>,
+        moving: Option<&Order>,
+    ) -> Result<(), RejectReason> {
+        if self.live >= limits::ORDERS_PER_MARKET_MAX && moving.is_none() {
             return Err(RejectReason::TooManyOrders);
         }
-        if let Some(price) = rest_price {
-            let ladder = self.ladder(side);
-            if ladder.len() >= limits::LEVELS_PER_SIDE_MAX
-                && ladder.search(key(side, price)).is_err()
-            {
-                return Err(RejectReason::TooManyOrders);
+        let Some((price, qty)) = rest else {
+            return Ok(());
+        };
+        let ladder = self.ladder(side);
+        match ladder.search(key(side, price)) {
+            Ok(position) => {
+                let level = ladder.level_at(position);
+                let mut total = self.levels[level as usize].qty;
+                if let Some(order) = moving.filter(|o| o.level == level) {
+                    total -= order.remaining;
+                }
+                if total.checked_add(qty).is_none() {
+                    return Err(RejectReason::LevelFull);
+                }
+            }
+            Err(_) => {
+                // Moving the only order of a level frees that level first.
+                let frees_level = moving.is_some_and(|o| self.levels[o.level as usize].count == 1);
+                if ladder.len() >= limits::LEVELS_PER_SIDE_MAX && !frees_level {
+                    return Err(RejectReason::TooManyOrders);
+                }
             }
         }
         Ok(())
@@ -622,7 +644,8 @@ impl Book {
         }
         // A conditional order takes a slot now; its level is checked when it triggers.
         let may_rest = cmd.tif.rests() && cmd.order_type == OrderType::Limit;
-        self.check_capacity(cmd.side, cmd.price.filter(|_| may_rest).map(|p| p.0))
+        let rest = cmd.price.filter(|_| may_rest).map(|p| (p.0, cmd.qty.0));
+        self.check_capacity(cmd.side, rest, None)
     }
 
     // ----- matching ------------------------------------------------------------------------
@@ -1088,7 +1111,9 @@ impl Book {
         // it here.
         if !market_like
             && order.tif.rests()
-            && self.check_capacity(order.side, Some(order.price)).is_err()
+            && self
+                .check_capacity(order.side, Some((order.price, order.remaining)), None)
+                .is_err()
         {
             out.push(refuse(CancelCause::BookFull));
             return;
@@ -1254,18 +1279,13 @@ impl Book {
             self.check_size(new_qty)?;
             let price = (new_price != 0).then_some(new_price);
             self.check_notional(price, new_qty)?;
+            // Filled plus open must stay representable, so later fills cannot overflow.
+            if order.filled.checked_add(new_qty).is_none() {
+                return Err(RejectReason::SizeTooLarge);
+            }
         }
         if order.state == State::Resting && !reduction_only {
-            let ladder = self.ladder(order.side);
-            // Moving the only order of a level frees that level, so a full ladder still has
-            // room for the new one.
-            let frees_level = self.levels[order.level as usize].count == 1;
-            if ladder.len() >= limits::LEVELS_PER_SIDE_MAX
-                && !frees_level
-                && ladder.search(key(order.side, new_price)).is_err()
-            {
-                return Err(RejectReason::TooManyOrders);
-            }
+            self.check_capacity(order.side, Some((new_price, new_qty)), Some(order))?;
             if order.post_only {
                 let mut taker = self.taker_from(order, Some(new_price));
                 taker.remaining = new_qty;

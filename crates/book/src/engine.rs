@@ -413,16 +413,20 @@ impl Engine {
             if i128::from(lvl.price) * 20_000 < mid_twice * (10_000 - band) {
                 break;
             }
-            liquidity.bid_qty += u128::from(lvl.qty);
-            liquidity.bid_notional += lvl.price as u128 * u128::from(lvl.qty);
+            liquidity.bid_qty = liquidity.bid_qty.saturating_add(u128::from(lvl.qty));
+            liquidity.bid_notional = liquidity
+                .bid_notional
+                .saturating_add(lvl.price as u128 * u128::from(lvl.qty));
         }
         for level in book.ladder(Side::Sell).iter_best_first() {
             let lvl = &book.levels[level as usize];
             if i128::from(lvl.price) * 20_000 > mid_twice * (10_000 + band) {
                 break;
             }
-            liquidity.ask_qty += u128::from(lvl.qty);
-            liquidity.ask_notional += lvl.price as u128 * u128::from(lvl.qty);
+            liquidity.ask_qty = liquidity.ask_qty.saturating_add(u128::from(lvl.qty));
+            liquidity.ask_notional = liquidity
+                .ask_notional
+                .saturating_add(lvl.price as u128 * u128::from(lvl.qty));
         }
         Some(liquidity)
     }
@@ -465,10 +469,15 @@ impl Engine {
             }
         }
         if let (Some(best), true) = (impact.best_price, impact.filled_qty > 0) {
-            let best = best.0 as u128;
-            let paid_at_best = impact.filled_qty * best;
-            let distance = impact.filled_notional.abs_diff(paid_at_best);
-            impact.impact_bps = Some(distance * 10_000 / paid_at_best);
+            // Beyond u128 the impact is not reported rather than wrong.
+            impact.impact_bps =
+                impact
+                    .filled_qty
+                    .checked_mul(best.0 as u128)
+                    .and_then(|paid_at_best| {
+                        let distance = impact.filled_notional.abs_diff(paid_at_best);
+                        distance.checked_mul(10_000).map(|d| d / paid_at_best)
+                    });
         }
         Some(impact)
     }

@@ -57,6 +57,8 @@ pub enum RejectReason {
     TooManyOrders,
     /// A payment method the market does not list, or an empty set.
     UnknownPaymentMethod,
+    /// Resting the order would take its price level's total quantity past `u64`.
+    LevelFull,
 }
 
 impl RejectReason {
@@ -89,6 +91,7 @@ impl RejectReason {
             RejectReason::TimeRegression => "TIME_REGRESSION",
             RejectReason::TooManyOrders => "TOO_MANY_ORDERS",
             RejectReason::UnknownPaymentMethod => "UNKNOWN_PAYMENT_METHOD",
+            RejectReason::LevelFull => "LEVEL_FULL",
         }
     }
 
@@ -108,7 +111,8 @@ impl RejectReason {
             | RejectReason::SizeTooSmall
             | RejectReason::SizeTooLarge
             | RejectReason::FokUnfillable
-            | RejectReason::NoLiquidity => Some("qty"),
+            | RejectReason::NoLiquidity
+            | RejectReason::LevelFull => Some("qty"),
             RejectReason::InvalidPrice
             | RejectReason::BadTick
             | RejectReason::MinNotional
@@ -174,6 +178,9 @@ impl RejectReason {
             }
             RejectReason::UnknownPaymentMethod => {
                 "payment methods must be a non-empty set of names the market lists"
+            }
+            RejectReason::LevelFull => {
+                "the price level's total quantity would exceed the largest quantity the engine represents"
             }
         }
     }

@@ -185,7 +185,8 @@ impl MarketSpec {
     /// When a DAY order placed at `now` expires: the first daily cutoff strictly after `now`.
     pub(crate) fn next_cutoff(&self, now: Timestamp) -> Timestamp {
         let since_cutoff = (now - self.day_cutoff_ms).rem_euclid(DAY_MS);
-        now - since_cutoff + DAY_MS
+        // Near the end of time the cutoff saturates to "never".
+        (now - since_cutoff).saturating_add(DAY_MS)
     }
 }
 

@@ -329,10 +329,19 @@ fn decode_order(r: &mut Reader<'_>, book: &mut Book) -> Result<(), SnapshotError
     if book.slot_of(order.id).is_some() {
         return Err(r.error("duplicate order id"));
     }
+    if order.filled.checked_add(order.remaining).is_none() {
+        return Err(r.error("order quantities overflow"));
+    }
     match r.u8()? {
         0 => {
             if order.price <= 0 || order.order_type != OrderType::Limit {
                 return Err(r.error("resting order without a limit price"));
+            }
+            if book
+                .check_capacity(order.side, Some((order.price, order.remaining)), None)
+                .is_err()
+            {
+                return Err(r.error("a price level over its limits"));
             }
             book.restore_resting(order);
         }

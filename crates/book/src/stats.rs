@@ -93,8 +93,11 @@ impl Candle {
             self.low = price_value;
         }
         self.close = price_value;
-        self.volume += u128::from(qty);
-        self.quote_volume += price as u128 * u128::from(qty);
+        // Statistics saturate rather than wrap: they are reports, not balances.
+        self.volume = self.volume.saturating_add(u128::from(qty));
+        self.quote_volume = self
+            .quote_volume
+            .saturating_add(price as u128 * u128::from(qty));
         self.trades += 1;
     }
 }
@@ -166,7 +169,8 @@ impl MarketData {
                 }
             }
         }
-        self.minute_end = now - now.rem_euclid(Interval::M1.millis()) + Interval::M1.millis();
+        self.minute_end =
+            (now - now.rem_euclid(Interval::M1.millis())).saturating_add(Interval::M1.millis());
     }
 
     /// The last `count` candles of an interval, oldest first.
@@ -189,8 +193,8 @@ impl MarketData {
             stats.high = Some(stats.high.map_or(candle.high, |h| h.max(candle.high)));
             stats.low = Some(stats.low.map_or(candle.low, |l| l.min(candle.low)));
             stats.close = Some(candle.close);
-            stats.volume += candle.volume;
-            stats.quote_volume += candle.quote_volume;
+            stats.volume = stats.volume.saturating_add(candle.volume);
+            stats.quote_volume = stats.quote_volume.saturating_add(candle.quote_volume);
             stats.trades += candle.trades;
         }
         stats
@@ -199,7 +203,7 @@ impl MarketData {
     /// Rebuilds the derived fast-path marker after a restore.
     pub(crate) fn restore_marker(&mut self) {
         self.minute_end = match self.candles[0].back() {
-            Some(candle) => candle.open_time + Interval::M1.millis(),
+            Some(candle) => candle.open_time.saturating_add(Interval::M1.millis()),
             None => 0,
         };
     }

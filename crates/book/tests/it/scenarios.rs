@@ -618,6 +618,26 @@ const SCENARIOS: &[(&str, &str)] = &[
          modified 3 102x2 moved",
     ),
     (
+        "extreme quantities, prices and times are refused or saturate, never overflow",
+        "> market BTC-USD
+         market 0
+         > sell id=1 user=1 price=9223372036854775807 qty=9223372036854775807
+         accepted 1
+         > sell id=2 user=2 price=9223372036854775807 qty=9223372036854775807
+         accepted 2
+         > sell id=3 user=3 price=9223372036854775807 qty=9223372036854775807
+         rejected 3 LEVEL_FULL
+         > buy id=4 user=4 price=9223372036854775807 qty=9223372036854775807
+         accepted 4
+         trade 1<-4 9223372036854775807x9223372036854775807
+         > buy id=5 user=4 price=9223372036854775807 qty=9223372036854775807
+         accepted 5
+         trade 2<-5 9223372036854775807x9223372036854775807
+         > time now=9223372036854775807
+         > buy id=6 user=4 price=1 qty=1 tif=DAY
+         accepted 6",
+    ),
+    (
         "rejection codes",
         "> market BTC-USD tick=5 lot=10 min_qty=20 max_qty=100 min_notional=5000 band=1000
          market 0
