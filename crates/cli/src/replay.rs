@@ -300,7 +300,7 @@ impl Session {
         &self.engine
     }
 
-    fn market(&self, fields: &mut Fields) -> Result<(MarketId, MarketSpec), LineError> {
+    fn market(&self, fields: &mut Fields) -> Result<(MarketId, &MarketSpec), LineError> {
         let symbol = fields.required_string("market")?;
         let market = self.engine.market_id(&symbol).ok_or_else(|| LineError {
             reason: "UNKNOWN_MARKET",
@@ -311,8 +311,7 @@ impl Session {
         let spec = self
             .engine
             .market_spec(market)
-            .expect("an id from market_id exists")
-            .clone();
+            .expect("an id from market_id exists");
         Ok((market, spec))
     }
 
