@@ -435,8 +435,8 @@ impl Session {
                     market,
                     id: fields.required_unsigned("id")?,
                     user: fields.required_unsigned("user")?,
-                    price: Session::opt_price(&spec, fields, "price")?,
-                    qty: Session::opt_qty(&spec, fields, "qty")?,
+                    price: Session::opt_price(spec, fields, "price")?,
+                    qty: Session::opt_qty(spec, fields, "qty")?,
                 })
             }
             "cancel_all" => {
@@ -695,17 +695,17 @@ impl Session {
             user,
             side,
             order_type,
-            price: Session::opt_price(&spec, fields, "price")?,
-            stop_price: Session::opt_price(&spec, fields, "stop_price")?,
-            qty: Session::opt_qty(&spec, fields, "qty")?.ok_or_else(|| missing("qty"))?,
+            price: Session::opt_price(spec, fields, "price")?,
+            stop_price: Session::opt_price(spec, fields, "stop_price")?,
+            qty: Session::opt_qty(spec, fields, "qty")?.ok_or_else(|| missing("qty"))?,
             tif,
             post_only: fields.bool("post_only")?,
             expire_at: fields.signed("expire_at")?,
             payment_methods,
             min_reputation: fields.u32("min_reputation")?.unwrap_or(0),
             reputation: fields.u32("reputation")?.unwrap_or(0),
-            min_fill: Session::opt_qty(&spec, fields, "min_fill")?,
-            max_fill: Session::opt_qty(&spec, fields, "max_fill")?,
+            min_fill: Session::opt_qty(spec, fields, "min_fill")?,
+            max_fill: Session::opt_qty(spec, fields, "max_fill")?,
             stp: fields.string("stp")?.map(|s| stp_name(&s)).transpose()?,
         })
     }
