@@ -382,6 +382,38 @@ const SCENARIOS: &[(&str, &str)] = &[
          triggered 3 @95",
     ),
     (
+        "triggers fire in price-path order, then by acceptance; take-profit market orders fire too",
+        "> market BTC-USD
+         market 0
+         > sell id=1 user=1 price=100 qty=1
+         accepted 1
+         > buy id=2 user=2 price=100 qty=1
+         accepted 2
+         trade 1<-2 100x1
+         > buy id=3 user=3 type=stop_limit stop=104 price=90 qty=1
+         accepted 3
+         > buy id=4 user=4 type=stop_limit stop=102 price=90 qty=1
+         accepted 4
+         > sell id=5 user=5 type=take_profit_market stop=103 qty=1
+         accepted 5
+         > sell id=6 user=6 type=stop_limit stop=99 price=120 qty=1
+         accepted 6
+         > buy id=7 user=7 type=take_profit_market stop=98 qty=1
+         accepted 7
+         > sell id=8 user=8 price=105 qty=1
+         accepted 8
+         > buy id=9 user=9 price=105 qty=1
+         accepted 9
+         trade 8<-9 105x1
+         triggered 4 @105
+         triggered 5 @105
+         trade 4<-5 90x1
+         triggered 6 @90
+         triggered 7 @90
+         trade 6<-7 120x1
+         triggered 3 @120",
+    ),
+    (
         "a conditional order already due triggers at once",
         "> market BTC-USD
          market 0
@@ -682,6 +714,68 @@ fn scenarios() {
     for (name, transcript) in SCENARIOS {
         check(name, transcript, false);
     }
+}
+
+#[test]
+fn market_and_level_limits_are_rejections() {
+    let mut engine = Engine::new();
+    let mut events = Vec::new();
+    for i in 0..book::limits::MARKETS_MAX {
+        engine.create_market(
+            MarketSpec::new(format!("A{i}-USD"), 0, 0, 1, 1),
+            &mut events,
+        );
+    }
+    events.clear();
+    engine.create_market(MarketSpec::new("LAST-USD", 0, 0, 1, 1), &mut events);
+    assert!(matches!(
+        events[..],
+        [Event::Rejected {
+            reason: book::RejectReason::TooManyMarkets,
+            ..
+        }]
+    ));
+
+    // Bids at rising prices fill the ladder from its cheap end.
+    let market = MarketId(0);
+    let levels = book::limits::LEVELS_PER_SIDE_MAX as i64;
+    for price in 1..=levels {
+        let order = PlaceOrder::limit(market, price as u64, 1, Side::Buy, Price(price), Qty(1));
+        engine.place(&order, &mut events);
+    }
+    events.clear();
+    let before = engine.state_hash();
+    let one_more = PlaceOrder::limit(market, 0, 1, Side::Buy, Price(levels + 1), Qty(1));
+    engine.place(&one_more, &mut events);
+    assert!(matches!(
+        events[..],
+        [Event::Rejected {
+            reason: book::RejectReason::TooManyOrders,
+            ..
+        }]
+    ));
+    assert_eq!(before, engine.state_hash());
+    // An existing level still takes orders, and moving a level's only order is allowed.
+    events.clear();
+    let same_level = PlaceOrder::limit(market, 0, 1, Side::Buy, Price(levels), Qty(1));
+    engine.place(&same_level, &mut events);
+    assert!(matches!(events[0], Event::Accepted { .. }));
+    events.clear();
+    let modify = ModifyOrder {
+        market,
+        id: 1,
+        user: 1,
+        price: Some(Price(levels + 1)),
+        qty: None,
+    };
+    engine.modify(&modify, &mut events);
+    assert!(matches!(
+        events[0],
+        Event::Modified {
+            priority_kept: false,
+            ..
+        }
+    ));
 }
 
 #[test]
