@@ -1,0 +1,797 @@
+//! Agora's ledger: double-entry balances per account and asset, with holds.
+//!
+//! Every account has an `available` and a `held` balance per asset. Funds move only by
+//! operations ([`Op`]) whose postings balance: each posting changes one bucket (available, held,
+//! or the asset's external counterpart for deposits and withdrawals) and the postings of an
+//! operation sum to zero per asset. Holds reserve available funds for an order, an escrow or a
+//! withdrawal; they are released back, settled to another account (a trade), or consumed by a
+//! withdrawal leaving the system.
+//!
+//! The ledger is pure: no I/O, no clock, no randomness. A business refusal (insufficient funds,
+//! unknown hold, …) is a [`Rejection`], returned as data, and changes nothing; a batch of
+//! operations applies whole or not at all. The invariants (no negative balance, per-asset
+//! totals equal deposits minus withdrawals, every operation balances) are checked after every
+//! operation; a violation is a bug and panics, so the core stops rather than continue on bad
+//! state.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use rustc_hash::FxHashMap;
+use sha2::{Digest, Sha256};
+
+/// A user id, as the matching engine knows it.
+pub type UserId = u64;
+
+/// An asset id, assigned by the caller when the asset is created.
+pub type AssetId = u32;
+
+/// A hold id, chosen by the caller and unique among live holds.
+pub type HoldId = u64;
+
+/// An amount in an asset's minor units (`10^-decimals` of one unit).
+pub type Amount = u128;
+
+/// Named bounds.
+pub mod limits {
+    /// Assets one ledger holds.
+    pub const ASSETS_MAX: usize = 10_000;
+    /// Decimal places of an asset's minor unit.
+    pub const ASSET_DECIMALS_MAX: u32 = 18;
+    /// Bytes in an asset symbol.
+    pub const ASSET_SYMBOL_BYTES_MAX: usize = 16;
+    /// Operations in one atomic batch.
+    pub const BATCH_OPS_MAX: usize = 1_024;
+    /// Largest balance of one bucket, so that sums over many accounts stay within `u128`.
+    pub const BALANCE_MAX: u128 = 1 << 100;
+}
+
+/// Who owns an account.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Owner {
+    /// A user.
+    User(UserId),
+    /// The exchange's fee account.
+    Fees,
+}
+
+/// What a hold reserves funds for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum HoldKind {
+    /// An open order.
+    Order,
+    /// An escrow trade waiting for the off-platform payment.
+    Escrow,
+    /// A withdrawal waiting to be paid out.
+    Withdrawal,
+}
+
+/// One operation on the ledger.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// Register an asset.
+    CreateAsset {
+        /// Id.
+        asset: AssetId,
+        /// Symbol, such as `BTC`.
+        symbol: String,
+        /// Decimal places of the minor unit.
+        decimals: u32,
+    },
+    /// Funds arrive from outside: credit `available`.
+    Deposit {
+        /// Receiving user.
+        user: UserId,
+        /// Asset.
+        asset: AssetId,
+        /// Amount.
+        amount: Amount,
+    },
+    /// Reserve available funds under a new hold.
+    Hold {
+        /// New hold id.
+        hold: HoldId,
+        /// Owner of the funds.
+        owner: Owner,
+        /// Asset.
+        asset: AssetId,
+        /// Amount.
+        amount: Amount,
+        /// Purpose.
+        kind: HoldKind,
+    },
+    /// Return part or all of a hold to its owner's available balance.
+    Release {
+        /// Hold.
+        hold: HoldId,
+        /// Amount.
+        amount: Amount,
+    },
+    /// Pay part or all of a hold to another account's available balance (a trade, a fee, an
+    /// escrow release).
+    Settle {
+        /// Hold paying.
+        hold: HoldId,
+        /// Receiving account.
+        to: Owner,
+        /// Amount.
+        amount: Amount,
+    },
+    /// Funds leave the system out of a withdrawal hold.
+    Withdraw {
+        /// A hold of kind [`HoldKind::Withdrawal`].
+        hold: HoldId,
+        /// Amount.
+        amount: Amount,
+    },
+    /// Move available funds between accounts.
+    Transfer {
+        /// Paying account.
+        from: Owner,
+        /// Receiving account.
+        to: Owner,
+        /// Asset.
+        asset: AssetId,
+        /// Amount.
+        amount: Amount,
+    },
+}
+
+/// Why an operation was refused. Refusals change nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Rejection {
+    /// The asset does not exist.
+    UnknownAsset,
+    /// An asset with this id or symbol exists.
+    DuplicateAsset,
+    /// The asset definition breaks a rule (symbol, decimals) or the ledger has the maximum
+    /// number of assets.
+    InvalidAsset,
+    /// The amount is zero.
+    ZeroAmount,
+    /// The paying balance is smaller than the amount.
+    InsufficientFunds,
+    /// No live hold has this id.
+    UnknownHold,
+    /// A live hold already has this id.
+    DuplicateHold,
+    /// The amount is larger than what the hold has left.
+    HoldExceeded,
+    /// The hold is not of the kind the operation needs (withdrawals consume withdrawal holds).
+    WrongHoldKind,
+    /// A balance would pass [`limits::BALANCE_MAX`].
+    BalanceOverflow,
+    /// Paying and receiving accounts are the same.
+    SameAccount,
+    /// A batch is empty or longer than [`limits::BATCH_OPS_MAX`].
+    InvalidBatch,
+}
+
+impl Rejection {
+    /// Stable upper-case code.
+    pub fn code(self) -> &'static str {
+        match self {
+            Rejection::UnknownAsset => "UNKNOWN_ASSET",
+            Rejection::DuplicateAsset => "DUPLICATE_ASSET",
+            Rejection::InvalidAsset => "INVALID_ASSET",
+            Rejection::ZeroAmount => "ZERO_AMOUNT",
+            Rejection::InsufficientFunds => "INSUFFICIENT_FUNDS",
+            Rejection::UnknownHold => "UNKNOWN_HOLD",
+            Rejection::DuplicateHold => "DUPLICATE_HOLD",
+            Rejection::HoldExceeded => "HOLD_EXCEEDED",
+            Rejection::WrongHoldKind => "WRONG_HOLD_KIND",
+            Rejection::BalanceOverflow => "BALANCE_OVERFLOW",
+            Rejection::SameAccount => "SAME_ACCOUNT",
+            Rejection::InvalidBatch => "INVALID_BATCH",
+        }
+    }
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.code())
+    }
+}
+
+/// A batch refusal: which operation of the batch failed and why.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchRejection {
+    /// Index of the refused operation in the batch.
+    pub index: usize,
+    /// Why.
+    pub reason: Rejection,
+}
+
+/// Which balance a posting changes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Bucket {
+    /// An account's available balance.
+    Available,
+    /// An account's held balance.
+    Held,
+    /// The world outside the ledger: the other side of deposits and withdrawals.
+    External,
+}
+
+/// One side of a double entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Posting {
+    /// Account (ignored for [`Bucket::External`], where it names the user who deposited or
+    /// withdrew).
+    pub owner: Owner,
+    /// Asset.
+    pub asset: AssetId,
+    /// Balance changed.
+    pub bucket: Bucket,
+    /// Signed change.
+    pub delta: i128,
+}
+
+/// An account's balances in one asset.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Balance {
+    /// Free to use.
+    pub available: Amount,
+    /// Reserved by holds.
+    pub held: Amount,
+}
+
+/// A live hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hold {
+    /// Owner of the reserved funds.
+    pub owner: Owner,
+    /// Asset.
+    pub asset: AssetId,
+    /// What is left of it.
+    pub amount: Amount,
+    /// Purpose.
+    pub kind: HoldKind,
+}
+
+/// A registered asset.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Asset {
+    /// Symbol.
+    pub symbol: String,
+    /// Decimal places of the minor unit.
+    pub decimals: u32,
+    /// Everything deposited minus everything withdrawn: the sum of all balances.
+    pub supply: Amount,
+}
+
+/// The ledger state.
+#[derive(Clone, Debug, Default)]
+pub struct Ledger {
+    assets: BTreeMap<AssetId, Asset>,
+    balances: FxHashMap<(Owner, AssetId), Balance>,
+    holds: FxHashMap<HoldId, Hold>,
+    /// Per asset, the running sum of every account's available plus held, kept to check the
+    /// supply invariant in constant time after each operation.
+    totals: FxHashMap<AssetId, Amount>,
+}
+
+/// What an applied operation did, to undo it when a later operation of its batch is refused.
+#[derive(Clone, Debug)]
+enum Undo {
+    Asset(AssetId),
+    Balance((Owner, AssetId), Balance),
+    Hold(HoldId, Option<Hold>),
+    Supply(AssetId, Amount),
+    Total(AssetId, Amount),
+}
+
+impl Ledger {
+    /// An empty ledger.
+    pub fn new() -> Ledger {
+        Ledger::default()
+    }
+
+    /// Balances of an account in an asset (zero when it never moved).
+    pub fn balance(&self, owner: Owner, asset: AssetId) -> Balance {
+        self.balances
+            .get(&(owner, asset))
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// A live hold.
+    pub fn hold(&self, hold: HoldId) -> Option<Hold> {
+        self.holds.get(&hold).copied()
+    }
+
+    /// A registered asset.
+    pub fn asset(&self, asset: AssetId) -> Option<&Asset> {
+        self.assets.get(&asset)
+    }
+
+    /// Applies one operation, appending its postings, or refuses it and changes nothing.
+    pub fn apply(&mut self, op: &Op, postings: &mut Vec<Posting>) -> Result<(), Rejection> {
+        let mut undo = Vec::new();
+        let start = postings.len();
+        match self.apply_inner(op, postings, &mut undo) {
+            Ok(()) => {
+                self.check_after(&postings[start..]);
+                Ok(())
+            }
+            Err(reason) => {
+                postings.truncate(start);
+                self.rollback(undo);
+                Err(reason)
+            }
+        }
+    }
+
+    /// Applies a batch whole, or refuses it (naming the first refused operation) and changes
+    /// nothing.
+    pub fn apply_batch(
+        &mut self,
+        ops: &[Op],
+        postings: &mut Vec<Posting>,
+    ) -> Result<(), BatchRejection> {
+        if ops.is_empty() || ops.len() > limits::BATCH_OPS_MAX {
+            return Err(BatchRejection {
+                index: 0,
+                reason: Rejection::InvalidBatch,
+            });
+        }
+        let mut undo = Vec::new();
+        let start = postings.len();
+        for (index, op) in ops.iter().enumerate() {
+            let before = postings.len();
+            if let Err(reason) = self.apply_inner(op, postings, &mut undo) {
+                postings.truncate(start);
+                self.rollback(undo);
+                return Err(BatchRejection { index, reason });
+            }
+            self.check_after(&postings[before..]);
+        }
+        Ok(())
+    }
+
+    fn rollback(&mut self, undo: Vec<Undo>) {
+        for entry in undo.into_iter().rev() {
+            match entry {
+                Undo::Asset(asset) => {
+                    self.assets.remove(&asset);
+                    self.totals.remove(&asset);
+                }
+                Undo::Balance(key, balance) => {
+                    if balance == Balance::default() {
+                        self.balances.remove(&key);
+                    } else {
+                        self.balances.insert(key, balance);
+                    }
+                }
+                Undo::Hold(id, hold) => match hold {
+                    Some(hold) => {
+                        self.holds.insert(id, hold);
+                    }
+                    None => {
+                        self.holds.remove(&id);
+                    }
+                },
+                Undo::Supply(asset, supply) => {
+                    if let Some(entry) = self.assets.get_mut(&asset) {
+                        entry.supply = supply;
+                    }
+                }
+                Undo::Total(asset, total) => {
+                    self.totals.insert(asset, total);
+                }
+            }
+        }
+    }
+
+    fn known_asset(&self, asset: AssetId) -> Result<(), Rejection> {
+        if self.assets.contains_key(&asset) {
+            Ok(())
+        } else {
+            Err(Rejection::UnknownAsset)
+        }
+    }
+
+    fn live_hold(&self, hold: HoldId, amount: Amount) -> Result<Hold, Rejection> {
+        if amount == 0 {
+            return Err(Rejection::ZeroAmount);
+        }
+        let found = self
+            .holds
+            .get(&hold)
+            .copied()
+            .ok_or(Rejection::UnknownHold)?;
+        if amount > found.amount {
+            return Err(Rejection::HoldExceeded);
+        }
+        Ok(found)
+    }
+
+    /// Changes one account's bucket by `delta`, recording the undo entry and the posting.
+    fn post(
+        &mut self,
+        owner: Owner,
+        asset: AssetId,
+        bucket: Bucket,
+        delta: i128,
+        postings: &mut Vec<Posting>,
+        undo: &mut Vec<Undo>,
+    ) {
+        let key = (owner, asset);
+        let balance = self.balances.entry(key).or_default();
+        undo.push(Undo::Balance(key, *balance));
+        let slot = match bucket {
+            Bucket::Available => &mut balance.available,
+            Bucket::Held => &mut balance.held,
+            Bucket::External => unreachable!("external postings have no account"),
+        };
+        *slot = slot
+            .checked_add_signed(delta)
+            .expect("validated postings keep balances within range");
+        if *balance == Balance::default() {
+            self.balances.remove(&key);
+        }
+        let total = self.totals.entry(asset).or_default();
+        undo.push(Undo::Total(asset, *total));
+        *total = total
+            .checked_add_signed(delta)
+            .expect("the sum of balances stays within range");
+        postings.push(Posting {
+            owner,
+            asset,
+            bucket,
+            delta,
+        });
+    }
+
+    /// Moves the asset's supply by an external flow (deposit or withdrawal); the matching
+    /// account posting moves the running total.
+    fn external(
+        &mut self,
+        owner: Owner,
+        asset: AssetId,
+        delta: i128,
+        postings: &mut Vec<Posting>,
+        undo: &mut Vec<Undo>,
+    ) {
+        let entry = self.assets.get_mut(&asset).expect("validated asset");
+        undo.push(Undo::Supply(asset, entry.supply));
+        entry.supply = entry
+            .supply
+            .checked_add_signed(delta)
+            .expect("validated supply change");
+        postings.push(Posting {
+            owner,
+            asset,
+            bucket: Bucket::External,
+            delta: -delta,
+        });
+    }
+
+    fn room_for(
+        &self,
+        owner: Owner,
+        asset: AssetId,
+        bucket: Bucket,
+        amount: Amount,
+    ) -> Result<(), Rejection> {
+        let balance = self.balance(owner, asset);
+        let current = match bucket {
+            Bucket::Available => balance.available,
+            Bucket::Held => balance.held,
+            Bucket::External => 0,
+        };
+        match current.checked_add(amount) {
+            Some(sum) if sum <= limits::BALANCE_MAX => Ok(()),
+            _ => Err(Rejection::BalanceOverflow),
+        }
+    }
+
+    fn apply_inner(
+        &mut self,
+        op: &Op,
+        postings: &mut Vec<Posting>,
+        undo: &mut Vec<Undo>,
+    ) -> Result<(), Rejection> {
+        match *op {
+            Op::CreateAsset {
+                asset,
+                ref symbol,
+                decimals,
+            } => {
+                let symbol_ok = !symbol.is_empty()
+                    && symbol.len() <= limits::ASSET_SYMBOL_BYTES_MAX
+                    && symbol
+                        .bytes()
+                        .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit());
+                if !symbol_ok
+                    || decimals > limits::ASSET_DECIMALS_MAX
+                    || self.assets.len() >= limits::ASSETS_MAX
+                {
+                    return Err(Rejection::InvalidAsset);
+                }
+                if self.assets.contains_key(&asset)
+                    || self.assets.values().any(|a| &a.symbol == symbol)
+                {
+                    return Err(Rejection::DuplicateAsset);
+                }
+                self.assets.insert(
+                    asset,
+                    Asset {
+                        symbol: symbol.clone(),
+                        decimals,
+                        supply: 0,
+                    },
+                );
+                self.totals.insert(asset, 0);
+                undo.push(Undo::Asset(asset));
+            }
+            Op::Deposit {
+                user,
+                asset,
+                amount,
+            } => {
+                self.known_asset(asset)?;
+                if amount == 0 {
+                    return Err(Rejection::ZeroAmount);
+                }
+                let owner = Owner::User(user);
+                self.room_for(owner, asset, Bucket::Available, amount)?;
+                let supply = self.assets[&asset].supply;
+                if supply.checked_add(amount).is_none() {
+                    return Err(Rejection::BalanceOverflow);
+                }
+                self.external(owner, asset, amount as i128, postings, undo);
+                self.post(
+                    owner,
+                    asset,
+                    Bucket::Available,
+                    amount as i128,
+                    postings,
+                    undo,
+                );
+            }
+            Op::Hold {
+                hold,
+                owner,
+                asset,
+                amount,
+                kind,
+            } => {
+                self.known_asset(asset)?;
+                if amount == 0 {
+                    return Err(Rejection::ZeroAmount);
+                }
+                if self.holds.contains_key(&hold) {
+                    return Err(Rejection::DuplicateHold);
+                }
+                if self.balance(owner, asset).available < amount {
+                    return Err(Rejection::InsufficientFunds);
+                }
+                self.room_for(owner, asset, Bucket::Held, amount)?;
+                self.post(
+                    owner,
+                    asset,
+                    Bucket::Available,
+                    -(amount as i128),
+                    postings,
+                    undo,
+                );
+                self.post(owner, asset, Bucket::Held, amount as i128, postings, undo);
+                undo.push(Undo::Hold(hold, None));
+                self.holds.insert(
+                    hold,
+                    Hold {
+                        owner,
+                        asset,
+                        amount,
+                        kind,
+                    },
+                );
+            }
+            Op::Release { hold, amount } => {
+                let found = self.live_hold(hold, amount)?;
+                self.room_for(found.owner, found.asset, Bucket::Available, amount)?;
+                self.post(
+                    found.owner,
+                    found.asset,
+                    Bucket::Held,
+                    -(amount as i128),
+                    postings,
+                    undo,
+                );
+                self.post(
+                    found.owner,
+                    found.asset,
+                    Bucket::Available,
+                    amount as i128,
+                    postings,
+                    undo,
+                );
+                self.shrink_hold(hold, found, amount, undo);
+            }
+            Op::Settle { hold, to, amount } => {
+                let found = self.live_hold(hold, amount)?;
+                if to == found.owner {
+                    return Err(Rejection::SameAccount);
+                }
+                self.room_for(to, found.asset, Bucket::Available, amount)?;
+                self.post(
+                    found.owner,
+                    found.asset,
+                    Bucket::Held,
+                    -(amount as i128),
+                    postings,
+                    undo,
+                );
+                self.post(
+                    to,
+                    found.asset,
+                    Bucket::Available,
+                    amount as i128,
+                    postings,
+                    undo,
+                );
+                self.shrink_hold(hold, found, amount, undo);
+            }
+            Op::Withdraw { hold, amount } => {
+                let found = self.live_hold(hold, amount)?;
+                if found.kind != HoldKind::Withdrawal {
+                    return Err(Rejection::WrongHoldKind);
+                }
+                self.post(
+                    found.owner,
+                    found.asset,
+                    Bucket::Held,
+                    -(amount as i128),
+                    postings,
+                    undo,
+                );
+                self.external(found.owner, found.asset, -(amount as i128), postings, undo);
+                self.shrink_hold(hold, found, amount, undo);
+            }
+            Op::Transfer {
+                from,
+                to,
+                asset,
+                amount,
+            } => {
+                self.known_asset(asset)?;
+                if amount == 0 {
+                    return Err(Rejection::ZeroAmount);
+                }
+                if from == to {
+                    return Err(Rejection::SameAccount);
+                }
+                if self.balance(from, asset).available < amount {
+                    return Err(Rejection::InsufficientFunds);
+                }
+                self.room_for(to, asset, Bucket::Available, amount)?;
+                self.post(
+                    from,
+                    asset,
+                    Bucket::Available,
+                    -(amount as i128),
+                    postings,
+                    undo,
+                );
+                self.post(to, asset, Bucket::Available, amount as i128, postings, undo);
+            }
+        }
+        Ok(())
+    }
+
+    fn shrink_hold(&mut self, id: HoldId, hold: Hold, amount: Amount, undo: &mut Vec<Undo>) {
+        undo.push(Undo::Hold(id, Some(hold)));
+        let left = hold.amount - amount;
+        if left == 0 {
+            self.holds.remove(&id);
+        } else {
+            self.holds.insert(
+                id,
+                Hold {
+                    amount: left,
+                    ..hold
+                },
+            );
+        }
+    }
+
+    /// The invariants that are cheap enough for every operation: its postings balance per
+    /// asset, and each touched asset's running total equals its supply. Balances are unsigned,
+    /// so "no negative balance" holds by construction (a negative result panics in `post`).
+    fn check_after(&self, postings: &[Posting]) {
+        let mut sums: BTreeMap<AssetId, i128> = BTreeMap::new();
+        for posting in postings {
+            *sums.entry(posting.asset).or_default() += posting.delta;
+        }
+        for (asset, sum) in sums {
+            assert_eq!(sum, 0, "postings of asset {asset} do not balance");
+            assert_eq!(
+                self.totals.get(&asset).copied().unwrap_or(0),
+                self.assets[&asset].supply,
+                "asset {asset}: balances do not add up to deposits minus withdrawals"
+            );
+        }
+    }
+
+    /// Recomputes every invariant from scratch: per asset, the sum of all balances equals the
+    /// supply; every hold is covered by its owner's held balance; held balances equal the sum of
+    /// their holds. Returns the first violation found.
+    pub fn verify(&self) -> Result<(), String> {
+        let mut sums: BTreeMap<AssetId, Amount> = BTreeMap::new();
+        for (&(owner, asset), balance) in &self.balances {
+            if !self.assets.contains_key(&asset) {
+                return Err(format!("{owner:?} holds unknown asset {asset}"));
+            }
+            *sums.entry(asset).or_default() += balance.available + balance.held;
+        }
+        for (&asset, entry) in &self.assets {
+            let sum = sums.get(&asset).copied().unwrap_or(0);
+            if sum != entry.supply {
+                return Err(format!(
+                    "asset {asset}: balances sum to {sum}, supply is {}",
+                    entry.supply
+                ));
+            }
+        }
+        let mut held: BTreeMap<(Owner, AssetId), Amount> = BTreeMap::new();
+        for hold in self.holds.values() {
+            *held.entry((hold.owner, hold.asset)).or_default() += hold.amount;
+        }
+        for (&key, balance) in &self.balances {
+            let by_holds = held.get(&key).copied().unwrap_or(0);
+            if by_holds != balance.held {
+                return Err(format!(
+                    "{key:?}: held balance {} but holds add up to {by_holds}",
+                    balance.held
+                ));
+            }
+        }
+        for (key, amount) in held {
+            if !self.balances.contains_key(&key) && amount > 0 {
+                return Err(format!("{key:?}: holds of {amount} with no held balance"));
+            }
+        }
+        Ok(())
+    }
+
+    /// SHA-256 over every asset, balance and hold in a canonical order.
+    pub fn state_hash(&self) -> [u8; 32] {
+        let mut hasher = Sha256::new();
+        for (asset, entry) in &self.assets {
+            hasher.update(asset.to_le_bytes());
+            hasher.update((entry.symbol.len() as u32).to_le_bytes());
+            hasher.update(entry.symbol.as_bytes());
+            hasher.update(entry.decimals.to_le_bytes());
+            hasher.update(entry.supply.to_le_bytes());
+        }
+        let mut balances: Vec<_> = self.balances.iter().collect();
+        balances.sort_unstable_by_key(|(key, _)| **key);
+        for ((owner, asset), balance) in balances {
+            hash_owner(&mut hasher, *owner);
+            hasher.update(asset.to_le_bytes());
+            hasher.update(balance.available.to_le_bytes());
+            hasher.update(balance.held.to_le_bytes());
+        }
+        let mut holds: Vec<_> = self.holds.iter().collect();
+        holds.sort_unstable_by_key(|(id, _)| **id);
+        for (id, hold) in holds {
+            hasher.update(id.to_le_bytes());
+            hash_owner(&mut hasher, hold.owner);
+            hasher.update(hold.asset.to_le_bytes());
+            hasher.update(hold.amount.to_le_bytes());
+            hasher.update([hold.kind as u8]);
+        }
+        hasher.finalize().into()
+    }
+}
+
+fn hash_owner(hasher: &mut Sha256, owner: Owner) {
+    match owner {
+        Owner::User(user) => {
+            hasher.update([0]);
+            hasher.update(user.to_le_bytes());
+        }
+        Owner::Fees => hasher.update([1]),
+    }
+}
