@@ -1,0 +1,645 @@
+//! Agora's storage: one interface over SQLite (the embedded default) and PostgreSQL.
+//!
+//! The store keeps the journal (batches of encoded commands, each chained to the previous one
+//! by a SHA-256 checksum), snapshots of the whole state, and projection offsets. It knows SQL
+//! and nothing of what the bytes mean: the core encodes commands and state. The backend is
+//! chosen by the URL: `sqlite://PATH` (a file, created with its directory when missing) or
+//! `postgres://…`. Both run the same versioned migrations, written once per dialect.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{ConnectOptions, Row};
+
+/// Named bounds.
+pub mod limits {
+    /// Connections in a pool.
+    pub const POOL_CONNECTIONS_MAX: u32 = 8;
+    /// Bytes in one journal batch payload.
+    pub const BATCH_PAYLOAD_BYTES_MAX: usize = 64 * 1024 * 1024;
+    /// Commands in one journal batch.
+    pub const BATCH_COMMANDS_MAX: u64 = 1_000_000;
+    /// Batches one read returns.
+    pub const READ_BATCHES_MAX: usize = 10_000;
+    /// How long a connection waits for a locked SQLite database before failing.
+    pub const SQLITE_BUSY_TIMEOUT_MS: u64 = 5_000;
+    /// How long acquiring a pooled connection may take.
+    pub const ACQUIRE_TIMEOUT_MS: u64 = 10_000;
+}
+
+static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// What can go wrong in the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The URL names no supported backend, or cannot be parsed.
+    #[error("invalid database URL {url:?}: {reason}")]
+    InvalidUrl {
+        /// The URL as given.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The database refused or failed an operation (I/O, constraint, connection).
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// Running the migrations failed.
+    #[error("migration failed: {0}")]
+    Migration(#[from] sqlx::migrate::MigrateError),
+    /// A batch does not continue the journal: it must follow the last batch without a gap.
+    #[error(
+        "batch {batch} with first sequence {first_seq} does not follow the journal's tail ({expected_batch}, {expected_seq})"
+    )]
+    OutOfOrder {
+        /// The batch number given.
+        batch: u64,
+        /// Its first sequence number.
+        first_seq: u64,
+        /// The batch number expected.
+        expected_batch: u64,
+        /// The first sequence number expected.
+        expected_seq: u64,
+    },
+    /// A batch is empty or over a limit.
+    #[error("invalid batch: {0}")]
+    InvalidBatch(&'static str),
+    /// Stored data fails its checksum or its chain.
+    #[error("corrupt {what} at {position}: {problem}")]
+    Corrupt {
+        /// `journal batch` or `snapshot`.
+        what: &'static str,
+        /// Batch number or snapshot sequence.
+        position: u64,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+/// How hard SQLite works to keep a commit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// `synchronous=FULL`: every commit is fsynced; survives power loss.
+    Full,
+    /// `synchronous=NORMAL` in WAL mode: survives a killed process, not a power loss.
+    Normal,
+}
+
+/// Options for opening a store.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// SQLite only: how commits are made durable. PostgreSQL follows the server's settings.
+    pub durability: Durability,
+    /// Connections in the pool.
+    pub connections: u32,
+    /// PostgreSQL only: the schema to use (created when missing). Tests use one per test.
+    pub pg_schema: Option<String>,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            durability: Durability::Full,
+            connections: 4,
+            pg_schema: None,
+        }
+    }
+}
+
+/// A journal batch as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JournalBatch {
+    /// Batch number, from 1 without gaps.
+    pub batch: u64,
+    /// Sequence number of its first command, from 1 without gaps across batches.
+    pub first_seq: u64,
+    /// Number of commands.
+    pub commands: u64,
+    /// The encoded commands.
+    pub payload: Vec<u8>,
+    /// SHA-256 over the previous batch's checksum and this batch.
+    pub checksum: [u8; 32],
+}
+
+impl JournalBatch {
+    /// Sequence number of the last command in the batch.
+    pub fn last_seq(&self) -> u64 {
+        self.first_seq + self.commands - 1
+    }
+}
+
+/// A stored snapshot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The last command sequence number the snapshot includes.
+    pub seq: u64,
+    /// The state hash at that point.
+    pub state_hash: [u8; 32],
+    /// The encoded state.
+    pub payload: Vec<u8>,
+}
+
+/// The journal's end: what the next batch must follow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tail {
+    /// Last batch number (0 for an empty journal).
+    pub batch: u64,
+    /// Last command sequence number (0 for an empty journal).
+    pub seq: u64,
+    /// Checksum of the last batch (zeros for an empty journal).
+    pub checksum: [u8; 32],
+}
+
+impl Tail {
+    const EMPTY: Tail = Tail {
+        batch: 0,
+        seq: 0,
+        checksum: [0; 32],
+    };
+}
+
+/// The outcome of checking the whole journal.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JournalReport {
+    /// Batches that passed.
+    pub batches: u64,
+    /// Commands in them.
+    pub commands: u64,
+    /// The first problem, if any: everything from there on is not trustworthy.
+    pub problem: Option<(u64, String)>,
+}
+
+enum Backend {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// Runs the same query code against whichever pool the store has.
+macro_rules! on_pool {
+    ($store:expr, $pool:ident => $body:expr) => {
+        match &$store.backend {
+            Backend::Sqlite($pool) => $body,
+            Backend::Postgres($pool) => $body,
+        }
+    };
+}
+
+/// The store. Cheap to share behind an `Arc`; appends must come from one writer at a time.
+pub struct Store {
+    backend: Backend,
+    tail: Mutex<Tail>,
+}
+
+fn batch_checksum(
+    previous: &[u8; 32],
+    batch: u64,
+    first_seq: u64,
+    commands: u64,
+    payload: &[u8],
+) -> [u8; 32] {
+    let mut hasher = Sha256::new();
+    hasher.update(previous);
+    hasher.update(batch.to_le_bytes());
+    hasher.update(first_seq.to_le_bytes());
+    hasher.update(commands.to_le_bytes());
+    hasher.update((payload.len() as u64).to_le_bytes());
+    hasher.update(payload);
+    hasher.finalize().into()
+}
+
+fn snapshot_checksum(seq: u64, state_hash: &[u8; 32], payload: &[u8]) -> [u8; 32] {
+    let mut hasher = Sha256::new();
+    hasher.update(seq.to_le_bytes());
+    hasher.update(state_hash);
+    hasher.update((payload.len() as u64).to_le_bytes());
+    hasher.update(payload);
+    hasher.finalize().into()
+}
+
+fn to_db(value: u64) -> i64 {
+    i64::try_from(value).expect("sequence numbers stay below 2^63")
+}
+
+fn from_db(value: i64, what: &'static str, position: u64) -> Result<u64, StoreError> {
+    u64::try_from(value).map_err(|_| StoreError::Corrupt {
+        what,
+        position,
+        problem: format!("negative number {value}"),
+    })
+}
+
+fn hash32(bytes: Vec<u8>, what: &'static str, position: u64) -> Result<[u8; 32], StoreError> {
+    bytes.try_into().map_err(|_| StoreError::Corrupt {
+        what,
+        position,
+        problem: "checksum is not 32 bytes".into(),
+    })
+}
+
+impl Store {
+    /// Opens (and creates or migrates) the store at `url`.
+    pub async fn open(url: &str, options: &StoreOptions) -> Result<Store, StoreError> {
+        let invalid = |reason: String| StoreError::InvalidUrl {
+            url: url.to_string(),
+            reason,
+        };
+        let connections = options.connections.clamp(1, limits::POOL_CONNECTIONS_MAX);
+        let acquire = Duration::from_millis(limits::ACQUIRE_TIMEOUT_MS);
+        let backend = if let Some(path) = url.strip_prefix("sqlite://") {
+            if path.is_empty() {
+                return Err(invalid("no file path after sqlite://".into()));
+            }
+            if let Some(dir) = Path::new(path)
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+            {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| invalid(format!("cannot create {}: {e}", dir.display())))?;
+            }
+            let connect = SqliteConnectOptions::new()
+                .filename(path)
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(match options.durability {
+                    Durability::Full => SqliteSynchronous::Full,
+                    Durability::Normal => SqliteSynchronous::Normal,
+                })
+                .busy_timeout(Duration::from_millis(limits::SQLITE_BUSY_TIMEOUT_MS))
+                .foreign_keys(true)
+                .disable_statement_logging();
+            let pool = SqlitePoolOptions::new()
+                .max_connections(connections)
+                .acquire_timeout(acquire)
+                .connect_with(connect)
+                .await?;
+            SQLITE_MIGRATIONS.run(&pool).await?;
+            Backend::Sqlite(pool)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let mut connect =
+                PgConnectOptions::from_str(url).map_err(|e| invalid(e.to_string()))?;
+            connect = connect.disable_statement_logging();
+            if let Some(schema) = &options.pg_schema {
+                let valid = !schema.is_empty()
+                    && schema.len() <= 63
+                    && schema
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+                if !valid {
+                    return Err(invalid(format!(
+                        "schema name {schema:?} must be lower-case letters, digits and _"
+                    )));
+                }
+                // Create the schema once, then make every pooled connection use it.
+                let mut admin = connect.clone().connect().await?;
+                // The name was checked above to be a plain identifier.
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "CREATE SCHEMA IF NOT EXISTS {schema}"
+                )))
+                .execute(&mut admin)
+                .await?;
+                connect = connect.options([("search_path", schema.as_str())]);
+            }
+            let pool = PgPoolOptions::new()
+                .max_connections(connections)
+                .acquire_timeout(acquire)
+                .connect_with(connect)
+                .await?;
+            POSTGRES_MIGRATIONS.run(&pool).await?;
+            Backend::Postgres(pool)
+        } else {
+            return Err(invalid("expected sqlite://PATH or postgres://…".into()));
+        };
+        let store = Store {
+            backend,
+            tail: Mutex::new(Tail::EMPTY),
+        };
+        let tail = store.load_tail().await?;
+        *store.tail.lock().expect("tail lock") = tail;
+        Ok(store)
+    }
+
+    /// `sqlite` or `postgres`.
+    pub fn backend_name(&self) -> &'static str {
+        match self.backend {
+            Backend::Sqlite(_) => "sqlite",
+            Backend::Postgres(_) => "postgres",
+        }
+    }
+
+    /// The journal's end as last appended or loaded.
+    pub fn tail(&self) -> Tail {
+        *self.tail.lock().expect("tail lock")
+    }
+
+    async fn load_tail(&self) -> Result<Tail, StoreError> {
+        let sql =
+            "SELECT batch, first_seq, commands, checksum FROM journal ORDER BY batch DESC LIMIT 1";
+        let tail = on_pool!(self, pool => {
+            match sqlx::query(sql).fetch_optional(pool).await? {
+                None => Tail::EMPTY,
+                Some(row) => {
+                    let batch = from_db(row.try_get("batch")?, "journal batch", 0)?;
+                    let first_seq = from_db(row.try_get("first_seq")?, "journal batch", batch)?;
+                    let commands = from_db(row.try_get("commands")?, "journal batch", batch)?;
+                    Tail {
+                        batch,
+                        seq: first_seq + commands.saturating_sub(1),
+                        checksum: hash32(row.try_get("checksum")?, "journal batch", batch)?,
+                    }
+                }
+            }
+        });
+        Ok(tail)
+    }
+
+    /// Appends the next batch of `commands` encoded commands in one transaction and returns it
+    /// as stored. The commit is durable when this returns (per the store's durability).
+    pub async fn append(
+        &self,
+        commands: u64,
+        payload: Vec<u8>,
+    ) -> Result<JournalBatch, StoreError> {
+        if commands == 0 || commands > limits::BATCH_COMMANDS_MAX {
+            return Err(StoreError::InvalidBatch(
+                "a batch holds 1 to 1,000,000 commands",
+            ));
+        }
+        if payload.len() > limits::BATCH_PAYLOAD_BYTES_MAX {
+            return Err(StoreError::InvalidBatch(
+                "a batch payload is at most 64 MiB",
+            ));
+        }
+        let tail = self.tail();
+        let batch = JournalBatch {
+            batch: tail.batch + 1,
+            first_seq: tail.seq + 1,
+            commands,
+            checksum: batch_checksum(
+                &tail.checksum,
+                tail.batch + 1,
+                tail.seq + 1,
+                commands,
+                &payload,
+            ),
+            payload,
+        };
+        let sql = "INSERT INTO journal (batch, first_seq, commands, payload, checksum) VALUES ($1, $2, $3, $4, $5)";
+        on_pool!(self, pool => {
+            sqlx::query(sql)
+                .bind(to_db(batch.batch))
+                .bind(to_db(batch.first_seq))
+                .bind(to_db(batch.commands))
+                .bind(&batch.payload)
+                .bind(&batch.checksum[..])
+                .execute(pool)
+                .await?
+                .rows_affected()
+        });
+        *self.tail.lock().expect("tail lock") = Tail {
+            batch: batch.batch,
+            seq: batch.last_seq(),
+            checksum: batch.checksum,
+        };
+        Ok(batch)
+    }
+
+    /// Up to `limit` batches from batch number `from` on, in order, each checked against its
+    /// checksum chain (the batch before `from` supplies the first link).
+    pub async fn read(&self, from: u64, limit: usize) -> Result<Vec<JournalBatch>, StoreError> {
+        let limit = limit.clamp(1, limits::READ_BATCHES_MAX);
+        let start = from.max(1);
+        // Past the first batch, the batch before `start` is read too: its checksum is the
+        // first link of the chain.
+        let with_link = start > 1;
+        let sql = "SELECT batch, first_seq, commands, payload, checksum FROM journal WHERE batch >= $1 ORDER BY batch LIMIT $2";
+        let rows: Vec<JournalBatch> = on_pool!(self, pool => {
+            sqlx::query(sql)
+                .bind(to_db(start - u64::from(with_link)))
+                .bind((limit + usize::from(with_link)) as i64)
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(decode_batch)
+                .collect::<Result<_, _>>()?
+        });
+        let mut rows = rows.into_iter();
+        let (mut link, mut expected_batch, mut expected_seq) = if with_link {
+            let Some(before) = rows.next() else {
+                return Ok(Vec::new());
+            };
+            if before.batch != start - 1 {
+                return Err(StoreError::Corrupt {
+                    what: "journal batch",
+                    position: start - 1,
+                    problem: "missing".into(),
+                });
+            }
+            (before.checksum, start, before.last_seq() + 1)
+        } else {
+            ([0; 32], 1, 1)
+        };
+        let mut batches = Vec::with_capacity(rows.len());
+        for batch in rows {
+            check_batch(&batch, &link, expected_batch, expected_seq)?;
+            link = batch.checksum;
+            expected_batch = batch.batch + 1;
+            expected_seq = batch.last_seq() + 1;
+            batches.push(batch);
+        }
+        Ok(batches)
+    }
+
+    /// Walks the whole journal checking numbering and the checksum chain; reports the first
+    /// problem with its position instead of failing.
+    pub async fn verify_journal(&self) -> Result<JournalReport, StoreError> {
+        let mut report = JournalReport {
+            batches: 0,
+            commands: 0,
+            problem: None,
+        };
+        let mut link = [0u8; 32];
+        let mut expected_batch = 1;
+        let mut expected_seq = 1;
+        let sql = "SELECT batch, first_seq, commands, payload, checksum FROM journal WHERE batch >= $1 ORDER BY batch LIMIT $2";
+        loop {
+            let rows: Vec<Result<JournalBatch, StoreError>> = on_pool!(self, pool => {
+                sqlx::query(sql)
+                    .bind(to_db(expected_batch))
+                    .bind(256i64)
+                    .fetch_all(pool)
+                    .await?
+                    .iter()
+                    .map(decode_batch)
+                    .collect()
+            });
+            if rows.is_empty() {
+                return Ok(report);
+            }
+            for row in rows {
+                let batch = match row {
+                    Ok(batch) => batch,
+                    Err(error) => {
+                        report.problem = Some((expected_batch, error.to_string()));
+                        return Ok(report);
+                    }
+                };
+                if let Err(error) = check_batch(&batch, &link, expected_batch, expected_seq) {
+                    report.problem = Some((expected_batch, error.to_string()));
+                    return Ok(report);
+                }
+                report.batches += 1;
+                report.commands += batch.commands;
+                link = batch.checksum;
+                expected_batch = batch.batch + 1;
+                expected_seq = batch.last_seq() + 1;
+            }
+        }
+    }
+
+    /// Stores a snapshot of the state after command `seq`.
+    pub async fn put_snapshot(
+        &self,
+        snapshot: &Snapshot,
+        created_at_ms: i64,
+    ) -> Result<(), StoreError> {
+        let checksum = snapshot_checksum(snapshot.seq, &snapshot.state_hash, &snapshot.payload);
+        let sql = "INSERT INTO snapshots (seq, state_hash, payload, checksum, created_at_ms) VALUES ($1, $2, $3, $4, $5)";
+        on_pool!(self, pool => {
+            sqlx::query(sql)
+                .bind(to_db(snapshot.seq))
+                .bind(&snapshot.state_hash[..])
+                .bind(&snapshot.payload)
+                .bind(&checksum[..])
+                .bind(created_at_ms)
+                .execute(pool)
+                .await?
+                .rows_affected()
+        });
+        Ok(())
+    }
+
+    /// The newest snapshot whose checksum holds, and the positions of newer ones that failed
+    /// it (reported, never used).
+    pub async fn latest_valid_snapshot(
+        &self,
+    ) -> Result<(Option<Snapshot>, Vec<(u64, String)>), StoreError> {
+        let mut rejected = Vec::new();
+        let seqs_sql = "SELECT seq FROM snapshots ORDER BY seq DESC";
+        let seqs: Vec<i64> = on_pool!(self, pool => {
+            sqlx::query(seqs_sql)
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(|row| row.try_get::<i64, _>("seq"))
+                .collect::<Result<_, _>>()?
+        });
+        let sql = "SELECT seq, state_hash, payload, checksum FROM snapshots WHERE seq = $1";
+        for seq in seqs {
+            let decoded = on_pool!(self, pool => {
+                decode_snapshot(&sqlx::query(sql).bind(seq).fetch_one(pool).await?)
+            });
+            match decoded {
+                Ok(snapshot) => return Ok((Some(snapshot), rejected)),
+                Err(error) => rejected.push((seq as u64, error.to_string())),
+            }
+        }
+        Ok((None, rejected))
+    }
+
+    /// Deletes snapshots older than the newest `keep`.
+    pub async fn prune_snapshots(&self, keep: u64) -> Result<u64, StoreError> {
+        let sql = "DELETE FROM snapshots WHERE seq NOT IN (SELECT seq FROM snapshots ORDER BY seq DESC LIMIT $1)";
+        let done = on_pool!(self, pool => sqlx::query(sql).bind(to_db(keep)).execute(pool).await?.rows_affected());
+        Ok(done)
+    }
+
+    /// Closes the pool, waiting for connections to finish.
+    pub async fn close(&self) {
+        on_pool!(self, pool => pool.close().await);
+    }
+}
+
+fn decode_batch<R: Row>(row: &R) -> Result<JournalBatch, StoreError>
+where
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> &'r str: sqlx::ColumnIndex<R>,
+{
+    let batch = from_db(row.try_get("batch")?, "journal batch", 0)?;
+    Ok(JournalBatch {
+        batch,
+        first_seq: from_db(row.try_get("first_seq")?, "journal batch", batch)?,
+        commands: from_db(row.try_get("commands")?, "journal batch", batch)?,
+        payload: row.try_get("payload")?,
+        checksum: hash32(row.try_get("checksum")?, "journal batch", batch)?,
+    })
+}
+
+fn check_batch(
+    batch: &JournalBatch,
+    link: &[u8; 32],
+    expected_batch: u64,
+    expected_seq: u64,
+) -> Result<(), StoreError> {
+    let corrupt = |problem: String| StoreError::Corrupt {
+        what: "journal batch",
+        position: batch.batch,
+        problem,
+    };
+    if batch.batch != expected_batch {
+        return Err(corrupt(format!(
+            "expected batch {expected_batch}: a batch is missing"
+        )));
+    }
+    if batch.first_seq != expected_seq || batch.commands == 0 {
+        return Err(corrupt(format!(
+            "sequence {} with {} commands does not follow {}",
+            batch.first_seq,
+            batch.commands,
+            expected_seq - 1
+        )));
+    }
+    let computed = batch_checksum(
+        link,
+        batch.batch,
+        batch.first_seq,
+        batch.commands,
+        &batch.payload,
+    );
+    if computed != batch.checksum {
+        return Err(corrupt(
+            "checksum does not match its contents and the chain".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn decode_snapshot<R: Row>(row: &R) -> Result<Snapshot, StoreError>
+where
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> &'r str: sqlx::ColumnIndex<R>,
+{
+    let seq = from_db(row.try_get("seq")?, "snapshot", 0)?;
+    let snapshot = Snapshot {
+        seq,
+        state_hash: hash32(row.try_get("state_hash")?, "snapshot", seq)?,
+        payload: row.try_get("payload")?,
+    };
+    let checksum = hash32(row.try_get("checksum")?, "snapshot", seq)?;
+    if snapshot_checksum(seq, &snapshot.state_hash, &snapshot.payload) != checksum {
+        return Err(StoreError::Corrupt {
+            what: "snapshot",
+            position: seq,
+            problem: "checksum does not match its contents".into(),
+        });
+    }
+    Ok(snapshot)
+}

@@ -1,0 +1,203 @@
+//! Store tests, run against every backend available: SQLite always (a real file in a temporary
+//! directory), PostgreSQL when `AGORA_TEST_POSTGRES_URL` is set (one schema per test, so tests
+//! and runs do not see each other).
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use store::{Durability, Snapshot, Store, StoreError, StoreOptions};
+
+/// A backend under test: how to open it again, and how to reach its tables directly.
+struct Target {
+    url: String,
+    options: StoreOptions,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Target {
+    async fn open(&self) -> Store {
+        Store::open(&self.url, &self.options)
+            .await
+            .expect("store opens")
+    }
+
+    /// Runs raw SQL against the store's tables, as a disk fault or an operator would.
+    async fn tamper(&self, sql: &str) {
+        if let Some(path) = self.url.strip_prefix("sqlite://") {
+            let pool = sqlx::SqlitePool::connect(&format!("sqlite://{path}"))
+                .await
+                .unwrap();
+            sqlx::query(sqlx::AssertSqlSafe(sql.to_string()))
+                .execute(&pool)
+                .await
+                .unwrap();
+            pool.close().await;
+        } else {
+            let schema = self.options.pg_schema.as_deref().unwrap();
+            let pool = sqlx::PgPool::connect(&self.url).await.unwrap();
+            let sql = format!("SET search_path TO {schema}; {sql}");
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                .execute(&pool)
+                .await
+                .unwrap();
+            pool.close().await;
+        }
+    }
+}
+
+static NEXT_SCHEMA: AtomicU32 = AtomicU32::new(0);
+
+/// Every backend this run can test.
+fn targets(test: &str) -> Vec<Target> {
+    let dir = tempfile::tempdir().unwrap();
+    let mut targets = vec![Target {
+        url: format!("sqlite://{}/agora-data/agora.db", dir.path().display()),
+        options: StoreOptions::default(),
+        _dir: Some(dir),
+    }];
+    if let Ok(url) = std::env::var("AGORA_TEST_POSTGRES_URL") {
+        let schema = format!(
+            "t_{test}_{}_{}",
+            std::process::id(),
+            NEXT_SCHEMA.fetch_add(1, Ordering::Relaxed)
+        );
+        targets.push(Target {
+            url,
+            options: StoreOptions {
+                pg_schema: Some(schema),
+                ..StoreOptions::default()
+            },
+            _dir: None,
+        });
+    } else if std::env::var("CI").is_ok() {
+        panic!("CI must run the PostgreSQL suite: AGORA_TEST_POSTGRES_URL is not set");
+    }
+    targets
+}
+
+#[tokio::test]
+async fn the_journal_appends_in_order_and_survives_reopening() {
+    for target in targets("append") {
+        let store = target.open().await;
+        assert_eq!(store.tail().batch, 0);
+        let first = store.append(3, b"abc".to_vec()).await.unwrap();
+        let second = store.append(2, b"de".to_vec()).await.unwrap();
+        assert_eq!((first.batch, first.first_seq, first.last_seq()), (1, 1, 3));
+        assert_eq!(
+            (second.batch, second.first_seq, second.last_seq()),
+            (2, 4, 5)
+        );
+        store.close().await;
+
+        let store = target.open().await;
+        let tail = store.tail();
+        assert_eq!(
+            (tail.batch, tail.seq, tail.checksum),
+            (2, 5, second.checksum),
+            "{}",
+            store.backend_name()
+        );
+        store.append(1, b"f".to_vec()).await.unwrap();
+        let all = store.read(1, 100).await.unwrap();
+        assert_eq!(all.len(), 3);
+        assert_eq!(all[..2], [first, second.clone()]);
+        let from_two = store.read(2, 1).await.unwrap();
+        assert_eq!(from_two, [second]);
+        assert!(store.read(9, 10).await.unwrap().is_empty());
+        let report = store.verify_journal().await.unwrap();
+        assert_eq!(
+            (report.batches, report.commands, report.problem),
+            (3, 6, None)
+        );
+        assert!(matches!(
+            store.append(0, vec![]).await,
+            Err(StoreError::InvalidBatch(_))
+        ));
+    }
+}
+
+#[tokio::test]
+async fn a_damaged_journal_is_reported_with_its_position() {
+    for target in targets("damaged") {
+        let store = target.open().await;
+        for i in 0..5u8 {
+            store.append(1, vec![i; 10]).await.unwrap();
+        }
+        let flip = if target.url.starts_with("sqlite") {
+            "UPDATE journal SET payload = CAST('x' AS BLOB) || payload WHERE batch = 3"
+        } else {
+            "UPDATE journal SET payload = '\\x78'::bytea || payload WHERE batch = 3"
+        };
+        target.tamper(flip).await;
+        let report = store.verify_journal().await.unwrap();
+        assert_eq!(report.batches, 2);
+        assert_eq!(report.problem.as_ref().map(|p| p.0), Some(3), "{report:?}");
+        match store.read(1, 10).await {
+            Err(StoreError::Corrupt { position, .. }) => assert_eq!(position, 3),
+            other => panic!("expected corruption at batch 3, got {other:?}"),
+        }
+        // A missing batch breaks the chain too.
+        target.tamper("DELETE FROM journal WHERE batch = 3").await;
+        let report = store.verify_journal().await.unwrap();
+        assert_eq!(report.problem.as_ref().map(|p| p.0), Some(3), "{report:?}");
+    }
+}
+
+#[tokio::test]
+async fn the_newest_valid_snapshot_is_used_and_bad_ones_are_reported() {
+    for target in targets("snapshots") {
+        let store = target.open().await;
+        let (none, rejected) = store.latest_valid_snapshot().await.unwrap();
+        assert!(none.is_none() && rejected.is_empty());
+        for seq in [10u64, 20, 30] {
+            let snapshot = Snapshot {
+                seq,
+                state_hash: [seq as u8; 32],
+                payload: vec![seq as u8; 100],
+            };
+            store
+                .put_snapshot(&snapshot, 1_700_000_000_000)
+                .await
+                .unwrap();
+        }
+        let (latest, rejected) = store.latest_valid_snapshot().await.unwrap();
+        assert_eq!(latest.unwrap().seq, 30);
+        assert!(rejected.is_empty());
+        let flip = if target.url.starts_with("sqlite") {
+            "UPDATE snapshots SET payload = CAST('x' AS BLOB) || payload WHERE seq = 30"
+        } else {
+            "UPDATE snapshots SET payload = '\\x78'::bytea || payload WHERE seq = 30"
+        };
+        target.tamper(flip).await;
+        let (latest, rejected) = store.latest_valid_snapshot().await.unwrap();
+        assert_eq!(latest.unwrap().payload, vec![20u8; 100]);
+        assert_eq!(rejected.iter().map(|r| r.0).collect::<Vec<_>>(), [30]);
+        assert_eq!(store.prune_snapshots(1).await.unwrap(), 2);
+    }
+}
+
+#[tokio::test]
+async fn bad_urls_are_clear_errors_and_sqlite_durability_is_a_choice() {
+    for url in ["mysql://x", "sqlite://", "postgres://host:notaport/db"] {
+        match Store::open(url, &StoreOptions::default()).await {
+            Err(StoreError::InvalidUrl { .. }) => {}
+            other => panic!("{url}: expected InvalidUrl, got {:?}", other.err()),
+        }
+    }
+    let schema = StoreOptions {
+        pg_schema: Some("Bad Name".into()),
+        ..StoreOptions::default()
+    };
+    assert!(matches!(
+        Store::open("postgres://127.0.0.1/x", &schema).await,
+        Err(StoreError::InvalidUrl { .. })
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/normal.db", dir.path().display());
+    let options = StoreOptions {
+        durability: Durability::Normal,
+        ..StoreOptions::default()
+    };
+    let store = Store::open(&url, &options).await.unwrap();
+    assert_eq!(store.backend_name(), "sqlite");
+    store.append(1, vec![1]).await.unwrap();
+}
