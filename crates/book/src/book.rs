@@ -902,14 +902,9 @@ impl Book {
 
     // ----- operations ----------------------------------------------------------------------
 
-    /// Places an order. Emits `Rejected` alone when any check fails.
-    pub(crate) fn place(&mut self, cmd: &PlaceOrder, now: Timestamp, out: &mut Vec<Event>) {
-        if let Err(reason) = self.validate_place(cmd, now) {
-            self.reject(cmd.id, reason, out);
-            return;
-        }
-        let stp = cmd.stp.unwrap_or(self.spec.default_stp);
-        let order = Order {
+    /// The order a valid placement creates.
+    fn new_order(&self, cmd: &PlaceOrder, now: Timestamp) -> Order {
+        Order {
             id: cmd.id,
             user: cmd.user,
             remaining: cmd.qty.0,
@@ -932,11 +927,50 @@ impl Book {
             side: cmd.side,
             order_type: cmd.order_type,
             tif: cmd.tif,
-            stp,
+            stp: cmd.stp.unwrap_or(self.spec.default_stp),
             tier: self.spec.tier_of(cmd.reputation),
             post_only: cmd.post_only,
             state: State::Free,
-        };
+        }
+    }
+
+    /// The checks of a non-conditional order that depend on the book: post-only, fill-or-kill
+    /// and market-order liquidity.
+    fn book_refusal(&self, cmd: &PlaceOrder, taker: &Taker) -> Option<RejectReason> {
+        if cmd.post_only && self.would_cross(taker) {
+            Some(RejectReason::PostOnlyWouldCross)
+        } else if cmd.tif == TimeInForce::Fok && self.fillable(taker, cmd.qty.0) < cmd.qty.0 {
+            Some(RejectReason::FokUnfillable)
+        } else if cmd.order_type == OrderType::Market && self.fillable(taker, 1) == 0 {
+            Some(RejectReason::NoLiquidity)
+        } else {
+            None
+        }
+    }
+
+    /// Every check `place` makes, without placing.
+    pub(crate) fn check_place(&self, cmd: &PlaceOrder, now: Timestamp) -> Result<(), RejectReason> {
+        self.validate_place(cmd, now)?;
+        if cmd.order_type.is_conditional() {
+            return Ok(());
+        }
+        let order = self.new_order(cmd, now);
+        let taker = self.taker_from(&order, (order.price != 0).then_some(order.price));
+        self.book_refusal(cmd, &taker).map_or(Ok(()), Err)
+    }
+
+    /// Every check `modify` makes, without modifying.
+    pub(crate) fn check_modify(&self, cmd: &ModifyOrder) -> Result<(), RejectReason> {
+        self.validate_modify(cmd).map(|_| ())
+    }
+
+    /// Places an order. Emits `Rejected` alone when any check fails.
+    pub(crate) fn place(&mut self, cmd: &PlaceOrder, now: Timestamp, out: &mut Vec<Event>) {
+        if let Err(reason) = self.validate_place(cmd, now) {
+            self.reject(cmd.id, reason, out);
+            return;
+        }
+        let order = self.new_order(cmd, now);
 
         if cmd.order_type.is_conditional() {
             let stop = cmd.stop_price.map_or(0, |p| p.0);
@@ -966,16 +1000,7 @@ impl Book {
         let limit = (order.price != 0).then_some(order.price);
         let taker = self.taker_from(&order, limit);
         // The checks that depend on the book, still before any change.
-        let refused = if cmd.post_only && self.would_cross(&taker) {
-            Some(RejectReason::PostOnlyWouldCross)
-        } else if cmd.tif == TimeInForce::Fok && self.fillable(&taker, cmd.qty.0) < cmd.qty.0 {
-            Some(RejectReason::FokUnfillable)
-        } else if cmd.order_type == OrderType::Market && self.fillable(&taker, 1) == 0 {
-            Some(RejectReason::NoLiquidity)
-        } else {
-            None
-        };
-        if let Some(reason) = refused {
+        if let Some(reason) = self.book_refusal(cmd, &taker) {
             self.reject(cmd.id, reason, out);
             return;
         }

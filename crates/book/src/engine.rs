@@ -228,6 +228,21 @@ impl Engine {
         }
     }
 
+    /// Every check [`Engine::place`] makes, without placing: `Ok` means the same placement
+    /// would be accepted now. Lets a caller check its own preconditions (funds) in between.
+    pub fn check_place(&self, place: &PlaceOrder) -> Result<(), RejectReason> {
+        self.book(place.market)
+            .ok_or(RejectReason::UnknownMarket)?
+            .check_place(place, self.now)
+    }
+
+    /// Every check [`Engine::modify`] makes, without modifying.
+    pub fn check_modify(&self, modify: &ModifyOrder) -> Result<(), RejectReason> {
+        self.book(modify.market)
+            .ok_or(RejectReason::UnknownMarket)?
+            .check_modify(modify)
+    }
+
     /// Cancels a live order of its owner.
     #[inline]
     pub fn cancel(&mut self, market: MarketId, id: OrderId, user: UserId, out: &mut Vec<Event>) {

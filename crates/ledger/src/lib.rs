@@ -100,6 +100,13 @@ pub enum Op {
         /// Purpose.
         kind: HoldKind,
     },
+    /// Reserve more of the owner's available funds under an existing hold.
+    Extend {
+        /// Hold.
+        hold: HoldId,
+        /// Additional amount.
+        amount: Amount,
+    },
     /// Return part or all of a hold to its owner's available balance.
     Release {
         /// Hold.
@@ -585,6 +592,44 @@ impl Ledger {
                         asset,
                         amount,
                         kind,
+                    },
+                );
+            }
+            Op::Extend { hold, amount } => {
+                if amount == 0 {
+                    return Err(Rejection::ZeroAmount);
+                }
+                let found = self
+                    .holds
+                    .get(&hold)
+                    .copied()
+                    .ok_or(Rejection::UnknownHold)?;
+                if self.balance(found.owner, found.asset).available < amount {
+                    return Err(Rejection::InsufficientFunds);
+                }
+                self.room_for(found.owner, found.asset, Bucket::Held, amount)?;
+                self.post(
+                    found.owner,
+                    found.asset,
+                    Bucket::Available,
+                    -(amount as i128),
+                    postings,
+                    undo,
+                );
+                self.post(
+                    found.owner,
+                    found.asset,
+                    Bucket::Held,
+                    amount as i128,
+                    postings,
+                    undo,
+                );
+                undo.push(Undo::Hold(hold, Some(found)));
+                self.holds.insert(
+                    hold,
+                    Hold {
+                        amount: found.amount + amount,
+                        ..found
                     },
                 );
             }

@@ -514,8 +514,24 @@ fn run(ops: &[Op], split: usize) {
         if step == split + 2 {
             snapshot = Some((engine.snapshot(), all_events.len()));
         }
+        // The dry-run checks agree with what the command then does.
+        let checked = match command {
+            Command::Place(place) => Some(engine.check_place(place)),
+            Command::Modify(modify) => Some(engine.check_modify(modify)),
+            _ => None,
+        };
         let mut events = Vec::new();
         engine.apply(command, &mut events);
+        if let Some(checked) = checked {
+            let rejected = match events.first() {
+                Some(Event::Rejected { reason, .. }) => Err(*reason),
+                _ => Ok(()),
+            };
+            assert_eq!(
+                checked, rejected,
+                "step {step}: check disagrees with {command:?}"
+            );
+        }
         let mut expected = Vec::new();
         model.apply(command, &mut expected);
         assert_eq!(without_book(&events), expected, "step {step}: {command:?}");

@@ -267,6 +267,15 @@ fn refusals_name_the_rule_and_change_nothing() {
             Rejection::DuplicateHold,
         ),
         (Op::Release { hold: 7, amount: 1 }, Rejection::UnknownHold),
+        (Op::Extend { hold: 7, amount: 1 }, Rejection::UnknownHold),
+        (
+            Op::Extend {
+                hold: 1,
+                amount: 601,
+            },
+            Rejection::InsufficientFunds,
+        ),
+        (Op::Extend { hold: 1, amount: 0 }, Rejection::ZeroAmount),
         (
             Op::Release {
                 hold: 1,
@@ -386,6 +395,7 @@ enum RandomOp {
     Deposit(u64, u32, u128),
     Hold(u64, u64, u32, u128, u8),
     Release(u64, u128),
+    Extend(u64, u128),
     Settle(u64, u64, u128),
     Withdraw(u64, u128),
     Transfer(u64, u64, u32, u128),
@@ -408,6 +418,7 @@ fn random_op() -> impl Strategy<Value = RandomOp> {
         )
             .prop_map(|(h, u, a, x, k)| RandomOp::Hold(h, u, a, x, k)),
         (hold.clone(), amount.clone()).prop_map(|(h, x)| RandomOp::Release(h, x)),
+        (hold.clone(), amount.clone()).prop_map(|(h, x)| RandomOp::Extend(h, x)),
         (hold.clone(), user.clone(), amount.clone())
             .prop_map(|(h, u, x)| RandomOp::Settle(h, u, x)),
         (hold.clone(), amount.clone()).prop_map(|(h, x)| RandomOp::Withdraw(h, x)),
@@ -438,6 +449,7 @@ fn to_op(op: &RandomOp) -> Op {
             kind: [HoldKind::Order, HoldKind::Escrow, HoldKind::Withdrawal][kind as usize],
         },
         RandomOp::Release(hold, amount) => Op::Release { hold, amount },
+        RandomOp::Extend(hold, amount) => Op::Extend { hold, amount },
         RandomOp::Settle(hold, user, amount) => Op::Settle {
             hold,
             to: owner(user),
