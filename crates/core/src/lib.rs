@@ -1,0 +1,805 @@
+//! Agora's core state machine: the matching engine and the ledger driven together by one
+//! stream of commands, so that every order is backed by held funds and every trade settles.
+//!
+//! [`State::apply`] is deterministic and pure like its parts: the same commands give the same
+//! events, postings and [`State::state_hash`]. A command is checked completely (the engine's
+//! rules through its dry runs, then funds) before anything changes, so a [`CoreRejection`]
+//! changes nothing; once checks pass, the ledger operations that follow cannot fail, and if one
+//! did, that is a bug and the core panics rather than continue on a state it cannot trust.
+//!
+//! Funds: placing an order holds what it may spend. A sell holds the base quantity. A buy on
+//! an `instant` market holds the quote at its limit price (a market buy holds its protection
+//! price times its quantity, so it needs one). A buy on an `escrow` market holds nothing: the
+//! quote is paid off-platform. Holds shrink as fills happen and are released when the order
+//! ends. Trades on `instant` markets settle at once: each side receives its asset minus its fee
+//! (maker or taker, in basis points, rounded down), and fees go to the fee account. On
+//! `escrow` markets the seller's filled base moves to an escrow hold per trade; releasing it is
+//! the settlement flow's work.
+
+use std::collections::BTreeMap;
+
+use book::{
+    Engine, Event, MarketId, MarketSpec, ModifyOrder, OrderId, OrderType, OrderView, PlaceOrder,
+    RejectReason, Settlement, Side, Timestamp, UserId,
+};
+use ledger::{AssetId, HoldId, HoldKind, Ledger, Op, Owner, Posting, Rejection};
+use rustc_hash::FxHashMap;
+use sha2::{Digest, Sha256};
+
+pub use ledger::Amount;
+
+/// Named bounds.
+pub mod limits {
+    /// Largest maker or taker fee, in basis points (10%).
+    pub const FEE_BPS_MAX: u32 = 1_000;
+    /// Pending withdrawals in the whole system.
+    pub const WITHDRAWALS_PENDING_MAX: usize = 1_000_000;
+}
+
+/// Everything the core can be asked to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CoreCommand {
+    /// Register an asset in the ledger.
+    CreateAsset {
+        /// Id.
+        asset: AssetId,
+        /// Symbol.
+        symbol: String,
+        /// Decimal places of its minor unit: at least the quantity (base) or price plus
+        /// quantity (quote) decimals of every market that uses it.
+        decimals: u32,
+    },
+    /// Create a market trading `base` against `quote`.
+    CreateMarket {
+        /// The engine's market definition.
+        spec: MarketSpec,
+        /// Base asset.
+        base: AssetId,
+        /// Quote asset.
+        quote: AssetId,
+        /// Fee of the resting side, in basis points of what it receives.
+        maker_fee_bps: u32,
+        /// Fee of the incoming side.
+        taker_fee_bps: u32,
+    },
+    /// Funds arrive for a user.
+    Deposit {
+        /// User.
+        user: UserId,
+        /// Asset.
+        asset: AssetId,
+        /// Amount in minor units.
+        amount: Amount,
+    },
+    /// Hold funds for a withdrawal.
+    RequestWithdrawal {
+        /// Withdrawal id, unique among pending withdrawals.
+        id: u64,
+        /// User.
+        user: UserId,
+        /// Asset.
+        asset: AssetId,
+        /// Amount.
+        amount: Amount,
+    },
+    /// The withdrawal was paid out: the held funds leave the ledger.
+    CompleteWithdrawal {
+        /// Withdrawal id.
+        id: u64,
+    },
+    /// The withdrawal was abandoned: the held funds return.
+    CancelWithdrawal {
+        /// Withdrawal id.
+        id: u64,
+    },
+    /// Set a user's reputation, used for orders placed from now on.
+    SetReputation {
+        /// User.
+        user: UserId,
+        /// Reputation.
+        reputation: u32,
+    },
+    /// Place an order (its `reputation` is taken from the core, not from the caller).
+    Place(PlaceOrder),
+    /// Cancel an order.
+    Cancel {
+        /// Market.
+        market: MarketId,
+        /// Order.
+        id: OrderId,
+        /// Owner.
+        user: UserId,
+    },
+    /// Modify an order.
+    Modify(ModifyOrder),
+    /// Cancel many orders.
+    CancelAll {
+        /// One market, or all.
+        market: Option<MarketId>,
+        /// One user, or all.
+        user: Option<UserId>,
+    },
+    /// Move time forward.
+    AdvanceTime {
+        /// New time, ms since the epoch.
+        now: Timestamp,
+    },
+}
+
+/// Why the core refused a command. A refusal changes nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CoreRejection {
+    /// The matching engine's rule.
+    Book(RejectReason),
+    /// The ledger's rule (insufficient funds, unknown asset, …).
+    Ledger(Rejection),
+    /// A market's assets are unknown, the same, or too coarse for its tick and lot.
+    InvalidMarketAssets,
+    /// A fee above [`limits::FEE_BPS_MAX`].
+    InvalidFee,
+    /// A buy on an instant market without a price to bound what it spends.
+    ProtectionRequired,
+    /// An amount does not fit the ledger's range.
+    AmountOverflow,
+    /// No pending withdrawal has this id.
+    UnknownWithdrawal,
+    /// A pending withdrawal already has this id.
+    DuplicateWithdrawal,
+    /// Too many pending withdrawals.
+    TooManyWithdrawals,
+}
+
+impl CoreRejection {
+    /// Stable upper-case code.
+    pub fn code(self) -> &'static str {
+        match self {
+            CoreRejection::Book(reason) => reason.code(),
+            CoreRejection::Ledger(reason) => reason.code(),
+            CoreRejection::InvalidMarketAssets => "INVALID_MARKET_ASSETS",
+            CoreRejection::InvalidFee => "INVALID_FEE",
+            CoreRejection::ProtectionRequired => "PROTECTION_REQUIRED",
+            CoreRejection::AmountOverflow => "AMOUNT_OVERFLOW",
+            CoreRejection::UnknownWithdrawal => "UNKNOWN_WITHDRAWAL",
+            CoreRejection::DuplicateWithdrawal => "DUPLICATE_WITHDRAWAL",
+            CoreRejection::TooManyWithdrawals => "TOO_MANY_WITHDRAWALS",
+        }
+    }
+}
+
+/// A market's link to the ledger.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MarketConfig {
+    /// Base asset.
+    pub base: AssetId,
+    /// Quote asset.
+    pub quote: AssetId,
+    /// Maker fee, basis points.
+    pub maker_fee_bps: u32,
+    /// Taker fee, basis points.
+    pub taker_fee_bps: u32,
+    /// Minor units of the base asset per quantity unit.
+    pub base_per_qty: u128,
+    /// Minor units of the quote asset per (price unit × quantity unit).
+    pub quote_per_notional: u128,
+    /// How trades settle.
+    pub settlement: Settlement,
+}
+
+/// An escrow trade waiting for the off-platform payment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EscrowTrade {
+    /// Market.
+    pub market: MarketId,
+    /// Seller, whose base is held.
+    pub seller: UserId,
+    /// Buyer, who pays off-platform.
+    pub buyer: UserId,
+    /// The hold on the seller's base.
+    pub hold: HoldId,
+    /// Base amount held.
+    pub base_amount: Amount,
+    /// Quote amount the buyer owes off-platform.
+    pub quote_amount: Amount,
+}
+
+/// What a command did: engine events and ledger postings, in order.
+#[derive(Clone, Debug, Default)]
+pub struct Output {
+    /// Matching-engine events.
+    pub events: Vec<Event>,
+    /// Ledger postings.
+    pub postings: Vec<Posting>,
+}
+
+impl Output {
+    /// Empties both lists, keeping their capacity.
+    pub fn clear(&mut self) {
+        self.events.clear();
+        self.postings.clear();
+    }
+}
+
+/// The core state.
+#[derive(Clone, Debug, Default)]
+pub struct State {
+    engine: Engine,
+    ledger: Ledger,
+    markets: Vec<MarketConfig>,
+    reputations: FxHashMap<UserId, u32>,
+    order_holds: FxHashMap<(MarketId, OrderId), HoldId>,
+    withdrawals: FxHashMap<u64, HoldId>,
+    escrows: BTreeMap<u64, EscrowTrade>,
+    next_hold: HoldId,
+    next_trade: u64,
+}
+
+impl State {
+    /// An empty core.
+    pub fn new() -> State {
+        State {
+            next_hold: 1,
+            next_trade: 1,
+            ..State::default()
+        }
+    }
+
+    /// The matching engine, for queries.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The ledger, for queries.
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    /// A market's link to the ledger.
+    pub fn market(&self, market: MarketId) -> Option<&MarketConfig> {
+        self.markets.get(market.0 as usize)
+    }
+
+    /// The hold backing a live order.
+    pub fn order_hold(&self, market: MarketId, id: OrderId) -> Option<HoldId> {
+        self.order_holds.get(&(market, id)).copied()
+    }
+
+    /// Pending escrow trades by trade number.
+    pub fn escrows(&self) -> &BTreeMap<u64, EscrowTrade> {
+        &self.escrows
+    }
+
+    /// A user's reputation (0 until set).
+    pub fn reputation(&self, user: UserId) -> u32 {
+        self.reputations.get(&user).copied().unwrap_or(0)
+    }
+
+    /// Applies one command. On `Err` nothing changed and `out` is as it was.
+    pub fn apply(&mut self, command: &CoreCommand, out: &mut Output) -> Result<(), CoreRejection> {
+        match command {
+            CoreCommand::CreateAsset {
+                asset,
+                symbol,
+                decimals,
+            } => self.ledger_op(
+                &Op::CreateAsset {
+                    asset: *asset,
+                    symbol: symbol.clone(),
+                    decimals: *decimals,
+                },
+                out,
+            ),
+            CoreCommand::CreateMarket {
+                spec,
+                base,
+                quote,
+                maker_fee_bps,
+                taker_fee_bps,
+            } => self.create_market(spec, *base, *quote, *maker_fee_bps, *taker_fee_bps, out),
+            CoreCommand::Deposit {
+                user,
+                asset,
+                amount,
+            } => self.ledger_op(
+                &Op::Deposit {
+                    user: *user,
+                    asset: *asset,
+                    amount: *amount,
+                },
+                out,
+            ),
+            CoreCommand::RequestWithdrawal {
+                id,
+                user,
+                asset,
+                amount,
+            } => {
+                if self.withdrawals.contains_key(id) {
+                    return Err(CoreRejection::DuplicateWithdrawal);
+                }
+                if self.withdrawals.len() >= limits::WITHDRAWALS_PENDING_MAX {
+                    return Err(CoreRejection::TooManyWithdrawals);
+                }
+                let hold = self.next_hold;
+                self.ledger_op(
+                    &Op::Hold {
+                        hold,
+                        owner: Owner::User(*user),
+                        asset: *asset,
+                        amount: *amount,
+                        kind: HoldKind::Withdrawal,
+                    },
+                    out,
+                )?;
+                self.next_hold += 1;
+                self.withdrawals.insert(*id, hold);
+                Ok(())
+            }
+            CoreCommand::CompleteWithdrawal { id } | CoreCommand::CancelWithdrawal { id } => {
+                let hold = *self
+                    .withdrawals
+                    .get(id)
+                    .ok_or(CoreRejection::UnknownWithdrawal)?;
+                let amount = self
+                    .ledger
+                    .hold(hold)
+                    .expect("a pending withdrawal has its hold")
+                    .amount;
+                let op = match command {
+                    CoreCommand::CompleteWithdrawal { .. } => Op::Withdraw { hold, amount },
+                    _ => Op::Release { hold, amount },
+                };
+                self.must(&op, out);
+                self.withdrawals.remove(id);
+                Ok(())
+            }
+            CoreCommand::SetReputation { user, reputation } => {
+                self.reputations.insert(*user, *reputation);
+                Ok(())
+            }
+            CoreCommand::Place(place) => self.place(place, out),
+            CoreCommand::Modify(modify) => self.modify(modify, out),
+            CoreCommand::Cancel { market, id, user } => {
+                let start = out.events.len();
+                self.engine.cancel(*market, *id, *user, &mut out.events);
+                self.after_engine(start, out)
+            }
+            CoreCommand::CancelAll { market, user } => {
+                let start = out.events.len();
+                self.engine.cancel_all(*market, *user, &mut out.events);
+                self.after_engine(start, out)
+            }
+            CoreCommand::AdvanceTime { now } => {
+                let start = out.events.len();
+                self.engine.advance_time(*now, &mut out.events);
+                self.after_engine(start, out)
+            }
+        }
+    }
+
+    /// A ledger operation whose refusal is the command's refusal.
+    fn ledger_op(&mut self, op: &Op, out: &mut Output) -> Result<(), CoreRejection> {
+        self.ledger
+            .apply(op, &mut out.postings)
+            .map_err(CoreRejection::Ledger)
+    }
+
+    /// A ledger operation that the checks already made safe: a refusal here is a bug.
+    fn must(&mut self, op: &Op, out: &mut Output) {
+        if let Err(reason) = self.ledger.apply(op, &mut out.postings) {
+            panic!("ledger refused {op:?} after the core's checks passed: {reason}");
+        }
+    }
+
+    fn create_market(
+        &mut self,
+        spec: &MarketSpec,
+        base: AssetId,
+        quote: AssetId,
+        maker_fee_bps: u32,
+        taker_fee_bps: u32,
+        out: &mut Output,
+    ) -> Result<(), CoreRejection> {
+        if maker_fee_bps > limits::FEE_BPS_MAX || taker_fee_bps > limits::FEE_BPS_MAX {
+            return Err(CoreRejection::InvalidFee);
+        }
+        let (Some(base_asset), Some(quote_asset)) =
+            (self.ledger.asset(base), self.ledger.asset(quote))
+        else {
+            return Err(CoreRejection::InvalidMarketAssets);
+        };
+        // Every quantity and every price times quantity must be a whole number of minor units.
+        let notional_decimals = spec.price_decimals + spec.qty_decimals;
+        if base == quote
+            || base_asset.decimals < spec.qty_decimals
+            || quote_asset.decimals < notional_decimals
+        {
+            return Err(CoreRejection::InvalidMarketAssets);
+        }
+        let config = MarketConfig {
+            base,
+            quote,
+            maker_fee_bps,
+            taker_fee_bps,
+            base_per_qty: 10u128.pow(base_asset.decimals - spec.qty_decimals),
+            quote_per_notional: 10u128.pow(quote_asset.decimals - notional_decimals),
+            settlement: spec.settlement,
+        };
+        let start = out.events.len();
+        self.engine.create_market(spec.clone(), &mut out.events);
+        match out.events[start..] {
+            [Event::MarketCreated { market }] => {
+                debug_assert_eq!(market.0 as usize, self.markets.len());
+                self.markets.push(config);
+                Ok(())
+            }
+            [Event::Rejected { reason, .. }] => {
+                out.events.truncate(start);
+                Err(CoreRejection::Book(reason))
+            }
+            _ => unreachable!("market creation reports one event"),
+        }
+    }
+
+    /// What a live or new order must have on hold: the asset and amount, or `None` when it
+    /// holds nothing (a buy on an escrow market).
+    fn requirement(
+        config: &MarketConfig,
+        side: Side,
+        price: i64,
+        remaining: u64,
+    ) -> Result<Option<(AssetId, Amount)>, CoreRejection> {
+        match (side, config.settlement) {
+            (Side::Sell, _) => u128::from(remaining)
+                .checked_mul(config.base_per_qty)
+                .map(|amount| Some((config.base, amount)))
+                .ok_or(CoreRejection::AmountOverflow),
+            (Side::Buy, Settlement::Escrow) => Ok(None),
+            (Side::Buy, Settlement::Instant) => {
+                if price <= 0 {
+                    return Err(CoreRejection::ProtectionRequired);
+                }
+                (price as u128)
+                    .checked_mul(u128::from(remaining))
+                    .and_then(|notional| notional.checked_mul(config.quote_per_notional))
+                    .map(|amount| Some((config.quote, amount)))
+                    .ok_or(CoreRejection::AmountOverflow)
+            }
+        }
+    }
+
+    fn place(&mut self, place: &PlaceOrder, out: &mut Output) -> Result<(), CoreRejection> {
+        let mut place = place.clone();
+        place.reputation = self.reputation(place.user);
+        self.engine
+            .check_place(&place)
+            .map_err(CoreRejection::Book)?;
+        let config = &self.markets[place.market.0 as usize];
+        let price = place.price.map_or(0, |p| p.0);
+        let need = State::requirement(config, place.side, price, place.qty.0)?;
+        if let Some((asset, amount)) = need {
+            let available = self
+                .ledger
+                .balance(Owner::User(place.user), asset)
+                .available;
+            if available < amount {
+                return Err(CoreRejection::Ledger(Rejection::InsufficientFunds));
+            }
+        }
+        // Every check has passed: from here on nothing may refuse.
+        if let Some((asset, amount)) = need {
+            let hold = self.next_hold;
+            self.next_hold += 1;
+            self.must(
+                &Op::Hold {
+                    hold,
+                    owner: Owner::User(place.user),
+                    asset,
+                    amount,
+                    kind: HoldKind::Order,
+                },
+                out,
+            );
+            self.order_holds.insert((place.market, place.id), hold);
+        }
+        let start = out.events.len();
+        self.engine.place(&place, &mut out.events);
+        assert!(
+            !matches!(out.events.get(start), Some(Event::Rejected { .. })),
+            "the engine rejected a placement its dry run accepted"
+        );
+        self.settle_and_release(start, out);
+        Ok(())
+    }
+
+    fn modify(&mut self, modify: &ModifyOrder, out: &mut Output) -> Result<(), CoreRejection> {
+        self.engine
+            .check_modify(modify)
+            .map_err(CoreRejection::Book)?;
+        let order = self
+            .engine
+            .order(modify.market, modify.id)
+            .expect("a modify that passes its checks names a live order");
+        let config = &self.markets[modify.market.0 as usize];
+        let price = modify.price.map_or(order.price.0, |p| p.0);
+        let qty = modify.qty.map_or(order.remaining.0, |q| q.0);
+        let need = State::requirement(config, order.side, price, qty)?;
+        let hold = self.order_hold(modify.market, modify.id);
+        let extra = match (need, hold) {
+            (Some((asset, amount)), Some(hold)) => {
+                let held = self
+                    .ledger
+                    .hold(hold)
+                    .expect("a live order's hold exists")
+                    .amount;
+                let extra = amount.saturating_sub(held);
+                if extra > 0
+                    && self
+                        .ledger
+                        .balance(Owner::User(order.user), asset)
+                        .available
+                        < extra
+                {
+                    return Err(CoreRejection::Ledger(Rejection::InsufficientFunds));
+                }
+                extra
+            }
+            _ => 0,
+        };
+        if let (true, Some(hold)) = (extra > 0, hold) {
+            self.must(
+                &Op::Extend {
+                    hold,
+                    amount: extra,
+                },
+                out,
+            );
+        }
+        let start = out.events.len();
+        self.engine.modify(modify, &mut out.events);
+        assert!(
+            !matches!(out.events.get(start), Some(Event::Rejected { .. })),
+            "the engine rejected a modify its dry run accepted"
+        );
+        self.settle_and_release(start, out);
+        Ok(())
+    }
+
+    /// After an engine command that may be rejected without side effects (cancel, cancel-all,
+    /// time): map a rejection, or settle and release.
+    fn after_engine(&mut self, start: usize, out: &mut Output) -> Result<(), CoreRejection> {
+        if let Some(&Event::Rejected { reason, .. }) = out.events.get(start) {
+            out.events.truncate(start);
+            return Err(CoreRejection::Book(reason));
+        }
+        self.settle_and_release(start, out);
+        Ok(())
+    }
+
+    /// Settles the trades among `out.events[start..]`, then brings every touched order's hold
+    /// to what it still needs: released in full when the order is gone.
+    fn settle_and_release(&mut self, start: usize, out: &mut Output) {
+        let mut touched: Vec<(MarketId, OrderId)> = Vec::new();
+        for index in start..out.events.len() {
+            match out.events[index] {
+                Event::Trade {
+                    market,
+                    maker,
+                    taker,
+                    maker_user,
+                    taker_user,
+                    taker_side,
+                    price,
+                    qty,
+                } => {
+                    let (buyer, seller, buyer_is_taker) = match taker_side {
+                        Side::Buy => ((taker, taker_user), (maker, maker_user), true),
+                        Side::Sell => ((maker, maker_user), (taker, taker_user), false),
+                    };
+                    self.settle(market, buyer, seller, buyer_is_taker, price.0, qty.0, out);
+                    touched.push((market, maker));
+                    touched.push((market, taker));
+                }
+                Event::Accepted { market, id, .. }
+                | Event::Cancelled { market, id, .. }
+                | Event::Expired { market, id, .. }
+                | Event::Triggered { market, id, .. }
+                | Event::Modified { market, id, .. } => touched.push((market, id)),
+                _ => {}
+            }
+        }
+        touched.sort_unstable();
+        touched.dedup();
+        for (market, id) in touched {
+            self.release_excess(market, id, out);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn settle(
+        &mut self,
+        market: MarketId,
+        (buyer_order, buyer): (OrderId, UserId),
+        (seller_order, seller): (OrderId, UserId),
+        buyer_is_taker: bool,
+        price: i64,
+        qty: u64,
+        out: &mut Output,
+    ) {
+        let config = self.markets[market.0 as usize].clone();
+        let base = u128::from(qty) * config.base_per_qty;
+        let quote = price as u128 * u128::from(qty) * config.quote_per_notional;
+        let seller_hold = self
+            .order_hold(market, seller_order)
+            .expect("a selling order holds its base");
+        match config.settlement {
+            Settlement::Instant => {
+                let buyer_hold = self
+                    .order_hold(market, buyer_order)
+                    .expect("a buying order on an instant market holds its quote");
+                let (buyer_bps, seller_bps) = if buyer_is_taker {
+                    (config.taker_fee_bps, config.maker_fee_bps)
+                } else {
+                    (config.maker_fee_bps, config.taker_fee_bps)
+                };
+                // Fees are taken from what each side receives, rounded down.
+                let buyer_fee = base * u128::from(buyer_bps) / 10_000;
+                let seller_fee = quote * u128::from(seller_bps) / 10_000;
+                let transfers = [
+                    (seller_hold, Owner::User(buyer), base - buyer_fee),
+                    (seller_hold, Owner::Fees, buyer_fee),
+                    (buyer_hold, Owner::User(seller), quote - seller_fee),
+                    (buyer_hold, Owner::Fees, seller_fee),
+                ];
+                for (hold, to, amount) in transfers {
+                    if amount > 0 {
+                        self.must(&Op::Settle { hold, to, amount }, out);
+                    }
+                }
+            }
+            Settlement::Escrow => {
+                // The filled base stays held, now for this trade's escrow.
+                let escrow = self.next_hold;
+                self.next_hold += 1;
+                self.must(
+                    &Op::Release {
+                        hold: seller_hold,
+                        amount: base,
+                    },
+                    out,
+                );
+                self.must(
+                    &Op::Hold {
+                        hold: escrow,
+                        owner: Owner::User(seller),
+                        asset: config.base,
+                        amount: base,
+                        kind: HoldKind::Escrow,
+                    },
+                    out,
+                );
+                self.escrows.insert(
+                    self.next_trade,
+                    EscrowTrade {
+                        market,
+                        seller,
+                        buyer,
+                        hold: escrow,
+                        base_amount: base,
+                        quote_amount: quote,
+                    },
+                );
+            }
+        }
+        self.next_trade += 1;
+    }
+
+    /// Shrinks an order's hold to what it still needs, or releases it when the order is gone.
+    fn release_excess(&mut self, market: MarketId, id: OrderId, out: &mut Output) {
+        let Some(hold) = self.order_hold(market, id) else {
+            return;
+        };
+        let held = self.ledger.hold(hold).map_or(0, |h| h.amount);
+        let needed = match self.engine.order(market, id) {
+            None => {
+                self.order_holds.remove(&(market, id));
+                0
+            }
+            Some(order) => self.needed_by(market, &order),
+        };
+        if held > needed {
+            self.must(
+                &Op::Release {
+                    hold,
+                    amount: held - needed,
+                },
+                out,
+            );
+        }
+    }
+
+    fn needed_by(&self, market: MarketId, order: &OrderView) -> Amount {
+        let config = &self.markets[market.0 as usize];
+        State::requirement(config, order.side, order.price.0, order.remaining.0)
+            .ok()
+            .flatten()
+            .map_or(0, |(_, amount)| amount)
+    }
+
+    /// Checks, from scratch, that every live order's hold is exactly what it needs, that no
+    /// hold outlives its order, and the ledger's own invariants. For tests and `journal verify`.
+    pub fn verify(&self) -> Result<(), String> {
+        self.ledger.verify()?;
+        for (&(market, id), &hold) in &self.order_holds {
+            let order = self
+                .engine
+                .order(market, id)
+                .ok_or_else(|| format!("hold {hold} outlives order {id} of market {}", market.0))?;
+            let held = self.ledger.hold(hold).map_or(0, |h| h.amount);
+            let needed = self.needed_by(market, &order);
+            if held != needed {
+                return Err(format!(
+                    "order {id} of market {}: holds {held}, needs {needed}",
+                    market.0
+                ));
+            }
+        }
+        for market in self.engine.markets() {
+            let config = &self.markets[market.0 as usize];
+            for order in self.engine.orders(market) {
+                let holds_nothing =
+                    order.side == Side::Buy && config.settlement == Settlement::Escrow;
+                if !holds_nothing && self.order_hold(market, order.id).is_none() {
+                    return Err(format!(
+                        "order {} of market {} has no hold",
+                        order.id, market.0
+                    ));
+                }
+                if order.order_type == OrderType::Market {
+                    return Err(format!("market order {} rests", order.id));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// SHA-256 over the engine's and the ledger's state hashes and the core's own tables.
+    pub fn state_hash(&self) -> [u8; 32] {
+        let mut hasher = Sha256::new();
+        hasher.update(self.engine.state_hash());
+        hasher.update(self.ledger.state_hash());
+        for config in &self.markets {
+            hasher.update(config.base.to_le_bytes());
+            hasher.update(config.quote.to_le_bytes());
+            hasher.update(config.maker_fee_bps.to_le_bytes());
+            hasher.update(config.taker_fee_bps.to_le_bytes());
+        }
+        let mut reputations: Vec<_> = self.reputations.iter().collect();
+        reputations.sort_unstable();
+        for (user, reputation) in reputations {
+            hasher.update(user.to_le_bytes());
+            hasher.update(reputation.to_le_bytes());
+        }
+        let mut order_holds: Vec<_> = self.order_holds.iter().collect();
+        order_holds.sort_unstable();
+        for ((market, id), hold) in order_holds {
+            hasher.update(market.0.to_le_bytes());
+            hasher.update(id.to_le_bytes());
+            hasher.update(hold.to_le_bytes());
+        }
+        let mut withdrawals: Vec<_> = self.withdrawals.iter().collect();
+        withdrawals.sort_unstable();
+        for (id, hold) in withdrawals {
+            hasher.update(id.to_le_bytes());
+            hasher.update(hold.to_le_bytes());
+        }
+        for (trade, escrow) in &self.escrows {
+            hasher.update(trade.to_le_bytes());
+            hasher.update(escrow.hold.to_le_bytes());
+            hasher.update(escrow.base_amount.to_le_bytes());
+            hasher.update(escrow.quote_amount.to_le_bytes());
+        }
+        hasher.update(self.next_hold.to_le_bytes());
+        hasher.update(self.next_trade.to_le_bytes());
+        hasher.finalize().into()
+    }
+}

@@ -1,0 +1,468 @@
+//! Core tests: a trade settled with fees to exact balances, refusals that change nothing, escrow
+//! holds, and random command streams with every invariant recomputed after each command.
+
+use agora_core::{CoreCommand, CoreRejection, Output, State};
+use book::{
+    MarketId, MarketSpec, ModifyOrder, OrderType, PlaceOrder, Price, Qty, RejectReason, Settlement,
+    Side, TimeInForce,
+};
+use ledger::{Balance, Owner, Rejection};
+use proptest::prelude::*;
+
+const BTC: u32 = 1;
+const USD: u32 = 2;
+const MARKET: MarketId = MarketId(0);
+
+/// BTC with 8 decimals, USD with 8 decimals (enough for price 0.01 × lot 0.0001), and a
+/// BTC-USD market with 0.1% maker and 0.2% taker fees.
+fn setup(settlement: Settlement) -> State {
+    let mut state = State::new();
+    let mut out = Output::default();
+    let mut spec = MarketSpec::new("BTC-USD", 2, 4, 1, 1);
+    spec.settlement = settlement;
+    for command in [
+        CoreCommand::CreateAsset {
+            asset: BTC,
+            symbol: "BTC".into(),
+            decimals: 8,
+        },
+        CoreCommand::CreateAsset {
+            asset: USD,
+            symbol: "USD".into(),
+            decimals: 8,
+        },
+        CoreCommand::CreateMarket {
+            spec,
+            base: BTC,
+            quote: USD,
+            maker_fee_bps: 10,
+            taker_fee_bps: 20,
+        },
+    ] {
+        state.apply(&command, &mut out).unwrap();
+    }
+    state
+}
+
+fn run(state: &mut State, command: CoreCommand) -> Result<Output, CoreRejection> {
+    let mut out = Output::default();
+    state.apply(&command, &mut out).map(|()| out)
+}
+
+fn limit(id: u64, user: u64, side: Side, price: i64, qty: u64) -> CoreCommand {
+    CoreCommand::Place(PlaceOrder::limit(
+        MARKET,
+        id,
+        user,
+        side,
+        Price(price),
+        Qty(qty),
+    ))
+}
+
+fn bal(available: u128, held: u128) -> Balance {
+    Balance { available, held }
+}
+
+#[test]
+fn an_instant_trade_settles_with_fees_and_releases_what_is_left() {
+    let mut state = setup(Settlement::Instant);
+    run(
+        &mut state,
+        CoreCommand::Deposit {
+            user: 1,
+            asset: BTC,
+            amount: 100_000_000,
+        },
+    )
+    .unwrap();
+    run(
+        &mut state,
+        CoreCommand::Deposit {
+            user: 2,
+            asset: USD,
+            amount: 10_000_000_000_000,
+        },
+    )
+    .unwrap();
+    // Alice sells 0.5 BTC at 50,000.00: 0.5 BTC held.
+    run(&mut state, limit(1, 1, Side::Sell, 5_000_000, 5_000)).unwrap();
+    assert_eq!(
+        state.ledger().balance(Owner::User(1), BTC),
+        bal(50_000_000, 50_000_000)
+    );
+    // Bob buys 0.2 BTC with a limit of 50,100.00: 10,020 USD held, pays 10,000 at the maker's
+    // price, and the 20 USD of price improvement goes back at once.
+    run(&mut state, limit(2, 2, Side::Buy, 5_010_000, 2_000)).unwrap();
+    let alice = |asset| state.ledger().balance(Owner::User(1), asset);
+    let bob = |asset| state.ledger().balance(Owner::User(2), asset);
+    // Bob is the taker: 0.2% of 0.2 BTC = 0.0004 BTC fee. Alice is the maker: 0.1% of 10,000 USD.
+    assert_eq!(bob(BTC), bal(19_960_000, 0));
+    assert_eq!(bob(USD), bal(9_000_000_000_000, 0));
+    assert_eq!(alice(USD), bal(999_000_000_000, 0));
+    assert_eq!(alice(BTC), bal(50_000_000, 30_000_000));
+    let fees = |asset| state.ledger().balance(Owner::Fees, asset);
+    assert_eq!(
+        (fees(BTC), fees(USD)),
+        (bal(40_000, 0), bal(1_000_000_000, 0))
+    );
+    // Alice cancels the rest: her base comes back.
+    run(
+        &mut state,
+        CoreCommand::Cancel {
+            market: MARKET,
+            id: 1,
+            user: 1,
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        state.ledger().balance(Owner::User(1), BTC),
+        bal(80_000_000, 0)
+    );
+    assert_eq!(state.order_hold(MARKET, 1), None);
+    state.verify().unwrap();
+}
+
+#[test]
+fn refusals_change_nothing() {
+    let mut state = setup(Settlement::Instant);
+    run(
+        &mut state,
+        CoreCommand::Deposit {
+            user: 1,
+            asset: USD,
+            amount: 1_000_000_000,
+        },
+    )
+    .unwrap();
+    run(&mut state, limit(1, 1, Side::Buy, 100, 10_000)).unwrap();
+    let cases = [
+        (
+            limit(2, 1, Side::Buy, 100, 2_000_000),
+            CoreRejection::Ledger(Rejection::InsufficientFunds),
+        ),
+        (
+            limit(2, 1, Side::Sell, 100, 1),
+            CoreRejection::Ledger(Rejection::InsufficientFunds),
+        ),
+        (
+            limit(1, 1, Side::Buy, 100, 1),
+            CoreRejection::Book(RejectReason::DuplicateOrderId),
+        ),
+        (
+            CoreCommand::Place(PlaceOrder::market(MARKET, 3, 1, Side::Buy, Qty(1))),
+            CoreRejection::Book(RejectReason::NoLiquidity),
+        ),
+        (
+            CoreCommand::Modify(ModifyOrder {
+                market: MARKET,
+                id: 1,
+                user: 1,
+                price: None,
+                qty: Some(Qty(2_000_000)),
+            }),
+            CoreRejection::Ledger(Rejection::InsufficientFunds),
+        ),
+        (
+            CoreCommand::Cancel {
+                market: MARKET,
+                id: 9,
+                user: 1,
+            },
+            CoreRejection::Book(RejectReason::UnknownOrder),
+        ),
+        (
+            CoreCommand::CompleteWithdrawal { id: 4 },
+            CoreRejection::UnknownWithdrawal,
+        ),
+        (
+            CoreCommand::RequestWithdrawal {
+                id: 4,
+                user: 1,
+                asset: USD,
+                amount: 1_000_000_000,
+            },
+            CoreRejection::Ledger(Rejection::InsufficientFunds),
+        ),
+        (
+            CoreCommand::CreateMarket {
+                spec: MarketSpec::new("ETH-USD", 2, 8, 1, 1),
+                base: 7,
+                quote: USD,
+                maker_fee_bps: 0,
+                taker_fee_bps: 0,
+            },
+            CoreRejection::InvalidMarketAssets,
+        ),
+        (
+            CoreCommand::CreateMarket {
+                spec: MarketSpec::new("BTC-EUR", 2, 8, 1, 1),
+                base: BTC,
+                quote: USD,
+                maker_fee_bps: 0,
+                taker_fee_bps: 0,
+            },
+            CoreRejection::InvalidMarketAssets,
+        ),
+        (
+            CoreCommand::CreateMarket {
+                spec: MarketSpec::new("BTC-EUR", 0, 0, 1, 1),
+                base: BTC,
+                quote: USD,
+                maker_fee_bps: 1_001,
+                taker_fee_bps: 0,
+            },
+            CoreRejection::InvalidFee,
+        ),
+        (
+            CoreCommand::AdvanceTime { now: -1 },
+            CoreRejection::Book(RejectReason::TimeRegression),
+        ),
+    ];
+    for (command, reason) in cases {
+        let before = state.state_hash();
+        let mut out = Output::default();
+        assert_eq!(state.apply(&command, &mut out), Err(reason), "{command:?}");
+        assert!(
+            out.events.is_empty() && out.postings.is_empty(),
+            "{command:?} left output"
+        );
+        assert_eq!(state.state_hash(), before, "{command:?} changed the state");
+    }
+    // A market sell needs base; a market buy on an instant market needs a protection price.
+    run(
+        &mut state,
+        CoreCommand::Deposit {
+            user: 2,
+            asset: BTC,
+            amount: 100_000_000,
+        },
+    )
+    .unwrap();
+    run(&mut state, limit(5, 2, Side::Sell, 200, 10)).unwrap();
+    let naked = CoreCommand::Place(PlaceOrder::market(MARKET, 6, 1, Side::Buy, Qty(1)));
+    assert_eq!(
+        run(&mut state, naked).unwrap_err(),
+        CoreRejection::ProtectionRequired
+    );
+    state.verify().unwrap();
+}
+
+#[test]
+fn escrow_fills_keep_the_sellers_base_held_per_trade() {
+    let mut state = setup(Settlement::Escrow);
+    run(
+        &mut state,
+        CoreCommand::Deposit {
+            user: 1,
+            asset: BTC,
+            amount: 10_000,
+        },
+    )
+    .unwrap();
+    run(&mut state, limit(1, 1, Side::Sell, 100, 1)).unwrap();
+    // The buyer pays off-platform: no funds needed, nothing held for the buy.
+    run(&mut state, limit(2, 2, Side::Buy, 100, 1)).unwrap();
+    let escrows: Vec<_> = state.escrows().values().copied().collect();
+    assert_eq!(escrows.len(), 1);
+    assert_eq!(
+        (escrows[0].seller, escrows[0].buyer, escrows[0].base_amount),
+        (1, 2, 10_000)
+    );
+    assert_eq!(state.ledger().balance(Owner::User(1), BTC), bal(0, 10_000));
+    assert_eq!(state.ledger().balance(Owner::User(2), BTC), bal(0, 0));
+    state.verify().unwrap();
+}
+
+#[test]
+fn withdrawals_hold_then_leave_or_return() {
+    let mut state = setup(Settlement::Instant);
+    run(
+        &mut state,
+        CoreCommand::Deposit {
+            user: 1,
+            asset: BTC,
+            amount: 1_000,
+        },
+    )
+    .unwrap();
+    run(
+        &mut state,
+        CoreCommand::RequestWithdrawal {
+            id: 1,
+            user: 1,
+            asset: BTC,
+            amount: 600,
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        run(
+            &mut state,
+            CoreCommand::RequestWithdrawal {
+                id: 1,
+                user: 1,
+                asset: BTC,
+                amount: 1
+            }
+        )
+        .unwrap_err(),
+        CoreRejection::DuplicateWithdrawal
+    );
+    run(
+        &mut state,
+        CoreCommand::RequestWithdrawal {
+            id: 2,
+            user: 1,
+            asset: BTC,
+            amount: 400,
+        },
+    )
+    .unwrap();
+    run(&mut state, CoreCommand::CompleteWithdrawal { id: 1 }).unwrap();
+    run(&mut state, CoreCommand::CancelWithdrawal { id: 2 }).unwrap();
+    assert_eq!(state.ledger().balance(Owner::User(1), BTC), bal(400, 0));
+    assert_eq!(state.ledger().asset(BTC).unwrap().supply, 400);
+    state.verify().unwrap();
+}
+
+#[derive(Clone, Debug)]
+enum RandomCommand {
+    Deposit(u64, bool, u16),
+    Place {
+        user: u64,
+        sell: bool,
+        kind: u8,
+        price: i64,
+        qty: u64,
+        tif: u8,
+    },
+    Cancel(u16),
+    Modify(u16, Option<i64>, Option<u64>),
+    CancelAll(Option<u64>),
+    Time(u32),
+    Withdraw(u64, bool, u16),
+}
+
+fn random_command() -> impl Strategy<Value = RandomCommand> {
+    prop_oneof![
+        2 => (1u64..5, any::<bool>(), 1u16..2_000).prop_map(|(u, b, a)| RandomCommand::Deposit(u, b, a)),
+        8 => (1u64..5, any::<bool>(), 0u8..10, 95i64..106, 1u64..20, 0u8..6)
+            .prop_map(|(user, sell, kind, price, qty, tif)| RandomCommand::Place { user, sell, kind, price, qty, tif }),
+        2 => any::<u16>().prop_map(RandomCommand::Cancel),
+        2 => (any::<u16>(), prop::option::of(95i64..106), prop::option::of(1u64..20))
+            .prop_map(|(p, price, qty)| RandomCommand::Modify(p, price, qty)),
+        1 => prop::option::of(1u64..5).prop_map(RandomCommand::CancelAll),
+        1 => (0u32..100_000).prop_map(RandomCommand::Time),
+        1 => (1u64..5, any::<bool>(), 1u16..500).prop_map(|(u, b, a)| RandomCommand::Withdraw(u, b, a)),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: std::env::var("AGORA_PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256),
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn holds_and_balances_stay_exact(commands in prop::collection::vec(random_command(), 1..200), escrow in any::<bool>()) {
+        let mut state = setup(if escrow { Settlement::Escrow } else { Settlement::Instant });
+        let mut now = 0;
+        let mut next_id = 0u64;
+        let mut next_withdrawal = 0u64;
+        let mut deposited = [0u128; 3];
+        let mut withdrawn = [0u128; 3];
+        for random in commands {
+            let live: Vec<(u64, u64)> = state.engine().orders(MARKET).iter().map(|o| (o.id, o.user)).collect();
+            let command = match random {
+                RandomCommand::Deposit(user, btc, amount) => CoreCommand::Deposit {
+                    user,
+                    asset: if btc { BTC } else { USD },
+                    amount: u128::from(amount) * 1_000_000,
+                },
+                RandomCommand::Place { user, sell, kind, price, qty, tif } => {
+                    next_id += 1;
+                    let side = if sell { Side::Sell } else { Side::Buy };
+                    let mut order = PlaceOrder::limit(MARKET, next_id, user, side, Price(price * 100), Qty(qty * 100));
+                    match kind {
+                        0 => {
+                            order.order_type = OrderType::Market;
+                            order.tif = TimeInForce::Ioc;
+                            if price % 2 == 0 { order.price = None }
+                        }
+                        1 => {
+                            order.order_type = OrderType::StopLimit;
+                            order.stop_price = Some(Price((200 - price) * 100));
+                        }
+                        _ => {}
+                    }
+                    if kind != 0 {
+                        order.tif = [TimeInForce::Gtc, TimeInForce::Ioc, TimeInForce::Fok, TimeInForce::Day, TimeInForce::Gtc, TimeInForce::Gtc][tif as usize];
+                    }
+                    CoreCommand::Place(order)
+                }
+                RandomCommand::Cancel(pick) => {
+                    let (id, user) = live.get(pick as usize % live.len().max(1)).copied().unwrap_or((1, 1));
+                    CoreCommand::Cancel { market: MARKET, id, user }
+                }
+                RandomCommand::Modify(pick, price, qty) => {
+                    let (id, user) = live.get(pick as usize % live.len().max(1)).copied().unwrap_or((1, 1));
+                    CoreCommand::Modify(ModifyOrder {
+                        market: MARKET,
+                        id,
+                        user,
+                        price: price.map(|p| Price(p * 100)),
+                        qty: qty.map(|q| Qty(q * 100)),
+                    })
+                }
+                RandomCommand::CancelAll(user) => CoreCommand::CancelAll { market: None, user },
+                RandomCommand::Time(advance) => {
+                    now += i64::from(advance) * 1_000;
+                    CoreCommand::AdvanceTime { now }
+                }
+                RandomCommand::Withdraw(user, btc, amount) => {
+                    next_withdrawal += 1;
+                    CoreCommand::RequestWithdrawal {
+                        id: next_withdrawal,
+                        user,
+                        asset: if btc { BTC } else { USD },
+                        amount: u128::from(amount) * 1_000_000,
+                    }
+                }
+            };
+            let before = state.state_hash();
+            let mut out = Output::default();
+            match state.apply(&command, &mut out) {
+                Err(_) => {
+                    prop_assert_eq!(state.state_hash(), before, "a refusal changed the state: {:?}", command);
+                    prop_assert!(out.events.is_empty() && out.postings.is_empty());
+                }
+                Ok(()) => {
+                    if let CoreCommand::Deposit { asset, amount, .. } = command {
+                        deposited[asset as usize] += amount;
+                    }
+                    // Every other withdrawal is paid out, the rest cancelled.
+                    if let CoreCommand::RequestWithdrawal { id, asset, amount, .. } = command {
+                        let finish = if id % 2 == 0 {
+                            withdrawn[asset as usize] += amount;
+                            CoreCommand::CompleteWithdrawal { id }
+                        } else {
+                            CoreCommand::CancelWithdrawal { id }
+                        };
+                        state.apply(&finish, &mut out).unwrap();
+                    }
+                }
+            }
+            if let Err(problem) = state.verify() {
+                prop_assert!(false, "after {:?}: {}", command, problem);
+            }
+            for asset in [BTC, USD] {
+                prop_assert_eq!(
+                    state.ledger().asset(asset).unwrap().supply,
+                    deposited[asset as usize] - withdrawn[asset as usize]
+                );
+            }
+        }
+    }
+}
