@@ -28,6 +28,8 @@ use sha2::{Digest, Sha256};
 
 pub use ledger::Amount;
 
+pub mod codec;
+
 /// Named bounds.
 pub mod limits {
     /// Largest maker or taker fee, in basis points (10%).

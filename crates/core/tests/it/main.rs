@@ -1,6 +1,8 @@
 //! Core tests: a trade settled with fees to exact balances, refusals that change nothing, escrow
 //! holds, and random command streams with every invariant recomputed after each command.
 
+mod codec;
+
 use agora_core::{CoreCommand, CoreRejection, Output, State};
 use book::{
     MarketId, MarketSpec, ModifyOrder, OrderType, PlaceOrder, Price, Qty, RejectReason, Settlement,
