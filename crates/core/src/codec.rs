@@ -194,25 +194,25 @@ pub fn decode_all(bytes: &[u8]) -> Result<Vec<CoreCommand>, DecodeError> {
     Ok(commands)
 }
 
-struct Writer<'a>(&'a mut Vec<u8>);
+pub(crate) struct Writer<'a>(pub(crate) &'a mut Vec<u8>);
 
 impl Writer<'_> {
-    fn u8(&mut self, v: u8) {
+    pub(crate) fn u8(&mut self, v: u8) {
         self.0.push(v);
     }
-    fn u32(&mut self, v: u32) {
+    pub(crate) fn u32(&mut self, v: u32) {
         self.0.extend_from_slice(&v.to_le_bytes());
     }
-    fn u64(&mut self, v: u64) {
+    pub(crate) fn u64(&mut self, v: u64) {
         self.0.extend_from_slice(&v.to_le_bytes());
     }
-    fn i64(&mut self, v: i64) {
+    pub(crate) fn i64(&mut self, v: i64) {
         self.0.extend_from_slice(&v.to_le_bytes());
     }
-    fn u128(&mut self, v: u128) {
+    pub(crate) fn u128(&mut self, v: u128) {
         self.0.extend_from_slice(&v.to_le_bytes());
     }
-    fn opt_u64(&mut self, v: Option<u64>) {
+    pub(crate) fn opt_u64(&mut self, v: Option<u64>) {
         match v {
             Some(v) => {
                 self.u8(1);
@@ -221,10 +221,10 @@ impl Writer<'_> {
             None => self.u8(0),
         }
     }
-    fn opt_i64(&mut self, v: Option<i64>) {
+    pub(crate) fn opt_i64(&mut self, v: Option<i64>) {
         self.opt_u64(v.map(|v| v as u64));
     }
-    fn opt_u128(&mut self, v: Option<u128>) {
+    pub(crate) fn opt_u128(&mut self, v: Option<u128>) {
         match v {
             Some(v) => {
                 self.u8(1);
@@ -233,15 +233,15 @@ impl Writer<'_> {
             None => self.u8(0),
         }
     }
-    fn str(&mut self, s: &str) {
+    pub(crate) fn str(&mut self, s: &str) {
         self.u32(s.len() as u32);
         self.0.extend_from_slice(s.as_bytes());
     }
 }
 
-struct Reader<'a> {
-    bytes: &'a [u8],
-    at: usize,
+pub(crate) struct Reader<'a> {
+    pub(crate) bytes: &'a [u8],
+    pub(crate) at: usize,
 }
 
 const SIDES: [Side; 2] = [Side::Buy, Side::Sell];
@@ -268,13 +268,13 @@ const STPS: [SelfTradePrevention; 4] = [
 ];
 
 impl<'a> Reader<'a> {
-    fn error(&self, problem: &'static str) -> DecodeError {
+    pub(crate) fn error(&self, problem: &'static str) -> DecodeError {
         DecodeError {
             offset: self.at,
             problem,
         }
     }
-    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+    pub(crate) fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
         let end = self
             .at
             .checked_add(n)
@@ -284,51 +284,51 @@ impl<'a> Reader<'a> {
         self.at = end;
         Ok(slice)
     }
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
+    pub(crate) fn array<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
         let mut array = [0; N];
         array.copy_from_slice(self.take(N)?);
         Ok(array)
     }
-    fn u8(&mut self) -> Result<u8, DecodeError> {
+    pub(crate) fn u8(&mut self) -> Result<u8, DecodeError> {
         Ok(self.take(1)?[0])
     }
-    fn u32(&mut self) -> Result<u32, DecodeError> {
+    pub(crate) fn u32(&mut self) -> Result<u32, DecodeError> {
         Ok(u32::from_le_bytes(self.array()?))
     }
-    fn u64(&mut self) -> Result<u64, DecodeError> {
+    pub(crate) fn u64(&mut self) -> Result<u64, DecodeError> {
         Ok(u64::from_le_bytes(self.array()?))
     }
-    fn i64(&mut self) -> Result<i64, DecodeError> {
+    pub(crate) fn i64(&mut self) -> Result<i64, DecodeError> {
         Ok(i64::from_le_bytes(self.array()?))
     }
-    fn u128(&mut self) -> Result<u128, DecodeError> {
+    pub(crate) fn u128(&mut self) -> Result<u128, DecodeError> {
         Ok(u128::from_le_bytes(self.array()?))
     }
-    fn flag(&mut self) -> Result<bool, DecodeError> {
+    pub(crate) fn flag(&mut self) -> Result<bool, DecodeError> {
         match self.u8()? {
             0 => Ok(false),
             1 => Ok(true),
             _ => Err(self.error("bad flag")),
         }
     }
-    fn opt_u64(&mut self) -> Result<Option<u64>, DecodeError> {
+    pub(crate) fn opt_u64(&mut self) -> Result<Option<u64>, DecodeError> {
         Ok(if self.flag()? {
             Some(self.u64()?)
         } else {
             None
         })
     }
-    fn opt_i64(&mut self) -> Result<Option<i64>, DecodeError> {
+    pub(crate) fn opt_i64(&mut self) -> Result<Option<i64>, DecodeError> {
         Ok(self.opt_u64()?.map(|v| v as i64))
     }
-    fn opt_u128(&mut self) -> Result<Option<u128>, DecodeError> {
+    pub(crate) fn opt_u128(&mut self) -> Result<Option<u128>, DecodeError> {
         Ok(if self.flag()? {
             Some(self.u128()?)
         } else {
             None
         })
     }
-    fn str(&mut self) -> Result<String, DecodeError> {
+    pub(crate) fn str(&mut self) -> Result<String, DecodeError> {
         let len = self.u32()? as usize;
         if len > STRING_BYTES_MAX {
             return Err(self.error("string too long"));
@@ -336,14 +336,18 @@ impl<'a> Reader<'a> {
         let bytes = self.take(len)?;
         String::from_utf8(bytes.to_vec()).map_err(|_| self.error("string is not UTF-8"))
     }
-    fn list_len(&mut self) -> Result<usize, DecodeError> {
+    pub(crate) fn list_len(&mut self) -> Result<usize, DecodeError> {
         let len = self.u32()? as usize;
         if len > LIST_ITEMS_MAX {
             return Err(self.error("list too long"));
         }
         Ok(len)
     }
-    fn pick<T: Copy>(&mut self, table: &[T], what: &'static str) -> Result<T, DecodeError> {
+    pub(crate) fn pick<T: Copy>(
+        &mut self,
+        table: &[T],
+        what: &'static str,
+    ) -> Result<T, DecodeError> {
         let code = self.u8()?;
         table
             .get(usize::from(code))

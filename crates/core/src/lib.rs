@@ -29,6 +29,9 @@ use sha2::{Digest, Sha256};
 pub use ledger::Amount;
 
 pub mod codec;
+mod snapshot;
+
+pub use snapshot::SnapshotError;
 
 /// Named bounds.
 pub mod limits {
@@ -185,6 +188,50 @@ pub struct MarketConfig {
     pub quote_per_notional: u128,
     /// How trades settle.
     pub settlement: Settlement,
+}
+
+impl MarketConfig {
+    /// The link of a market to its assets, checked: the fees within bounds, both assets known
+    /// and different, and fine enough that every quantity and every price times quantity is a
+    /// whole number of minor units.
+    pub fn new(
+        ledger: &Ledger,
+        spec: &MarketSpec,
+        base: AssetId,
+        quote: AssetId,
+        maker_fee_bps: u32,
+        taker_fee_bps: u32,
+    ) -> Result<MarketConfig, CoreRejection> {
+        if maker_fee_bps > limits::FEE_BPS_MAX || taker_fee_bps > limits::FEE_BPS_MAX {
+            return Err(CoreRejection::InvalidFee);
+        }
+        let (Some(base_asset), Some(quote_asset)) = (ledger.asset(base), ledger.asset(quote))
+        else {
+            return Err(CoreRejection::InvalidMarketAssets);
+        };
+        let notional_decimals = spec.price_decimals + spec.qty_decimals;
+        if base == quote
+            || base_asset.decimals < spec.qty_decimals
+            || quote_asset.decimals < notional_decimals
+        {
+            return Err(CoreRejection::InvalidMarketAssets);
+        }
+        let (Some(base_per_qty), Some(quote_per_notional)) = (
+            10u128.checked_pow(base_asset.decimals - spec.qty_decimals),
+            10u128.checked_pow(quote_asset.decimals - notional_decimals),
+        ) else {
+            return Err(CoreRejection::InvalidMarketAssets);
+        };
+        Ok(MarketConfig {
+            base,
+            quote,
+            maker_fee_bps,
+            taker_fee_bps,
+            base_per_qty,
+            quote_per_notional,
+            settlement: spec.settlement,
+        })
+    }
 }
 
 /// An escrow trade waiting for the off-platform payment.
@@ -401,31 +448,14 @@ impl State {
         taker_fee_bps: u32,
         out: &mut Output,
     ) -> Result<(), CoreRejection> {
-        if maker_fee_bps > limits::FEE_BPS_MAX || taker_fee_bps > limits::FEE_BPS_MAX {
-            return Err(CoreRejection::InvalidFee);
-        }
-        let (Some(base_asset), Some(quote_asset)) =
-            (self.ledger.asset(base), self.ledger.asset(quote))
-        else {
-            return Err(CoreRejection::InvalidMarketAssets);
-        };
-        // Every quantity and every price times quantity must be a whole number of minor units.
-        let notional_decimals = spec.price_decimals + spec.qty_decimals;
-        if base == quote
-            || base_asset.decimals < spec.qty_decimals
-            || quote_asset.decimals < notional_decimals
-        {
-            return Err(CoreRejection::InvalidMarketAssets);
-        }
-        let config = MarketConfig {
+        let config = MarketConfig::new(
+            &self.ledger,
+            spec,
             base,
             quote,
             maker_fee_bps,
             taker_fee_bps,
-            base_per_qty: 10u128.pow(base_asset.decimals - spec.qty_decimals),
-            quote_per_notional: 10u128.pow(quote_asset.decimals - notional_decimals),
-            settlement: spec.settlement,
-        };
+        )?;
         let start = out.events.len();
         self.engine.create_market(spec.clone(), &mut out.events);
         match out.events[start..] {
@@ -744,6 +774,22 @@ impl State {
                     market.0
                 ));
             }
+        }
+        for (id, &hold) in &self.withdrawals {
+            match self.ledger.hold(hold) {
+                Some(found) if found.kind == HoldKind::Withdrawal => {}
+                _ => return Err(format!("withdrawal {id} has no withdrawal hold {hold}")),
+            }
+        }
+        for (trade, escrow) in &self.escrows {
+            match self.ledger.hold(escrow.hold) {
+                Some(found)
+                    if found.kind == HoldKind::Escrow && found.amount == escrow.base_amount => {}
+                _ => return Err(format!("escrow trade {trade} has no matching escrow hold")),
+            }
+        }
+        if self.markets.len() != self.engine.markets().count() {
+            return Err("the core and the engine disagree on the markets".into());
         }
         for market in self.engine.markets() {
             let config = &self.markets[market.0 as usize];

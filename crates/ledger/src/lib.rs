@@ -840,3 +840,224 @@ fn hash_owner(hasher: &mut Sha256, owner: Owner) {
         Owner::Fees => hasher.update([1]),
     }
 }
+
+/// Why a ledger snapshot could not be read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotError {
+    /// Byte offset of the problem, or the length for a failed consistency check.
+    pub offset: usize,
+    /// What was wrong.
+    pub problem: String,
+}
+
+impl fmt::Display for SnapshotError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invalid ledger snapshot at byte {}: {}",
+            self.offset, self.problem
+        )
+    }
+}
+
+impl std::error::Error for SnapshotError {}
+
+const SNAPSHOT_MAGIC: &[u8; 4] = b"AGLG";
+const SNAPSHOT_VERSION: u32 = 1;
+
+fn put_owner(out: &mut Vec<u8>, owner: Owner) {
+    match owner {
+        Owner::User(user) => {
+            out.push(0);
+            out.extend_from_slice(&user.to_le_bytes());
+        }
+        Owner::Fees => out.push(1),
+    }
+}
+
+impl Ledger {
+    /// The whole ledger in a canonical binary form (sorted by key), to store as a snapshot.
+    pub fn snapshot(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(SNAPSHOT_MAGIC);
+        out.extend_from_slice(&SNAPSHOT_VERSION.to_le_bytes());
+        out.extend_from_slice(&(self.assets.len() as u64).to_le_bytes());
+        for (asset, entry) in &self.assets {
+            out.extend_from_slice(&asset.to_le_bytes());
+            out.extend_from_slice(&(entry.symbol.len() as u32).to_le_bytes());
+            out.extend_from_slice(entry.symbol.as_bytes());
+            out.extend_from_slice(&entry.decimals.to_le_bytes());
+            out.extend_from_slice(&entry.supply.to_le_bytes());
+        }
+        let mut balances: Vec<_> = self.balances.iter().collect();
+        balances.sort_unstable_by_key(|(key, _)| **key);
+        out.extend_from_slice(&(balances.len() as u64).to_le_bytes());
+        for ((owner, asset), balance) in balances {
+            put_owner(&mut out, *owner);
+            out.extend_from_slice(&asset.to_le_bytes());
+            out.extend_from_slice(&balance.available.to_le_bytes());
+            out.extend_from_slice(&balance.held.to_le_bytes());
+        }
+        let mut holds: Vec<_> = self.holds.iter().collect();
+        holds.sort_unstable_by_key(|(id, _)| **id);
+        out.extend_from_slice(&(holds.len() as u64).to_le_bytes());
+        for (id, hold) in holds {
+            out.extend_from_slice(&id.to_le_bytes());
+            put_owner(&mut out, hold.owner);
+            out.extend_from_slice(&hold.asset.to_le_bytes());
+            out.extend_from_slice(&hold.amount.to_le_bytes());
+            out.push(hold.kind as u8);
+        }
+        out
+    }
+
+    /// Rebuilds a ledger from [`Ledger::snapshot`] bytes, checking every field and then every
+    /// invariant ([`Ledger::verify`]).
+    pub fn restore(bytes: &[u8]) -> Result<Ledger, SnapshotError> {
+        let mut r = SnapshotReader { bytes, at: 0 };
+        if r.take(4)? != SNAPSHOT_MAGIC {
+            return Err(r.error("not a ledger snapshot"));
+        }
+        if r.u32()? != SNAPSHOT_VERSION {
+            return Err(r.error("unsupported version"));
+        }
+        let mut ledger = Ledger::new();
+        for _ in 0..r.count(limits::ASSETS_MAX)? {
+            let asset = r.u32()?;
+            let len = r.u32()? as usize;
+            if len > limits::ASSET_SYMBOL_BYTES_MAX {
+                return Err(r.error("symbol too long"));
+            }
+            let symbol = String::from_utf8(r.take(len)?.to_vec())
+                .map_err(|_| r.error("symbol is not UTF-8"))?;
+            let decimals = r.u32()?;
+            if decimals > limits::ASSET_DECIMALS_MAX {
+                return Err(r.error("too many decimals"));
+            }
+            let supply = r.u128()?;
+            if ledger
+                .assets
+                .insert(
+                    asset,
+                    Asset {
+                        symbol,
+                        decimals,
+                        supply,
+                    },
+                )
+                .is_some()
+            {
+                return Err(r.error("duplicate asset"));
+            }
+            ledger.totals.insert(asset, 0);
+        }
+        let entries = r.count(usize::MAX)?;
+        for _ in 0..entries {
+            let owner = r.owner()?;
+            let asset = r.u32()?;
+            let balance = Balance {
+                available: r.u128()?,
+                held: r.u128()?,
+            };
+            let total = ledger
+                .totals
+                .get_mut(&asset)
+                .ok_or_else(|| r.error("balance in an unknown asset"))?;
+            *total = balance
+                .available
+                .checked_add(balance.held)
+                .and_then(|sum| total.checked_add(sum))
+                .ok_or_else(|| r.error("balances overflow"))?;
+            if ledger.balances.insert((owner, asset), balance).is_some() {
+                return Err(r.error("duplicate balance"));
+            }
+        }
+        let holds = r.count(usize::MAX)?;
+        for _ in 0..holds {
+            let id = r.u64()?;
+            let hold = Hold {
+                owner: r.owner()?,
+                asset: r.u32()?,
+                amount: r.u128()?,
+                kind: match r.u8()? {
+                    0 => HoldKind::Order,
+                    1 => HoldKind::Escrow,
+                    2 => HoldKind::Withdrawal,
+                    _ => return Err(r.error("bad hold kind")),
+                },
+            };
+            if hold.amount == 0 {
+                return Err(r.error("empty hold"));
+            }
+            if ledger.holds.insert(id, hold).is_some() {
+                return Err(r.error("duplicate hold"));
+            }
+        }
+        if r.at != bytes.len() {
+            return Err(r.error("trailing bytes"));
+        }
+        ledger.verify().map_err(|problem| SnapshotError {
+            offset: bytes.len(),
+            problem,
+        })?;
+        Ok(ledger)
+    }
+}
+
+struct SnapshotReader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> SnapshotReader<'a> {
+    fn error(&self, problem: &str) -> SnapshotError {
+        SnapshotError {
+            offset: self.at,
+            problem: problem.to_string(),
+        }
+    }
+    fn take(&mut self, n: usize) -> Result<&'a [u8], SnapshotError> {
+        let end = self
+            .at
+            .checked_add(n)
+            .filter(|&end| end <= self.bytes.len())
+            .ok_or_else(|| self.error("truncated"))?;
+        let slice = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(slice)
+    }
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], SnapshotError> {
+        let mut array = [0; N];
+        array.copy_from_slice(self.take(N)?);
+        Ok(array)
+    }
+    fn u8(&mut self) -> Result<u8, SnapshotError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u32(&mut self) -> Result<u32, SnapshotError> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+    fn u64(&mut self) -> Result<u64, SnapshotError> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+    fn u128(&mut self) -> Result<u128, SnapshotError> {
+        Ok(u128::from_le_bytes(self.array()?))
+    }
+    /// A count of entries, each at least one byte, so a count beyond the bytes left is
+    /// refused before anything is allocated for it.
+    fn count(&mut self, max: usize) -> Result<usize, SnapshotError> {
+        let count = self.u64()?;
+        let left = (self.bytes.len() - self.at) as u64;
+        if count > left || count > max as u64 {
+            return Err(self.error("count larger than the snapshot"));
+        }
+        Ok(count as usize)
+    }
+    fn owner(&mut self) -> Result<Owner, SnapshotError> {
+        match self.u8()? {
+            0 => Ok(Owner::User(self.u64()?)),
+            1 => Ok(Owner::Fees),
+            _ => Err(self.error("bad owner")),
+        }
+    }
+}

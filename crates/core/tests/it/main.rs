@@ -465,6 +465,66 @@ proptest! {
                     deposited[asset as usize] - withdrawn[asset as usize]
                 );
             }
+        }        // A snapshot restores to the same state, and both go on identically.
+        let bytes = state.snapshot();
+        let mut restored = State::restore(&bytes).unwrap();
+        prop_assert_eq!(restored.state_hash(), state.state_hash());
+        prop_assert_eq!(restored.snapshot(), bytes);
+        let next = limit(1_000_000, 1, Side::Buy, 10_000, 100);
+        let (mut a, mut b) = (Output::default(), Output::default());
+        prop_assert_eq!(state.apply(&next, &mut a), restored.apply(&next, &mut b));
+        prop_assert_eq!(a.events, b.events);
+        prop_assert_eq!(restored.state_hash(), state.state_hash());
+    }
+}
+
+#[test]
+fn damaged_core_snapshots_are_errors() {
+    let mut state = setup(Settlement::Instant);
+    run(
+        &mut state,
+        CoreCommand::Deposit {
+            user: 1,
+            asset: BTC,
+            amount: 20_000_000,
+        },
+    )
+    .unwrap();
+    run(
+        &mut state,
+        CoreCommand::SetReputation {
+            user: 1,
+            reputation: 7,
+        },
+    )
+    .unwrap();
+    run(&mut state, limit(1, 1, Side::Sell, 100, 1_000)).unwrap();
+    run(
+        &mut state,
+        CoreCommand::RequestWithdrawal {
+            id: 9,
+            user: 1,
+            asset: BTC,
+            amount: 5,
+        },
+    )
+    .unwrap();
+    let bytes = state.snapshot();
+    assert_eq!(
+        State::restore(&bytes).unwrap().state_hash(),
+        state.state_hash()
+    );
+    for cut in 0..bytes.len() {
+        assert!(
+            State::restore(&bytes[..cut]).is_err(),
+            "a snapshot cut at {cut} was accepted"
+        );
+    }
+    for position in 0..bytes.len() {
+        let mut damaged = bytes.clone();
+        damaged[position] ^= 0x40;
+        if let Ok(other) = State::restore(&damaged) {
+            other.verify().unwrap();
         }
     }
 }

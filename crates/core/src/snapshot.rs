@@ -1,0 +1,158 @@
+//! Snapshots of the whole core: the engine's and the ledger's own snapshots plus the core's
+//! tables, restored with every field checked and every invariant recomputed.
+
+use book::{Engine, MarketId};
+use ledger::Ledger;
+
+use crate::codec::{DecodeError, Reader, Writer};
+use crate::{EscrowTrade, MarketConfig, State};
+
+const MAGIC: &[u8; 4] = b"AGCR";
+const VERSION: u32 = 1;
+
+/// Why a core snapshot could not be restored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotError(pub String);
+
+impl std::fmt::Display for SnapshotError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "invalid core snapshot: {}", self.0)
+    }
+}
+
+impl std::error::Error for SnapshotError {}
+
+impl From<DecodeError> for SnapshotError {
+    fn from(error: DecodeError) -> Self {
+        SnapshotError(error.to_string())
+    }
+}
+
+impl State {
+    /// The whole state as bytes, canonical (equal states encode equally).
+    pub fn snapshot(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(MAGIC);
+        let mut w = Writer(&mut out);
+        w.u32(VERSION);
+        for part in [self.engine.snapshot(), self.ledger.snapshot()] {
+            w.u64(part.len() as u64);
+            w.0.extend_from_slice(&part);
+        }
+        w.u32(self.markets.len() as u32);
+        for config in &self.markets {
+            w.u32(config.base);
+            w.u32(config.quote);
+            w.u32(config.maker_fee_bps);
+            w.u32(config.taker_fee_bps);
+        }
+        let mut reputations: Vec<_> = self.reputations.iter().collect();
+        reputations.sort_unstable();
+        w.u64(reputations.len() as u64);
+        for (user, reputation) in reputations {
+            w.u64(*user);
+            w.u32(*reputation);
+        }
+        let mut holds: Vec<_> = self.order_holds.iter().collect();
+        holds.sort_unstable();
+        w.u64(holds.len() as u64);
+        for ((market, id), hold) in holds {
+            w.u32(market.0);
+            w.u64(*id);
+            w.u64(*hold);
+        }
+        let mut withdrawals: Vec<_> = self.withdrawals.iter().collect();
+        withdrawals.sort_unstable();
+        w.u64(withdrawals.len() as u64);
+        for (id, hold) in withdrawals {
+            w.u64(*id);
+            w.u64(*hold);
+        }
+        w.u64(self.escrows.len() as u64);
+        for (trade, escrow) in &self.escrows {
+            w.u64(*trade);
+            w.u32(escrow.market.0);
+            w.u64(escrow.seller);
+            w.u64(escrow.buyer);
+            w.u64(escrow.hold);
+            w.u128(escrow.base_amount);
+            w.u128(escrow.quote_amount);
+        }
+        w.u64(self.next_hold);
+        w.u64(self.next_trade);
+        out
+    }
+
+    /// Rebuilds a core from [`State::snapshot`] bytes; refuses anything inconsistent.
+    pub fn restore(bytes: &[u8]) -> Result<State, SnapshotError> {
+        let mut r = Reader { bytes, at: 0 };
+        if r.take(4)? != MAGIC || r.u32()? != VERSION {
+            return Err(SnapshotError("not a version-1 core snapshot".into()));
+        }
+        let engine_len = r.u64()? as usize;
+        let engine =
+            Engine::restore(r.take(engine_len)?).map_err(|e| SnapshotError(e.to_string()))?;
+        let ledger_len = r.u64()? as usize;
+        let ledger =
+            Ledger::restore(r.take(ledger_len)?).map_err(|e| SnapshotError(e.to_string()))?;
+        let mut state = State {
+            engine,
+            ledger,
+            ..State::new()
+        };
+        let markets = r.u32()? as usize;
+        if markets != state.engine.markets().count() {
+            return Err(SnapshotError(
+                "market count differs from the engine's".into(),
+            ));
+        }
+        for index in 0..markets {
+            let (base, quote, maker, taker) = (r.u32()?, r.u32()?, r.u32()?, r.u32()?);
+            let spec = state
+                .engine
+                .market_spec(MarketId(index as u32))
+                .expect("counted above")
+                .clone();
+            let config = MarketConfig::new(&state.ledger, &spec, base, quote, maker, taker)
+                .map_err(|reason| SnapshotError(format!("market {index}: {}", reason.code())))?;
+            state.markets.push(config);
+        }
+        let left = |r: &Reader<'_>| (r.bytes.len() - r.at) as u64;
+        let count = |r: &mut Reader<'_>| -> Result<u64, SnapshotError> {
+            let count = r.u64()?;
+            if count > left(r) {
+                return Err(SnapshotError("count larger than the snapshot".into()));
+            }
+            Ok(count)
+        };
+        for _ in 0..count(&mut r)? {
+            state.reputations.insert(r.u64()?, r.u32()?);
+        }
+        for _ in 0..count(&mut r)? {
+            let key = (MarketId(r.u32()?), r.u64()?);
+            state.order_holds.insert(key, r.u64()?);
+        }
+        for _ in 0..count(&mut r)? {
+            state.withdrawals.insert(r.u64()?, r.u64()?);
+        }
+        for _ in 0..count(&mut r)? {
+            let trade = r.u64()?;
+            let escrow = EscrowTrade {
+                market: MarketId(r.u32()?),
+                seller: r.u64()?,
+                buyer: r.u64()?,
+                hold: r.u64()?,
+                base_amount: r.u128()?,
+                quote_amount: r.u128()?,
+            };
+            state.escrows.insert(trade, escrow);
+        }
+        state.next_hold = r.u64()?;
+        state.next_trade = r.u64()?;
+        if r.at != bytes.len() {
+            return Err(SnapshotError("trailing bytes".into()));
+        }
+        state.verify().map_err(SnapshotError)?;
+        Ok(state)
+    }
+}
