@@ -9,6 +9,7 @@
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -68,6 +69,9 @@ pub enum StoreError {
         /// The first sequence number expected.
         expected_seq: u64,
     },
+    /// A failure injected by a test (see [`Store::inject_append_failure_after`]).
+    #[error("injected append failure")]
+    Injected,
     /// A batch is empty or over a limit.
     #[error("invalid batch: {0}")]
     InvalidBatch(&'static str),
@@ -195,6 +199,8 @@ macro_rules! on_pool {
 pub struct Store {
     backend: Backend,
     tail: Mutex<Tail>,
+    /// Appends left before an injected failure (`u64::MAX`: never).
+    appends_until_failure: AtomicU64,
 }
 
 fn batch_checksum(
@@ -319,6 +325,7 @@ impl Store {
         let store = Store {
             backend,
             tail: Mutex::new(Tail::EMPTY),
+            appends_until_failure: AtomicU64::new(u64::MAX),
         };
         let tail = store.load_tail().await?;
         *store.tail.lock().expect("tail lock") = tail;
@@ -375,6 +382,14 @@ impl Store {
             return Err(StoreError::InvalidBatch(
                 "a batch payload is at most 64 MiB",
             ));
+        }
+        let left = self.appends_until_failure.load(Ordering::Relaxed);
+        if left != u64::MAX {
+            if left == 0 {
+                return Err(StoreError::Injected);
+            }
+            self.appends_until_failure
+                .store(left - 1, Ordering::Relaxed);
         }
         let tail = self.tail();
         let batch = JournalBatch {
@@ -558,6 +573,26 @@ impl Store {
         let sql = "DELETE FROM snapshots WHERE seq NOT IN (SELECT seq FROM snapshots ORDER BY seq DESC LIMIT $1)";
         let done = on_pool!(self, pool => sqlx::query(sql).bind(to_db(keep)).execute(pool).await?.rows_affected());
         Ok(done)
+    }
+
+    /// The number of the batch holding command `seq`, if the journal has it.
+    pub async fn batch_containing(&self, seq: u64) -> Result<Option<u64>, StoreError> {
+        let sql = "SELECT batch FROM journal WHERE first_seq <= $1 AND first_seq + commands > $1 ORDER BY batch DESC LIMIT 1";
+        let batch: Option<i64> = on_pool!(self, pool => {
+            match sqlx::query(sql).bind(to_db(seq)).fetch_optional(pool).await? {
+                Some(row) => Some(row.try_get("batch")?),
+                None => None,
+            }
+        });
+        batch.map(|b| from_db(b, "journal batch", seq)).transpose()
+    }
+
+    /// Test support: after `appends` more successful appends, every append fails with
+    /// [`StoreError::Injected`] (as a failed commit or fsync would), so callers' failure paths
+    /// can be tested.
+    #[doc(hidden)]
+    pub fn inject_append_failure_after(&self, appends: u64) {
+        self.appends_until_failure.store(appends, Ordering::Relaxed);
     }
 
     /// Closes the pool, waiting for connections to finish.

@@ -108,6 +108,17 @@ async fn the_journal_appends_in_order_and_survives_reopening() {
             (report.batches, report.commands, report.problem),
             (3, 6, None)
         );
+        assert_eq!(store.batch_containing(1).await.unwrap(), Some(1));
+        assert_eq!(store.batch_containing(4).await.unwrap(), Some(2));
+        assert_eq!(store.batch_containing(6).await.unwrap(), Some(3));
+        assert_eq!(store.batch_containing(7).await.unwrap(), None);
+        store.inject_append_failure_after(1);
+        store.append(1, b"g".to_vec()).await.unwrap();
+        assert!(matches!(
+            store.append(1, b"h".to_vec()).await,
+            Err(StoreError::Injected)
+        ));
+        assert_eq!(store.tail().seq, 7);
         assert!(matches!(
             store.append(0, vec![]).await,
             Err(StoreError::InvalidBatch(_))
