@@ -1,0 +1,500 @@
+//! The sequencer: one writer that orders commands, applies them to the [`State`], journals the
+//! accepted ones in batches (group commit: one store transaction per batch) and acknowledges
+//! each only after its batch is durable.
+//!
+//! Two tasks form a pipeline. The *apply* task takes commands from a bounded queue, applies
+//! each to the state (a refused command is answered at once and never journaled), encodes the
+//! accepted ones into a batch, and hands the batch to the *write* task, then starts the next
+//! batch while that one is being written. A batch holds whatever queued up meanwhile, up to
+//! [`SequencerOptions::batch_commands_max`], optionally waiting [`SequencerOptions::batch_linger`]
+//! for more. The write task appends the batch and only then answers its commands.
+//!
+//! If an append (or a snapshot write) fails, the in-memory state is ahead of the journal and
+//! can no longer be trusted: the sequencer stops. Every command not yet acknowledged, and
+//! every later one, gets [`SubmitError::Stopped`] with the reason; a restart recovers from the
+//! journal, which holds exactly the acknowledged commands.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use store::{Snapshot, Store, StoreError};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::codec::{self, DecodeError};
+use crate::{CoreCommand, CoreRejection, Output, SnapshotError, State};
+
+/// How the sequencer batches and snapshots.
+#[derive(Clone, Debug)]
+pub struct SequencerOptions {
+    /// Commands waiting to be applied; beyond it `submit` waits (backpressure).
+    pub queue_commands_max: usize,
+    /// Commands in one journal batch.
+    pub batch_commands_max: usize,
+    /// How long a batch waits for more commands after its first (zero: take what is queued).
+    pub batch_linger: Duration,
+    /// Batches handed to the write task and not yet written.
+    pub batches_in_flight_max: usize,
+    /// A snapshot is written after this many commands since the last one (0: never).
+    pub snapshot_every_commands: u64,
+    /// Snapshots kept in the store; older ones are pruned.
+    pub snapshots_kept: u64,
+}
+
+impl Default for SequencerOptions {
+    fn default() -> Self {
+        SequencerOptions {
+            queue_commands_max: 65_536,
+            batch_commands_max: 8_192,
+            batch_linger: Duration::ZERO,
+            batches_in_flight_max: 2,
+            snapshot_every_commands: 100_000,
+            snapshots_kept: 3,
+        }
+    }
+}
+
+/// An acknowledged command: durable in the journal at `seq`.
+#[derive(Clone, Debug)]
+pub struct Ack {
+    /// The command's sequence number in the journal.
+    pub seq: u64,
+    /// What it did.
+    pub output: Output,
+}
+
+/// Why a command was not acknowledged.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    /// The core refused it; nothing changed and nothing was journaled.
+    #[error("rejected: {}", .0.code())]
+    Rejected(CoreRejection),
+    /// The sequencer has stopped (a failed write, or shut down); the command may not have
+    /// been applied. Recover by restarting.
+    #[error("the sequencer has stopped: {0}")]
+    Stopped(String),
+}
+
+/// Why the state could not be recovered.
+#[derive(Debug, thiserror::Error)]
+pub enum RecoveryError {
+    /// The store failed, or reported corrupt data with its position.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A journal payload does not decode.
+    #[error("journal batch {batch}: {error}")]
+    Decode {
+        /// Batch number.
+        batch: u64,
+        /// The decoding problem.
+        error: DecodeError,
+    },
+    /// A journaled command was refused on replay: the state machine is not deterministic or
+    /// the journal does not belong to this snapshot.
+    #[error("journaled command {seq} was refused on replay: {}", .reason.code())]
+    Diverged {
+        /// The command's sequence number.
+        seq: u64,
+        /// The refusal.
+        reason: CoreRejection,
+    },
+    /// A snapshot passed its checksum but does not restore or match its recorded hash.
+    #[error("snapshot at {seq}: {problem}")]
+    BadSnapshot {
+        /// Its sequence number.
+        seq: u64,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+impl From<SnapshotError> for RecoveryError {
+    fn from(error: SnapshotError) -> Self {
+        RecoveryError::BadSnapshot {
+            seq: 0,
+            problem: error.to_string(),
+        }
+    }
+}
+
+/// What recovery did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Recovery {
+    /// The snapshot it started from, if any.
+    pub snapshot_seq: Option<u64>,
+    /// Newer snapshots that failed their checksum and were skipped, with the reason.
+    pub skipped_snapshots: Vec<(u64, String)>,
+    /// Commands replayed from the journal after the snapshot.
+    pub replayed_commands: u64,
+    /// The last command sequence number in the state.
+    pub seq: u64,
+    /// The recovered state's hash.
+    pub state_hash: [u8; 32],
+}
+
+/// Whether recovery may start from a snapshot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecoverFrom {
+    /// The newest valid snapshot, then the rest of the journal.
+    LatestSnapshot,
+    /// The whole journal from its first command (to check the snapshots).
+    Zero,
+}
+
+/// Rebuilds the state from the store: the newest valid snapshot (its hash checked), then every
+/// later journal batch, each checked against its chain before it is applied.
+pub async fn recover(store: &Store, from: RecoverFrom) -> Result<(State, Recovery), RecoveryError> {
+    let (snapshot, skipped) = match from {
+        RecoverFrom::LatestSnapshot => store.latest_valid_snapshot().await?,
+        RecoverFrom::Zero => (None, Vec::new()),
+    };
+    let (mut state, mut seq) = match &snapshot {
+        Some(snapshot) => {
+            let state =
+                State::restore(&snapshot.payload).map_err(|e| RecoveryError::BadSnapshot {
+                    seq: snapshot.seq,
+                    problem: e.to_string(),
+                })?;
+            if state.state_hash() != snapshot.state_hash {
+                return Err(RecoveryError::BadSnapshot {
+                    seq: snapshot.seq,
+                    problem: "the restored state's hash differs from the recorded one".into(),
+                });
+            }
+            (state, snapshot.seq)
+        }
+        None => (State::new(), 0),
+    };
+    let mut replayed = 0;
+    let mut next_batch = if seq == 0 {
+        Some(1)
+    } else {
+        match store.batch_containing(seq).await? {
+            Some(batch) => Some(batch + 1),
+            None => {
+                return Err(RecoveryError::BadSnapshot {
+                    seq,
+                    problem: "the journal does not reach the snapshot".into(),
+                });
+            }
+        }
+    };
+    let mut out = Output::default();
+    while let Some(from_batch) = next_batch {
+        let batches = store.read(from_batch, 256).await?;
+        next_batch = batches.last().map(|b| b.batch + 1);
+        for batch in batches {
+            let commands =
+                codec::decode_all(&batch.payload).map_err(|error| RecoveryError::Decode {
+                    batch: batch.batch,
+                    error,
+                })?;
+            if commands.len() as u64 != batch.commands || batch.first_seq != seq + 1 {
+                return Err(RecoveryError::Store(StoreError::Corrupt {
+                    what: "journal batch",
+                    position: batch.batch,
+                    problem: "its commands do not match its header".into(),
+                }));
+            }
+            for command in &commands {
+                seq += 1;
+                out.clear();
+                state
+                    .apply(command, &mut out)
+                    .map_err(|reason| RecoveryError::Diverged { seq, reason })?;
+                replayed += 1;
+            }
+        }
+    }
+    let recovery = Recovery {
+        snapshot_seq: snapshot.map(|s| s.seq),
+        skipped_snapshots: skipped,
+        replayed_commands: replayed,
+        seq,
+        state_hash: state.state_hash(),
+    };
+    Ok((state, recovery))
+}
+
+type Reply = oneshot::Sender<Result<Ack, SubmitError>>;
+type Query = Box<dyn FnOnce(&State) + Send>;
+
+enum Request {
+    Submit(CoreCommand, Reply),
+    Read(Query),
+}
+
+enum Write {
+    Batch {
+        commands: u64,
+        payload: Vec<u8>,
+        acks: Vec<(Reply, Ack)>,
+    },
+    Snapshot(Snapshot),
+}
+
+/// Why the sequencer stopped, shared by both tasks.
+#[derive(Default)]
+struct Status(Mutex<Option<String>>);
+
+impl Status {
+    fn stopped(&self) -> Option<String> {
+        self.0.lock().expect("status lock").clone()
+    }
+    fn stop(&self, reason: String) {
+        self.0.lock().expect("status lock").get_or_insert(reason);
+    }
+}
+
+/// A running sequencer. Cheap to clone: clones share it.
+#[derive(Clone)]
+pub struct Sequencer {
+    requests: mpsc::Sender<Request>,
+    status: Arc<Status>,
+}
+
+/// The tasks behind a sequencer, to wait for at shutdown.
+pub struct Tasks {
+    apply: JoinHandle<()>,
+    write: JoinHandle<()>,
+}
+
+impl Tasks {
+    /// Waits until both tasks have finished: every accepted command is written and answered.
+    pub async fn join(self) {
+        let _ = self.apply.await;
+        let _ = self.write.await;
+    }
+}
+
+impl Sequencer {
+    /// Recovers the state from `store` and starts the sequencer on it.
+    pub async fn start(
+        store: Arc<Store>,
+        options: SequencerOptions,
+    ) -> Result<(Sequencer, Tasks, Recovery), RecoveryError> {
+        let (state, recovery) = recover(&store, RecoverFrom::LatestSnapshot).await?;
+        let (requests, request_rx) = mpsc::channel(options.queue_commands_max.max(1));
+        let (writes, write_rx) = mpsc::channel(options.batches_in_flight_max.max(1));
+        let status = Arc::new(Status::default());
+        let apply = tokio::spawn(apply_loop(
+            state,
+            recovery.seq,
+            request_rx,
+            writes,
+            options.clone(),
+            status.clone(),
+        ));
+        let write = tokio::spawn(write_loop(store, write_rx, options, status.clone()));
+        let sequencer = Sequencer { requests, status };
+        Ok((sequencer, Tasks { apply, write }, recovery))
+    }
+
+    /// Submits a command and waits until it is durable (or refused).
+    pub async fn submit(&self, command: CoreCommand) -> Result<Ack, SubmitError> {
+        if let Some(reason) = self.status.stopped() {
+            return Err(SubmitError::Stopped(reason));
+        }
+        let (reply, answer) = oneshot::channel();
+        self.requests
+            .send(Request::Submit(command, reply))
+            .await
+            .map_err(|_| self.stopped_error())?;
+        answer.await.map_err(|_| self.stopped_error())?
+    }
+
+    /// Runs `query` on the state, in order with the commands submitted before it. The state
+    /// it sees may include commands whose batch is still being written.
+    pub async fn read<R: Send + 'static>(
+        &self,
+        query: impl FnOnce(&State) -> R + Send + 'static,
+    ) -> Result<R, SubmitError> {
+        let (reply, answer) = oneshot::channel();
+        let query: Query = Box::new(move |state| {
+            let _ = reply.send(query(state));
+        });
+        self.requests
+            .send(Request::Read(query))
+            .await
+            .map_err(|_| self.stopped_error())?;
+        answer.await.map_err(|_| self.stopped_error())
+    }
+
+    /// Why the sequencer stopped, if it has.
+    pub fn stopped(&self) -> Option<String> {
+        self.status.stopped()
+    }
+
+    fn stopped_error(&self) -> SubmitError {
+        SubmitError::Stopped(self.status.stopped().unwrap_or_else(|| "shut down".into()))
+    }
+}
+
+async fn apply_loop(
+    mut state: State,
+    mut seq: u64,
+    mut requests: mpsc::Receiver<Request>,
+    writes: mpsc::Sender<Write>,
+    options: SequencerOptions,
+    status: Arc<Status>,
+) {
+    let mut since_snapshot = 0u64;
+    while let Some(first) = requests.recv().await {
+        let mut payload = Vec::new();
+        let mut acks: Vec<(Reply, Ack)> = Vec::new();
+        handle(
+            first,
+            &mut state,
+            &mut seq,
+            &mut payload,
+            &mut acks,
+            &status,
+        );
+        let deadline = tokio::time::Instant::now() + options.batch_linger;
+        while acks.len() < options.batch_commands_max {
+            let next = match requests.try_recv() {
+                Ok(request) => Some(request),
+                Err(_) if options.batch_linger.is_zero() => None,
+                Err(_) => tokio::time::timeout_at(deadline, requests.recv())
+                    .await
+                    .ok()
+                    .flatten(),
+            };
+            match next {
+                Some(request) => handle(
+                    request,
+                    &mut state,
+                    &mut seq,
+                    &mut payload,
+                    &mut acks,
+                    &status,
+                ),
+                None => break,
+            }
+        }
+        if acks.is_empty() {
+            continue;
+        }
+        since_snapshot += acks.len() as u64;
+        let batch = Write::Batch {
+            commands: acks.len() as u64,
+            payload,
+            acks,
+        };
+        if let Err(mpsc::error::SendError(Write::Batch { acks, .. })) = writes.send(batch).await {
+            let reason = status
+                .stopped()
+                .unwrap_or_else(|| "the writer is gone".into());
+            for (reply, _) in acks {
+                let _ = reply.send(Err(SubmitError::Stopped(reason.clone())));
+            }
+            continue;
+        }
+        if options.snapshot_every_commands > 0 && since_snapshot >= options.snapshot_every_commands
+        {
+            since_snapshot = 0;
+            let snapshot = Snapshot {
+                seq,
+                state_hash: state.state_hash(),
+                payload: state.snapshot(),
+            };
+            let _ = writes.send(Write::Snapshot(snapshot)).await;
+        }
+    }
+}
+
+/// Applies one request: a query runs on the state; a command is applied and, if accepted,
+/// encoded into the batch with its pending acknowledgement, or answered with its refusal.
+fn handle(
+    request: Request,
+    state: &mut State,
+    seq: &mut u64,
+    payload: &mut Vec<u8>,
+    acks: &mut Vec<(Reply, Ack)>,
+    status: &Status,
+) {
+    match request {
+        // A stopped sequencer's state is ahead of its journal: drop the query unanswered.
+        Request::Read(query) => {
+            if status.stopped().is_none() {
+                query(state);
+            }
+        }
+        Request::Submit(command, reply) => {
+            if let Some(reason) = status.stopped() {
+                let _ = reply.send(Err(SubmitError::Stopped(reason)));
+                return;
+            }
+            let mut output = Output::default();
+            match state.apply(&command, &mut output) {
+                Err(reason) => {
+                    let _ = reply.send(Err(SubmitError::Rejected(reason)));
+                }
+                Ok(()) => {
+                    *seq += 1;
+                    codec::encode(&command, payload);
+                    acks.push((reply, Ack { seq: *seq, output }));
+                }
+            }
+        }
+    }
+}
+
+async fn write_loop(
+    store: Arc<Store>,
+    mut writes: mpsc::Receiver<Write>,
+    options: SequencerOptions,
+    status: Arc<Status>,
+) {
+    while let Some(write) = writes.recv().await {
+        let failure = match write {
+            Write::Batch {
+                commands,
+                payload,
+                acks,
+            } => match store.append(commands, payload).await {
+                Ok(_) => {
+                    for (reply, ack) in acks {
+                        let _ = reply.send(Ok(ack));
+                    }
+                    None
+                }
+                Err(error) => {
+                    let reason = format!("journal append failed: {error}");
+                    for (reply, _) in acks {
+                        let _ = reply.send(Err(SubmitError::Stopped(reason.clone())));
+                    }
+                    Some(reason)
+                }
+            },
+            Write::Snapshot(snapshot) => {
+                // Snapshot time is not part of the state, so reading the clock here keeps the
+                // core deterministic.
+                let created_at_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as i64);
+                match store.put_snapshot(&snapshot, created_at_ms).await {
+                    Ok(()) => store
+                        .prune_snapshots(options.snapshots_kept.max(1))
+                        .await
+                        .err()
+                        .map(|error| format!("snapshot pruning failed: {error}")),
+                    Err(error) => Some(format!("snapshot write failed: {error}")),
+                }
+            }
+        };
+        if let Some(reason) = failure {
+            status.stop(reason.clone());
+            // Answer everything already handed over; the apply task sees the status.
+            writes.close();
+            while let Some(write) = writes.recv().await {
+                if let Write::Batch { acks, .. } = write {
+                    for (reply, _) in acks {
+                        let _ = reply.send(Err(SubmitError::Stopped(reason.clone())));
+                    }
+                }
+            }
+            return;
+        }
+    }
+}

@@ -1,0 +1,261 @@
+//! The sequencer against real stores (SQLite always, PostgreSQL when configured): durable
+//! acknowledgements, refusals kept out of the journal, recovery from snapshots and from zero,
+//! and a failed write stopping the writer.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use agora_core::sequencer::{RecoverFrom, Sequencer, SequencerOptions, SubmitError, recover};
+use agora_core::{CoreCommand, CoreRejection};
+use book::{MarketId, MarketSpec, PlaceOrder, Price, Qty, Side};
+use ledger::Rejection;
+use store::{Store, StoreOptions};
+
+struct Backend {
+    url: String,
+    options: StoreOptions,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Backend {
+    async fn open(&self) -> Arc<Store> {
+        Arc::new(
+            Store::open(&self.url, &self.options)
+                .await
+                .expect("store opens"),
+        )
+    }
+}
+
+static NEXT_SCHEMA: AtomicU32 = AtomicU32::new(0);
+
+fn backends(test: &str) -> Vec<Backend> {
+    let dir = tempfile::tempdir().unwrap();
+    let mut backends = vec![Backend {
+        url: format!("sqlite://{}/agora.db", dir.path().display()),
+        options: StoreOptions::default(),
+        _dir: Some(dir),
+    }];
+    match std::env::var("AGORA_TEST_POSTGRES_URL") {
+        Ok(url) => backends.push(Backend {
+            url,
+            options: StoreOptions {
+                pg_schema: Some(format!(
+                    "c_{test}_{}_{}",
+                    std::process::id(),
+                    NEXT_SCHEMA.fetch_add(1, Ordering::Relaxed)
+                )),
+                ..StoreOptions::default()
+            },
+            _dir: None,
+        }),
+        Err(_) if std::env::var("CI").is_ok() => {
+            panic!("CI must run the PostgreSQL suite: AGORA_TEST_POSTGRES_URL is not set")
+        }
+        Err(_) => {}
+    }
+    backends
+}
+
+fn setup_commands() -> Vec<CoreCommand> {
+    vec![
+        CoreCommand::CreateAsset {
+            asset: 1,
+            symbol: "BTC".into(),
+            decimals: 8,
+        },
+        CoreCommand::CreateAsset {
+            asset: 2,
+            symbol: "USD".into(),
+            decimals: 8,
+        },
+        CoreCommand::CreateMarket {
+            spec: MarketSpec::new("BTC-USD", 2, 4, 1, 1),
+            base: 1,
+            quote: 2,
+            maker_fee_bps: 10,
+            taker_fee_bps: 20,
+        },
+        CoreCommand::Deposit {
+            user: 1,
+            asset: 1,
+            amount: 1_000_000_000,
+        },
+        CoreCommand::Deposit {
+            user: 2,
+            asset: 2,
+            amount: 1_000_000_000_000_000,
+        },
+    ]
+}
+
+fn order(id: u64, user: u64, side: Side, price: i64) -> CoreCommand {
+    CoreCommand::Place(PlaceOrder::limit(
+        MarketId(0),
+        id,
+        user,
+        side,
+        Price(price),
+        Qty(100),
+    ))
+}
+
+#[tokio::test]
+async fn acknowledged_commands_survive_a_restart_and_refusals_are_not_journaled() {
+    for backend in backends("restart") {
+        let store = backend.open().await;
+        let (sequencer, tasks, recovery) =
+            Sequencer::start(store.clone(), SequencerOptions::default())
+                .await
+                .unwrap();
+        assert_eq!(recovery.seq, 0);
+        for command in setup_commands() {
+            sequencer.submit(command).await.unwrap();
+        }
+        let ack = sequencer
+            .submit(order(1, 1, Side::Sell, 100))
+            .await
+            .unwrap();
+        assert_eq!(ack.seq, 6);
+        let too_big = PlaceOrder::limit(MarketId(0), 2, 1, Side::Sell, Price(100), Qty(1_000_000));
+        let refused = sequencer.submit(CoreCommand::Place(too_big)).await;
+        assert_eq!(
+            refused.unwrap_err(),
+            SubmitError::Rejected(CoreRejection::Ledger(Rejection::InsufficientFunds))
+        );
+        let ack = sequencer.submit(order(3, 2, Side::Buy, 100)).await.unwrap();
+        assert_eq!(ack.seq, 7, "the refused command took no sequence number");
+        let hash = sequencer.read(|state| state.state_hash()).await.unwrap();
+        drop(sequencer);
+        tasks.join().await;
+        assert_eq!(store.tail().seq, 7);
+
+        let (sequencer, _tasks, recovery) =
+            Sequencer::start(backend.open().await, SequencerOptions::default())
+                .await
+                .unwrap();
+        assert_eq!(
+            (
+                recovery.seq,
+                recovery.replayed_commands,
+                recovery.state_hash
+            ),
+            (7, 7, hash)
+        );
+        let ack = sequencer
+            .submit(order(4, 1, Side::Sell, 101))
+            .await
+            .unwrap();
+        assert_eq!(ack.seq, 8);
+    }
+}
+
+#[tokio::test]
+async fn concurrent_submitters_share_batches() {
+    for backend in backends("batches") {
+        let store = backend.open().await;
+        let (sequencer, tasks, _) = Sequencer::start(store.clone(), SequencerOptions::default())
+            .await
+            .unwrap();
+        for command in setup_commands() {
+            sequencer.submit(command).await.unwrap();
+        }
+        let mut handles = Vec::new();
+        for i in 0..400u64 {
+            let sequencer = sequencer.clone();
+            let side = if i % 2 == 0 { Side::Sell } else { Side::Buy };
+            handles.push(tokio::spawn(async move {
+                sequencer
+                    .submit(order(100 + i, 1 + i % 2, side, 100 + (i % 7) as i64))
+                    .await
+            }));
+        }
+        let mut seqs = Vec::new();
+        for handle in handles {
+            seqs.push(handle.await.unwrap().unwrap().seq);
+        }
+        seqs.sort_unstable();
+        assert_eq!(
+            seqs,
+            (6..406).collect::<Vec<_>>(),
+            "every command acknowledged once, in one sequence"
+        );
+        drop(sequencer);
+        tasks.join().await;
+        let report = store.verify_journal().await.unwrap();
+        assert_eq!((report.commands, report.problem), (405, None));
+        assert!(
+            report.batches < 405,
+            "group commit put several commands in a batch ({} batches)",
+            report.batches
+        );
+    }
+}
+
+#[tokio::test]
+async fn snapshots_shorten_recovery_and_agree_with_a_replay_from_zero() {
+    for backend in backends("snapshots") {
+        let store = backend.open().await;
+        let options = SequencerOptions {
+            snapshot_every_commands: 10,
+            ..SequencerOptions::default()
+        };
+        let (sequencer, tasks, _) = Sequencer::start(store.clone(), options.clone())
+            .await
+            .unwrap();
+        for command in setup_commands() {
+            sequencer.submit(command).await.unwrap();
+        }
+        for i in 0..30u64 {
+            let (side, user) = if i % 3 == 0 { (Side::Buy, 2) } else { (Side::Sell, 1) };
+            sequencer
+                .submit(order(10 + i, user, side, 100 + (i % 5) as i64))
+                .await
+                .unwrap();
+        }
+        drop(sequencer);
+        tasks.join().await;
+        let (_, from_snapshot) = recover(&store, RecoverFrom::LatestSnapshot).await.unwrap();
+        let (_, from_zero) = recover(&store, RecoverFrom::Zero).await.unwrap();
+        assert!(
+            from_snapshot.snapshot_seq.is_some(),
+            "a snapshot was written"
+        );
+        assert!(from_snapshot.replayed_commands < from_zero.replayed_commands);
+        assert_eq!(from_zero.replayed_commands, 35);
+        assert_eq!(from_snapshot.state_hash, from_zero.state_hash);
+        assert_eq!(from_snapshot.seq, 35);
+    }
+}
+
+#[tokio::test]
+async fn a_failed_append_stops_the_writer_and_nothing_unacknowledged_survives() {
+    for backend in backends("failure") {
+        let store = backend.open().await;
+        let (sequencer, tasks, _) = Sequencer::start(store.clone(), SequencerOptions::default())
+            .await
+            .unwrap();
+        for command in setup_commands() {
+            sequencer.submit(command).await.unwrap();
+        }
+        let durable_hash = sequencer.read(|state| state.state_hash()).await.unwrap();
+        store.inject_append_failure_after(0);
+        let failed = sequencer.submit(order(1, 1, Side::Sell, 100)).await;
+        assert!(
+            matches!(failed, Err(SubmitError::Stopped(ref reason)) if reason.contains("injected")),
+            "{failed:?}"
+        );
+        // Everything after is refused with the reason, reads included.
+        let later = sequencer.submit(order(2, 1, Side::Sell, 100)).await;
+        assert!(matches!(later, Err(SubmitError::Stopped(_))), "{later:?}");
+        assert!(sequencer.read(|state| state.state_hash()).await.is_err());
+        assert!(sequencer.stopped().is_some());
+        drop(sequencer);
+        tasks.join().await;
+        // A restart holds exactly the acknowledged commands.
+        let (_, recovery) = recover(&*backend.open().await, RecoverFrom::LatestSnapshot)
+            .await
+            .unwrap();
+        assert_eq!((recovery.seq, recovery.state_hash), (5, durable_hash));
+    }
+}
