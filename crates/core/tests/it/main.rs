@@ -2,6 +2,7 @@
 //! holds, and random command streams with every invariant recomputed after each command.
 
 mod codec;
+mod crash;
 mod sequencer;
 
 use agora_core::{CoreCommand, CoreRejection, Output, State};

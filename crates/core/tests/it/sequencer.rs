@@ -207,7 +207,11 @@ async fn snapshots_shorten_recovery_and_agree_with_a_replay_from_zero() {
             sequencer.submit(command).await.unwrap();
         }
         for i in 0..30u64 {
-            let (side, user) = if i % 3 == 0 { (Side::Buy, 2) } else { (Side::Sell, 1) };
+            let (side, user) = if i % 3 == 0 {
+                (Side::Buy, 2)
+            } else {
+                (Side::Sell, 1)
+            };
             sequencer
                 .submit(order(10 + i, user, side, 100 + (i % 5) as i64))
                 .await
