@@ -1,3 +1,4 @@
 //! The `agora` command line: subcommands and the JSON-lines replay edge of the matching engine.
 
+pub mod journal;
 pub mod replay;

@@ -22,6 +22,26 @@ enum Commands {
         #[command(subcommand)]
         command: BookCommands,
     },
+    /// The durable journal.
+    Journal {
+        #[command(subcommand)]
+        command: JournalCommands,
+    },
+}
+
+#[derive(Subcommand)]
+enum JournalCommands {
+    /// Check the journal's checksum chain, the snapshots, recovery against a replay from zero,
+    /// and the invariants; exits non-zero on any problem.
+    Verify {
+        /// The database: sqlite://PATH or postgres://…
+        #[arg(
+            long,
+            env = "AGORA_DATABASE",
+            default_value = "sqlite://agora-data/agora.db"
+        )]
+        database: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -37,6 +57,18 @@ enum BookCommands {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Commands::Journal {
+            command: JournalCommands::Verify { database },
+        } => {
+            let runtime = tokio::runtime::Runtime::new()?;
+            let report = runtime.block_on(cli::journal::verify(&database))?;
+            for line in &report.lines {
+                println!("{line}");
+            }
+            if !report.ok {
+                std::process::exit(1);
+            }
+        }
         Commands::Book {
             command: BookCommands::Replay { input },
         } => {

@@ -1,6 +1,8 @@
 //! End-to-end tests of the `agora` binary: the replay format, streaming through a pipe, and
 //! malformed input.
 
+mod journal;
+
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 
