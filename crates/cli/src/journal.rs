@@ -3,6 +3,8 @@
 
 use std::fmt::Write as _;
 
+use agora_core::codec::decode_all;
+use agora_core::projector::{PROJECTION, command_digest};
 use agora_core::sequencer::{RecoverFrom, recover};
 use store::{Store, StoreOptions};
 
@@ -99,6 +101,40 @@ pub async fn verify(url: &str) -> anyhow::Result<Report> {
             (Err(error), _) | (_, Err(error)) => {
                 ok = false;
                 lines.push(format!("recovery: PROBLEM: {error}"));
+            }
+        }
+    }
+    if journal.problem.is_none() {
+        // The audit trail: its own chain, and each entry tied to the journaled command.
+        let mut digests = Vec::new();
+        let mut from = 1;
+        loop {
+            let batches = store.read(from, 256).await?;
+            let Some(last) = batches.last() else { break };
+            from = last.batch + 1;
+            for batch in &batches {
+                let commands = decode_all(&batch.payload)?;
+                digests.extend(commands.iter().map(command_digest));
+            }
+        }
+        let audit = store.verify_audit(Some(&digests)).await?;
+        let projected = store.projection_offset(PROJECTION).await?;
+        match audit.problem {
+            None if audit.entries != projected => {
+                ok = false;
+                lines.push(format!(
+                    "audit: PROBLEM: {} entries but the read models are at command {projected}",
+                    audit.entries
+                ));
+            }
+            None => lines.push(format!(
+                "audit: {} entries, hash chain intact and matching the journal (read models at command {projected} of {})",
+                audit.entries,
+                digests.len()
+            )),
+            Some((seq, problem)) => {
+                ok = false;
+                lines.push(format!("audit: PROBLEM at entry {seq}: {problem}"));
             }
         }
     }

@@ -29,6 +29,7 @@ use sha2::{Digest, Sha256};
 pub use ledger::Amount;
 
 pub mod codec;
+pub mod projector;
 pub mod sequencer;
 mod snapshot;
 

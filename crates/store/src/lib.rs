@@ -6,6 +6,7 @@
 //! chosen by the URL: `sqlite://PATH` (a file, created with its directory when missing) or
 //! `postgres://…`. Both run the same versioned migrations, written once per dialect.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::Mutex;
@@ -168,6 +169,142 @@ impl Tail {
         checksum: [0; 32],
     };
 }
+
+/// An order's row in the `orders` read model.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OrderRow {
+    /// Market.
+    pub market: u32,
+    /// Order id.
+    pub order_id: u64,
+    /// Sequence number of the command that accepted it.
+    pub accepted_seq: u64,
+    /// Owner.
+    pub user: u64,
+    /// `buy` or `sell`.
+    pub side: &'static str,
+    /// Order type name.
+    pub order_type: &'static str,
+    /// Quantity committed.
+    pub qty: u64,
+    /// Quantity filled.
+    pub filled: u64,
+    /// Quantity still open.
+    pub open_qty: u64,
+    /// `open`, `filled`, `cancelled` or `expired`.
+    pub status: &'static str,
+    /// Sequence number of the last command that changed it.
+    pub updated_seq: u64,
+}
+
+/// A trade's row.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TradeRow {
+    /// The command that caused it.
+    pub seq: u64,
+    /// Its position among that command's trades.
+    pub n: u32,
+    /// Market.
+    pub market: u32,
+    /// Resting order.
+    pub maker: u64,
+    /// Incoming order.
+    pub taker: u64,
+    /// Resting order's owner.
+    pub maker_user: u64,
+    /// Incoming order's owner.
+    pub taker_user: u64,
+    /// `buy` or `sell`.
+    pub taker_side: &'static str,
+    /// Price in the market's units.
+    pub price: i64,
+    /// Quantity in the market's units.
+    pub qty: u64,
+}
+
+/// A ledger posting's row.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BalanceRow {
+    /// The command that caused it.
+    pub seq: u64,
+    /// Its position among that command's postings.
+    pub n: u32,
+    /// `user:<id>` or `fees`.
+    pub owner: String,
+    /// Asset.
+    pub asset: u32,
+    /// `available`, `held` or `external`.
+    pub bucket: &'static str,
+    /// Signed change in minor units.
+    pub delta: i128,
+}
+
+/// An audit entry: one per journaled command, chained by hash.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditRow {
+    /// The command's sequence number.
+    pub seq: u64,
+    /// The command's kind.
+    pub kind: String,
+    /// A short description.
+    pub detail: String,
+    /// SHA-256 of the encoded command as journaled.
+    pub command_digest: [u8; 32],
+    /// The previous entry's hash (zeros for the first).
+    pub prev_hash: [u8; 32],
+    /// [`audit_hash`] of this entry.
+    pub hash: [u8; 32],
+}
+
+/// The hash that chains audit entries.
+pub fn audit_hash(
+    prev_hash: &[u8; 32],
+    seq: u64,
+    kind: &str,
+    detail: &str,
+    command_digest: &[u8; 32],
+) -> [u8; 32] {
+    let mut hasher = Sha256::new();
+    hasher.update(prev_hash);
+    hasher.update(seq.to_le_bytes());
+    hasher.update((kind.len() as u64).to_le_bytes());
+    hasher.update(kind.as_bytes());
+    hasher.update((detail.len() as u64).to_le_bytes());
+    hasher.update(detail.as_bytes());
+    hasher.update(command_digest);
+    hasher.finalize().into()
+}
+
+/// Rows for the read models from a run of journaled commands ending at `last_seq`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProjectionBatch {
+    /// The first command covered.
+    pub first_seq: u64,
+    /// The last command covered: the projection's new offset.
+    pub last_seq: u64,
+    /// Orders created or changed (upserted).
+    pub orders: Vec<OrderRow>,
+    /// New trades.
+    pub trades: Vec<TradeRow>,
+    /// New postings.
+    pub balances: Vec<BalanceRow>,
+    /// New audit entries.
+    pub audit: Vec<AuditRow>,
+}
+
+/// The outcome of checking the audit chain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditReport {
+    /// Entries that passed.
+    pub entries: u64,
+    /// The last entry's hash.
+    pub head: [u8; 32],
+    /// The first problem, if any, by sequence number.
+    pub problem: Option<(u64, String)>,
+}
+
+/// Rows per multi-row insert statement (well below both backends' parameter limits).
+const INSERT_ROWS_MAX: usize = 500;
 
 /// The outcome of checking the whole journal.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -593,6 +730,274 @@ impl Store {
     #[doc(hidden)]
     pub fn inject_append_failure_after(&self, appends: u64) {
         self.appends_until_failure.store(appends, Ordering::Relaxed);
+    }
+
+    /// How far the named projection has applied the journal (0: nothing yet).
+    pub async fn projection_offset(&self, name: &str) -> Result<u64, StoreError> {
+        let sql = "SELECT seq FROM projection_offsets WHERE name = $1";
+        let seq: Option<i64> = on_pool!(self, pool => {
+            match sqlx::query(sql).bind(name).fetch_optional(pool).await? {
+                Some(row) => Some(row.try_get("seq")?),
+                None => None,
+            }
+        });
+        seq.map_or(Ok(0), |s| from_db(s, "projection offset", 0))
+    }
+
+    /// Writes a projection batch and moves the named projection's offset to its last command,
+    /// in one transaction. Refused unless the batch starts right after the stored offset, so a
+    /// batch is never projected twice.
+    pub async fn write_projection(
+        &self,
+        name: &str,
+        batch: &ProjectionBatch,
+    ) -> Result<(), StoreError> {
+        on_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            let stored: Option<i64> = sqlx::query("SELECT seq FROM projection_offsets WHERE name = $1")
+                .bind(name)
+                .fetch_optional(&mut *tx)
+                .await?
+                .map(|row| row.try_get("seq"))
+                .transpose()?;
+            let expected = stored.unwrap_or(0) as u64 + 1;
+            if batch.first_seq != expected || batch.last_seq < batch.first_seq {
+                return Err(StoreError::OutOfOrder {
+                    batch: batch.first_seq,
+                    first_seq: batch.last_seq,
+                    expected_batch: expected,
+                    expected_seq: expected,
+                });
+            }
+            for chunk in batch.orders.chunks(INSERT_ROWS_MAX) {
+                let mut query = sqlx::QueryBuilder::new(
+                    "INSERT INTO orders (market, order_id, accepted_seq, user_id, side, order_type, qty, filled, open_qty, status, updated_seq) ",
+                );
+                query.push_values(chunk, |mut row, order| {
+                    row.push_bind(i64::from(order.market))
+                        .push_bind(order.order_id as i64)
+                        .push_bind(to_db(order.accepted_seq))
+                        .push_bind(order.user as i64)
+                        .push_bind(order.side)
+                        .push_bind(order.order_type)
+                        .push_bind(order.qty as i64)
+                        .push_bind(order.filled as i64)
+                        .push_bind(order.open_qty as i64)
+                        .push_bind(order.status)
+                        .push_bind(to_db(order.updated_seq));
+                });
+                query.push(
+                    " ON CONFLICT (market, order_id, accepted_seq) DO UPDATE SET qty = excluded.qty, filled = excluded.filled, open_qty = excluded.open_qty, status = excluded.status, updated_seq = excluded.updated_seq",
+                );
+                query.build().execute(&mut *tx).await?;
+            }
+            for chunk in batch.trades.chunks(INSERT_ROWS_MAX) {
+                let mut query = sqlx::QueryBuilder::new(
+                    "INSERT INTO trades (seq, n, market, maker, taker, maker_user, taker_user, taker_side, price, qty) ",
+                );
+                query.push_values(chunk, |mut row, trade| {
+                    row.push_bind(to_db(trade.seq))
+                        .push_bind(i64::from(trade.n))
+                        .push_bind(i64::from(trade.market))
+                        .push_bind(trade.maker as i64)
+                        .push_bind(trade.taker as i64)
+                        .push_bind(trade.maker_user as i64)
+                        .push_bind(trade.taker_user as i64)
+                        .push_bind(trade.taker_side)
+                        .push_bind(trade.price)
+                        .push_bind(trade.qty as i64);
+                });
+                query.build().execute(&mut *tx).await?;
+            }
+            for chunk in batch.balances.chunks(INSERT_ROWS_MAX) {
+                let mut query = sqlx::QueryBuilder::new(
+                    "INSERT INTO balance_changes (seq, n, owner, asset, bucket, delta) ",
+                );
+                query.push_values(chunk, |mut row, change| {
+                    row.push_bind(to_db(change.seq))
+                        .push_bind(i64::from(change.n))
+                        .push_bind(change.owner.clone())
+                        .push_bind(i64::from(change.asset))
+                        .push_bind(change.bucket)
+                        .push_bind(change.delta.to_string());
+                });
+                query.build().execute(&mut *tx).await?;
+            }
+            for chunk in batch.audit.chunks(INSERT_ROWS_MAX) {
+                let mut query = sqlx::QueryBuilder::new(
+                    "INSERT INTO audit (seq, kind, detail, command_digest, prev_hash, hash) ",
+                );
+                query.push_values(chunk, |mut row, entry| {
+                    row.push_bind(to_db(entry.seq))
+                        .push_bind(entry.kind.clone())
+                        .push_bind(entry.detail.clone())
+                        .push_bind(entry.command_digest.to_vec())
+                        .push_bind(entry.prev_hash.to_vec())
+                        .push_bind(entry.hash.to_vec());
+                });
+                query.build().execute(&mut *tx).await?;
+            }
+            sqlx::query("INSERT INTO projection_offsets (name, seq) VALUES ($1, $2) ON CONFLICT (name) DO UPDATE SET seq = excluded.seq")
+                .bind(name)
+                .bind(to_db(batch.last_seq))
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+        });
+        Ok(())
+    }
+
+    /// Empties the read models and the named offset, so they can be rebuilt from the journal.
+    pub async fn reset_projection(&self, name: &str) -> Result<(), StoreError> {
+        on_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            for sql in ["DELETE FROM orders", "DELETE FROM trades", "DELETE FROM balance_changes", "DELETE FROM audit"] {
+                sqlx::query(sql).execute(&mut *tx).await?;
+            }
+            sqlx::query("DELETE FROM projection_offsets WHERE name = $1").bind(name).execute(&mut *tx).await?;
+            tx.commit().await?;
+        });
+        Ok(())
+    }
+
+    /// Rows in each read model: orders, trades, balance changes, audit entries.
+    pub async fn projection_counts(&self) -> Result<[u64; 4], StoreError> {
+        let mut counts = [0; 4];
+        for (slot, table) in ["orders", "trades", "balance_changes", "audit"]
+            .iter()
+            .enumerate()
+        {
+            let sql = format!("SELECT COUNT(*) AS n FROM {table}");
+            let n: i64 = on_pool!(self, pool => {
+                sqlx::query(sqlx::AssertSqlSafe(sql.clone())).fetch_one(pool).await?.try_get("n")?
+            });
+            counts[slot] = n as u64;
+        }
+        Ok(counts)
+    }
+
+    /// Per owner and asset, the sum of the projected balance changes to available and held
+    /// funds: equal to the ledger's balances when the projection is complete.
+    pub async fn projected_balances(&self) -> Result<BTreeMap<(String, u32), i128>, StoreError> {
+        let sql = "SELECT owner, asset, delta FROM balance_changes WHERE bucket <> 'external'";
+        let rows: Vec<(String, i64, String)> = on_pool!(self, pool => {
+            sqlx::query(sql)
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(|row| Ok::<_, sqlx::Error>((row.try_get("owner")?, row.try_get("asset")?, row.try_get("delta")?)))
+                .collect::<Result<_, _>>()?
+        });
+        let mut sums = BTreeMap::new();
+        for (owner, asset, delta) in rows {
+            let delta: i128 = delta.parse().map_err(|_| StoreError::Corrupt {
+                what: "balance change",
+                position: 0,
+                problem: format!("delta {delta:?} is not an integer"),
+            })?;
+            *sums.entry((owner, asset as u32)).or_insert(0) += delta;
+        }
+        sums.retain(|_, sum| *sum != 0);
+        Ok(sums)
+    }
+
+    /// How many projected orders have each status.
+    pub async fn order_statuses(&self) -> Result<BTreeMap<String, u64>, StoreError> {
+        let sql = "SELECT status, COUNT(*) AS n FROM orders GROUP BY status";
+        let rows: Vec<(String, i64)> = on_pool!(self, pool => {
+            sqlx::query(sql)
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(|row| Ok::<_, sqlx::Error>((row.try_get("status")?, row.try_get("n")?)))
+                .collect::<Result<_, _>>()?
+        });
+        Ok(rows
+            .into_iter()
+            .map(|(status, n)| (status, n as u64))
+            .collect())
+    }
+
+    /// The hash of the last audit entry (zeros when there is none).
+    pub async fn audit_head(&self) -> Result<[u8; 32], StoreError> {
+        let sql = "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1";
+        let head = on_pool!(self, pool => {
+            match sqlx::query(sql).fetch_optional(pool).await? {
+                None => [0; 32],
+                Some(row) => {
+                    let seq = from_db(row.try_get("seq")?, "audit entry", 0)?;
+                    hash32(row.try_get("hash")?, "audit entry", seq)?
+                }
+            }
+        });
+        Ok(head)
+    }
+
+    /// Walks the audit trail checking numbering and the hash chain, and that each entry's
+    /// command digest matches the journaled command (`digests[seq - 1]`, when given).
+    pub async fn verify_audit(
+        &self,
+        digests: Option<&[[u8; 32]]>,
+    ) -> Result<AuditReport, StoreError> {
+        let mut report = AuditReport {
+            entries: 0,
+            head: [0; 32],
+            problem: None,
+        };
+        let sql = "SELECT seq, kind, detail, command_digest, prev_hash, hash FROM audit WHERE seq >= $1 ORDER BY seq LIMIT 1000";
+        loop {
+            let rows: Vec<AuditRow> = on_pool!(self, pool => {
+                sqlx::query(sql)
+                    .bind(to_db(report.entries + 1))
+                    .fetch_all(pool)
+                    .await?
+                    .iter()
+                    .map(|row| {
+                        let seq = from_db(row.try_get("seq")?, "audit entry", 0)?;
+                        Ok::<_, StoreError>(AuditRow {
+                            seq,
+                            kind: row.try_get("kind")?,
+                            detail: row.try_get("detail")?,
+                            command_digest: hash32(row.try_get("command_digest")?, "audit entry", seq)?,
+                            prev_hash: hash32(row.try_get("prev_hash")?, "audit entry", seq)?,
+                            hash: hash32(row.try_get("hash")?, "audit entry", seq)?,
+                        })
+                    })
+                    .collect::<Result<_, _>>()?
+            });
+            if rows.is_empty() {
+                return Ok(report);
+            }
+            for row in rows {
+                let expected = report.entries + 1;
+                let problem = if row.seq != expected {
+                    Some("an entry is missing")
+                } else if row.prev_hash != report.head {
+                    Some("its previous hash does not match the chain")
+                } else if audit_hash(
+                    &report.head,
+                    expected,
+                    &row.kind,
+                    &row.detail,
+                    &row.command_digest,
+                ) != row.hash
+                {
+                    Some("its hash does not match its contents")
+                } else if digests
+                    .is_some_and(|d| d.get(expected as usize - 1) != Some(&row.command_digest))
+                {
+                    Some("it does not match the journaled command")
+                } else {
+                    None
+                };
+                if let Some(problem) = problem {
+                    report.problem = Some((expected, problem.to_string()));
+                    return Ok(report);
+                }
+                report.head = row.hash;
+                report.entries += 1;
+            }
+        }
     }
 
     /// Closes the pool, waiting for connections to finish.

@@ -35,6 +35,13 @@ async fn write_journal(url: &str) {
     }
     drop(sequencer);
     tasks.join().await;
+    let store = Arc::new(Store::open(url, &StoreOptions::default()).await.unwrap());
+    agora_core::projector::Projector::start(store)
+        .await
+        .unwrap()
+        .catch_up()
+        .await
+        .unwrap();
 }
 
 fn verify(url: &str) -> (bool, String) {
@@ -62,7 +69,28 @@ async fn verify_reports_ok_then_the_damaged_batch() {
         "{report}"
     );
     assert!(report.contains("same state hash"), "{report}");
+    assert!(
+        report.contains("audit: 7 entries, hash chain intact"),
+        "{report}"
+    );
     assert!(report.contains("result: OK"), "{report}");
+
+    // A rewritten audit entry is found.
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    sqlx::query("UPDATE audit SET detail = 'forged' WHERE seq = 3")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let (ok, report) = verify(&url);
+    assert!(
+        !ok && report.contains("audit: PROBLEM at entry 3"),
+        "{report}"
+    );
+    sqlx::query("DELETE FROM audit")
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
 
     let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
     sqlx::query("UPDATE journal SET payload = CAST('x' AS BLOB) || payload WHERE batch = 4")

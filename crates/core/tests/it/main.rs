@@ -3,6 +3,7 @@
 
 mod codec;
 mod crash;
+mod projector;
 mod sequencer;
 
 use agora_core::{CoreCommand, CoreRejection, Output, State};

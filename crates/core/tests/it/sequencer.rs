@@ -11,14 +11,14 @@ use book::{MarketId, MarketSpec, PlaceOrder, Price, Qty, Side};
 use ledger::Rejection;
 use store::{Store, StoreOptions};
 
-struct Backend {
+pub(crate) struct Backend {
     url: String,
     options: StoreOptions,
     _dir: Option<tempfile::TempDir>,
 }
 
 impl Backend {
-    async fn open(&self) -> Arc<Store> {
+    pub(crate) async fn open(&self) -> Arc<Store> {
         Arc::new(
             Store::open(&self.url, &self.options)
                 .await
@@ -29,7 +29,7 @@ impl Backend {
 
 static NEXT_SCHEMA: AtomicU32 = AtomicU32::new(0);
 
-fn backends(test: &str) -> Vec<Backend> {
+pub(crate) fn backends(test: &str) -> Vec<Backend> {
     let dir = tempfile::tempdir().unwrap();
     let mut backends = vec![Backend {
         url: format!("sqlite://{}/agora.db", dir.path().display()),

@@ -1,0 +1,353 @@
+//! The projector: turns the journal into read models (orders, trades, balance changes) and
+//! the hash-chained audit trail, exactly once.
+//!
+//! It keeps its own copy of the state, replaying the journal as the sequencer did, so it needs
+//! nothing from the sequencer and can run behind it, after it, or alone to rebuild the tables.
+//! Each journal batch's rows are written in one transaction together with the projection's
+//! offset; a batch that does not start right after the stored offset is refused, so a command
+//! is never projected twice, and after a crash projecting resumes where the offset says.
+
+use std::sync::Arc;
+
+use book::{Event, MarketId, OrderId, Side};
+use ledger::{Bucket, Owner};
+use rustc_hash::FxHashMap;
+use sha2::{Digest, Sha256};
+use store::{AuditRow, BalanceRow, OrderRow, ProjectionBatch, Store, TradeRow, audit_hash};
+
+use crate::codec;
+use crate::sequencer::RecoveryError;
+use crate::{CoreCommand, Output, State};
+
+/// The name of the projection's offset.
+pub const PROJECTION: &str = "read_models";
+
+/// Journal batches read per step.
+const BATCHES_PER_READ: usize = 64;
+
+/// What the projector tracks of a live order to write its row.
+#[derive(Clone, Debug)]
+struct OrderTrack {
+    row: OrderRow,
+}
+
+/// Projects the journal into the read models.
+pub struct Projector {
+    store: Arc<Store>,
+    state: State,
+    seq: u64,
+    orders: FxHashMap<(MarketId, OrderId), OrderTrack>,
+    audit_head: [u8; 32],
+}
+
+fn command_kind(command: &CoreCommand) -> &'static str {
+    match command {
+        CoreCommand::CreateAsset { .. } => "create_asset",
+        CoreCommand::CreateMarket { .. } => "create_market",
+        CoreCommand::Deposit { .. } => "deposit",
+        CoreCommand::RequestWithdrawal { .. } => "request_withdrawal",
+        CoreCommand::CompleteWithdrawal { .. } => "complete_withdrawal",
+        CoreCommand::CancelWithdrawal { .. } => "cancel_withdrawal",
+        CoreCommand::SetReputation { .. } => "set_reputation",
+        CoreCommand::Place(_) => "place",
+        CoreCommand::Cancel { .. } => "cancel",
+        CoreCommand::Modify(_) => "modify",
+        CoreCommand::CancelAll { .. } => "cancel_all",
+        CoreCommand::AdvanceTime { .. } => "time",
+    }
+}
+
+fn command_detail(command: &CoreCommand) -> String {
+    match command {
+        CoreCommand::CreateAsset {
+            asset,
+            symbol,
+            decimals,
+        } => format!("asset {asset} {symbol} ({decimals} decimals)"),
+        CoreCommand::CreateMarket {
+            spec, base, quote, ..
+        } => format!("market {} base {base} quote {quote}", spec.symbol),
+        CoreCommand::Deposit {
+            user,
+            asset,
+            amount,
+        } => format!("user {user} asset {asset} amount {amount}"),
+        CoreCommand::RequestWithdrawal {
+            id,
+            user,
+            asset,
+            amount,
+        } => {
+            format!("withdrawal {id} user {user} asset {asset} amount {amount}")
+        }
+        CoreCommand::CompleteWithdrawal { id } | CoreCommand::CancelWithdrawal { id } => {
+            format!("withdrawal {id}")
+        }
+        CoreCommand::SetReputation { user, reputation } => {
+            format!("user {user} reputation {reputation}")
+        }
+        CoreCommand::Place(place) => format!(
+            "market {} order {} user {} {} {} qty {}",
+            place.market.0,
+            place.id,
+            place.user,
+            place.side.as_str(),
+            place.order_type.as_str(),
+            place.qty.0
+        ),
+        CoreCommand::Cancel { market, id, user } => {
+            format!("market {} order {id} user {user}", market.0)
+        }
+        CoreCommand::Modify(modify) => format!(
+            "market {} order {} user {}",
+            modify.market.0, modify.id, modify.user
+        ),
+        CoreCommand::CancelAll { market, user } => {
+            format!("market {:?} user {:?}", market.map(|m| m.0), user)
+        }
+        CoreCommand::AdvanceTime { now } => format!("now {now}"),
+    }
+}
+
+/// SHA-256 of a command's journal encoding.
+pub fn command_digest(command: &CoreCommand) -> [u8; 32] {
+    let mut bytes = Vec::new();
+    codec::encode(command, &mut bytes);
+    Sha256::digest(&bytes).into()
+}
+
+impl Projector {
+    /// Catches its private state up to the stored offset (without writing), ready to project
+    /// what follows.
+    pub async fn start(store: Arc<Store>) -> Result<Projector, RecoveryError> {
+        let offset = store.projection_offset(PROJECTION).await?;
+        let stored_head = store.audit_head().await?;
+        let mut projector = Projector {
+            store,
+            state: State::new(),
+            seq: 0,
+            orders: FxHashMap::default(),
+            audit_head: [0; 32],
+        };
+        // Replays the already-projected commands to rebuild the state, the live orders and the
+        // audit chain; their rows are dropped, as the tables hold them already.
+        projector.run(Some(offset)).await?;
+        if projector.audit_head != stored_head {
+            return Err(RecoveryError::Store(store::StoreError::Corrupt {
+                what: "audit entry",
+                position: offset,
+                problem: "the stored audit chain does not match the journal".into(),
+            }));
+        }
+        Ok(projector)
+    }
+
+    /// The last command projected.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Projects every journal batch not projected yet; returns the commands projected.
+    pub async fn catch_up(&mut self) -> Result<u64, RecoveryError> {
+        let before = self.seq;
+        self.run(None).await?;
+        Ok(self.seq - before)
+    }
+
+    /// Replays journal batches after `self.seq`: up to `silent_until` without writing, then
+    /// writing one projection transaction per batch.
+    async fn run(&mut self, silent_until: Option<u64>) -> Result<(), RecoveryError> {
+        let mut next_batch = match self.seq {
+            0 => 1,
+            seq => match self.store.batch_containing(seq).await? {
+                Some(batch) => batch + 1,
+                None => return Ok(()),
+            },
+        };
+        loop {
+            let batches = self.store.read(next_batch, BATCHES_PER_READ).await?;
+            let Some(last) = batches.last() else {
+                return Ok(());
+            };
+            next_batch = last.batch + 1;
+            for batch in batches {
+                if silent_until.is_some_and(|until| batch.first_seq > until) {
+                    return Ok(());
+                }
+                let commands =
+                    codec::decode_all(&batch.payload).map_err(|error| RecoveryError::Decode {
+                        batch: batch.batch,
+                        error,
+                    })?;
+                let mut rows = ProjectionBatch {
+                    first_seq: batch.first_seq,
+                    last_seq: batch.last_seq(),
+                    ..ProjectionBatch::default()
+                };
+                for command in &commands {
+                    self.project(command, &mut rows)?;
+                }
+                if silent_until.is_none() {
+                    self.store.write_projection(PROJECTION, &rows).await?;
+                }
+            }
+        }
+    }
+
+    /// Applies one journaled command to the private state and adds its rows.
+    fn project(
+        &mut self,
+        command: &CoreCommand,
+        rows: &mut ProjectionBatch,
+    ) -> Result<(), RecoveryError> {
+        self.seq += 1;
+        let seq = self.seq;
+        let mut out = Output::default();
+        self.state
+            .apply(command, &mut out)
+            .map_err(|reason| RecoveryError::Diverged { seq, reason })?;
+        let mut touched: Vec<(MarketId, OrderId)> = Vec::new();
+        let mut trades = 0u32;
+        for event in &out.events {
+            match *event {
+                Event::Accepted {
+                    market,
+                    id,
+                    user,
+                    side,
+                    order_type,
+                    qty,
+                } => {
+                    self.orders.insert(
+                        (market, id),
+                        OrderTrack {
+                            row: OrderRow {
+                                market: market.0,
+                                order_id: id,
+                                accepted_seq: seq,
+                                user,
+                                side: side.as_str(),
+                                order_type: order_type.as_str(),
+                                qty: qty.0,
+                                filled: 0,
+                                open_qty: qty.0,
+                                status: "open",
+                                updated_seq: seq,
+                            },
+                        },
+                    );
+                    touched.push((market, id));
+                }
+                Event::Trade {
+                    market,
+                    maker,
+                    taker,
+                    maker_user,
+                    taker_user,
+                    taker_side,
+                    price,
+                    qty,
+                } => {
+                    for id in [maker, taker] {
+                        if let Some(track) = self.orders.get_mut(&(market, id)) {
+                            track.row.filled += qty.0;
+                            track.row.open_qty -= qty.0;
+                            if track.row.open_qty == 0 {
+                                track.row.status = "filled";
+                            }
+                        }
+                        touched.push((market, id));
+                    }
+                    rows.trades.push(TradeRow {
+                        seq,
+                        n: trades,
+                        market: market.0,
+                        maker,
+                        taker,
+                        maker_user,
+                        taker_user,
+                        taker_side: match taker_side {
+                            Side::Buy => "buy",
+                            Side::Sell => "sell",
+                        },
+                        price: price.0,
+                        qty: qty.0,
+                    });
+                    trades += 1;
+                }
+                Event::Cancelled {
+                    market, id, open, ..
+                } => {
+                    if let Some(track) = self.orders.get_mut(&(market, id)) {
+                        track.row.open_qty = open.0;
+                        if open.0 == 0 {
+                            track.row.status = "cancelled";
+                        }
+                    }
+                    touched.push((market, id));
+                }
+                Event::Expired { market, id, .. } => {
+                    if let Some(track) = self.orders.get_mut(&(market, id)) {
+                        track.row.open_qty = 0;
+                        track.row.status = "expired";
+                    }
+                    touched.push((market, id));
+                }
+                Event::Modified {
+                    market, id, qty, ..
+                } => {
+                    if let Some(track) = self.orders.get_mut(&(market, id)) {
+                        // The committed quantity follows the new open quantity.
+                        track.row.qty = track.row.qty - track.row.open_qty + qty.0;
+                        track.row.open_qty = qty.0;
+                    }
+                    touched.push((market, id));
+                }
+                _ => {}
+            }
+        }
+        touched.sort_unstable();
+        touched.dedup();
+        for key in touched {
+            let Some(track) = self.orders.get_mut(&key) else {
+                continue;
+            };
+            track.row.updated_seq = seq;
+            rows.orders.push(track.row.clone());
+            if track.row.open_qty == 0 {
+                self.orders.remove(&key);
+            }
+        }
+        for (n, posting) in out.postings.iter().enumerate() {
+            rows.balances.push(BalanceRow {
+                seq,
+                n: n as u32,
+                owner: match posting.owner {
+                    Owner::User(user) => format!("user:{user}"),
+                    Owner::Fees => "fees".into(),
+                },
+                asset: posting.asset,
+                bucket: match posting.bucket {
+                    Bucket::Available => "available",
+                    Bucket::Held => "held",
+                    Bucket::External => "external",
+                },
+                delta: posting.delta,
+            });
+        }
+        let kind = command_kind(command);
+        let detail = command_detail(command);
+        let digest = command_digest(command);
+        let hash = audit_hash(&self.audit_head, seq, kind, &detail, &digest);
+        rows.audit.push(AuditRow {
+            seq,
+            kind: kind.into(),
+            detail,
+            command_digest: digest,
+            prev_hash: self.audit_head,
+            hash,
+        });
+        self.audit_head = hash;
+        Ok(())
+    }
+}

@@ -1,0 +1,214 @@
+//! The projector on both backends: read models that agree with the state, exactly once across
+//! restarts, rebuildable from the journal, and an audit chain tied to the journal.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use agora_core::CoreCommand;
+use agora_core::projector::{PROJECTION, Projector, command_digest};
+use agora_core::sequencer::{Sequencer, SequencerOptions};
+use book::{MarketId, MarketSpec, PlaceOrder, Price, Qty, Side};
+use ledger::Owner;
+use store::{ProjectionBatch, Store, StoreError, StoreOptions};
+
+use crate::sequencer::backends;
+
+fn commands() -> Vec<CoreCommand> {
+    let mut commands = vec![
+        CoreCommand::CreateAsset {
+            asset: 1,
+            symbol: "BTC".into(),
+            decimals: 8,
+        },
+        CoreCommand::CreateAsset {
+            asset: 2,
+            symbol: "USD".into(),
+            decimals: 8,
+        },
+        CoreCommand::CreateMarket {
+            spec: MarketSpec::new("BTC-USD", 2, 4, 1, 1),
+            base: 1,
+            quote: 2,
+            maker_fee_bps: 10,
+            taker_fee_bps: 20,
+        },
+    ];
+    for user in 1..=4 {
+        commands.push(CoreCommand::Deposit {
+            user,
+            asset: 1,
+            amount: 10_000_000_000,
+        });
+        commands.push(CoreCommand::Deposit {
+            user,
+            asset: 2,
+            amount: 10_000_000_000_000,
+        });
+    }
+    for i in 0..60u64 {
+        let side = if i % 2 == 0 { Side::Sell } else { Side::Buy };
+        let price = 10_000 + (i * 7 % 11) as i64;
+        commands.push(CoreCommand::Place(PlaceOrder::limit(
+            MarketId(0),
+            100 + i,
+            1 + i % 4,
+            side,
+            Price(price),
+            Qty(10 + i % 30),
+        )));
+        if i % 9 == 8 {
+            commands.push(CoreCommand::Cancel {
+                market: MarketId(0),
+                id: 100 + i - 2,
+                user: 1 + (i - 2) % 4,
+            });
+        }
+    }
+    commands.push(CoreCommand::RequestWithdrawal {
+        id: 1,
+        user: 1,
+        asset: 1,
+        amount: 5,
+    });
+    commands.push(CoreCommand::CompleteWithdrawal { id: 1 });
+    commands
+}
+
+async fn journal(
+    store: &Arc<Store>,
+    commands: &[CoreCommand],
+) -> (BTreeMap<(String, u32), i128>, Vec<[u8; 32]>) {
+    let (sequencer, tasks, _) = Sequencer::start(store.clone(), SequencerOptions::default())
+        .await
+        .unwrap();
+    let mut digests = Vec::new();
+    for command in commands {
+        if sequencer.submit(command.clone()).await.is_ok() {
+            digests.push(command_digest(command));
+        }
+    }
+    let balances = sequencer
+        .read(|state| {
+            let mut sums = BTreeMap::new();
+            for owner in [
+                Owner::Fees,
+                Owner::User(1),
+                Owner::User(2),
+                Owner::User(3),
+                Owner::User(4),
+            ] {
+                for asset in [1u32, 2] {
+                    let balance = state.ledger().balance(owner, asset);
+                    let total = (balance.available + balance.held) as i128;
+                    if total != 0 {
+                        let name = match owner {
+                            Owner::User(user) => format!("user:{user}"),
+                            Owner::Fees => "fees".into(),
+                        };
+                        sums.insert((name, asset), total);
+                    }
+                }
+            }
+            sums
+        })
+        .await
+        .unwrap();
+    drop(sequencer);
+    tasks.join().await;
+    (balances, digests)
+}
+
+#[tokio::test]
+async fn read_models_agree_with_the_state_exactly_once_and_rebuild_the_same() {
+    for backend in backends("projector") {
+        let store = backend.open().await;
+        let all = commands();
+        let (first, rest) = all.split_at(40);
+        let (_, mut digests) = journal(&store, first).await;
+
+        let mut projector = Projector::start(store.clone()).await.unwrap();
+        let projected = projector.catch_up().await.unwrap();
+        assert_eq!(projected, digests.len() as u64);
+        assert_eq!(
+            projector.catch_up().await.unwrap(),
+            0,
+            "nothing is projected twice"
+        );
+
+        // More commands, and a projector restarted from the stored offset.
+        let (balances, more) = journal(&store, rest).await;
+        digests.extend(more);
+        let mut projector = Projector::start(store.clone()).await.unwrap();
+        projector.catch_up().await.unwrap();
+        assert_eq!(projector.seq(), digests.len() as u64);
+        assert_eq!(
+            store.projection_offset(PROJECTION).await.unwrap(),
+            digests.len() as u64
+        );
+
+        assert_eq!(
+            store.projected_balances().await.unwrap(),
+            balances,
+            "balance history sums to the ledger"
+        );
+        let counts = store.projection_counts().await.unwrap();
+        assert_eq!(
+            counts[3],
+            digests.len() as u64,
+            "one audit entry per journaled command"
+        );
+        assert!(counts[1] > 0, "the stream traded");
+        let statuses = store.order_statuses().await.unwrap();
+        assert!(
+            statuses.contains_key("filled") && statuses.contains_key("cancelled"),
+            "{statuses:?}"
+        );
+        let audit = store.verify_audit(Some(&digests)).await.unwrap();
+        assert_eq!((audit.entries, audit.problem), (digests.len() as u64, None));
+
+        // Rebuilt from the journal, the read models come out the same.
+        store.reset_projection(PROJECTION).await.unwrap();
+        let mut rebuilt = Projector::start(store.clone()).await.unwrap();
+        rebuilt.catch_up().await.unwrap();
+        assert_eq!(store.projection_counts().await.unwrap(), counts);
+        assert_eq!(store.projected_balances().await.unwrap(), balances);
+        assert_eq!(store.order_statuses().await.unwrap(), statuses);
+        assert_eq!(
+            store.verify_audit(Some(&digests)).await.unwrap().head,
+            audit.head
+        );
+
+        // A batch that does not follow the offset is refused.
+        let stale = ProjectionBatch {
+            first_seq: 1,
+            last_seq: 1,
+            ..ProjectionBatch::default()
+        };
+        assert!(matches!(
+            store.write_projection(PROJECTION, &stale).await,
+            Err(StoreError::OutOfOrder { .. })
+        ));
+    }
+}
+
+#[tokio::test]
+async fn a_tampered_audit_entry_is_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/agora.db", dir.path().display());
+    let store = Arc::new(Store::open(&url, &StoreOptions::default()).await.unwrap());
+    let (_, digests) = journal(&store, &commands()[..12]).await;
+    Projector::start(store.clone())
+        .await
+        .unwrap()
+        .catch_up()
+        .await
+        .unwrap();
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    sqlx::query("UPDATE audit SET detail = 'user 1 asset 1 amount 1' WHERE seq = 5")
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    let report = store.verify_audit(Some(&digests)).await.unwrap();
+    assert_eq!(report.problem.map(|p| p.0), Some(5));
+}
