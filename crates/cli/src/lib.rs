@@ -1,4 +1,5 @@
 //! The `agora` command line: subcommands and the JSON-lines replay edge of the matching engine.
 
+pub mod bench;
 pub mod journal;
 pub mod replay;

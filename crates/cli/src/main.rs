@@ -22,10 +22,41 @@ enum Commands {
         #[command(subcommand)]
         command: BookCommands,
     },
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommands,
+    },
     /// The durable journal.
     Journal {
         #[command(subcommand)]
         command: JournalCommands,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommands {
+    /// Durable commands per second, acknowledgement latency, replay and snapshot cost, each
+    /// against the disk's own limit (see docs/performance.md).
+    Core {
+        /// Commands in the throughput run.
+        #[arg(long, default_value_t = 300_000)]
+        commands: u64,
+        /// Concurrent submitters.
+        #[arg(long, default_value_t = 2_048)]
+        submitters: u64,
+        /// Offered load of the latency run, commands per second.
+        #[arg(long, default_value_t = 50_000)]
+        offered: u64,
+        /// Seconds of the latency run.
+        #[arg(long, default_value_t = 3)]
+        latency_seconds: u64,
+        /// Resting orders in the snapshot run.
+        #[arg(long, default_value_t = 1_000_000)]
+        snapshot_orders: u64,
+        /// PostgreSQL server to measure too.
+        #[arg(long, env = "AGORA_BENCH_POSTGRES_URL")]
+        postgres: Option<String>,
     },
 }
 
@@ -57,6 +88,27 @@ enum BookCommands {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Commands::Bench {
+            command:
+                BenchCommands::Core {
+                    commands,
+                    submitters,
+                    offered,
+                    latency_seconds,
+                    snapshot_orders,
+                    postgres,
+                },
+        } => {
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(cli::bench::run(cli::bench::BenchOptions {
+                commands,
+                submitters: submitters.max(1),
+                offered_per_second: offered.max(1),
+                latency_run: std::time::Duration::from_secs(latency_seconds.max(1)),
+                snapshot_orders,
+                postgres_url: postgres,
+            }))?;
+        }
         Commands::Journal {
             command: JournalCommands::Verify { database },
         } => {

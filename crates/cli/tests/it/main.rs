@@ -273,3 +273,36 @@ fn the_example_in_docs_replay_md_is_what_agora_prints() {
     let output = String::from_utf8(output).unwrap();
     assert_eq!(output.lines().collect::<Vec<_>>(), expected);
 }
+
+#[test]
+fn the_core_benchmark_runs_end_to_end_on_a_small_load() {
+    let output = agora()
+        .args([
+            "bench",
+            "core",
+            "--commands",
+            "2000",
+            "--submitters",
+            "64",
+            "--offered",
+            "2000",
+            "--latency-seconds",
+            "1",
+            "--snapshot-orders",
+            "2000",
+        ])
+        .env_remove("AGORA_BENCH_POSTGRES_URL")
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{report}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(report.contains("| sqlite (synchronous=FULL) |"), "{report}");
+    assert!(
+        report.contains("snapshot of 2000 resting orders"),
+        "{report}"
+    );
+}
