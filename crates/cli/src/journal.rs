@@ -30,7 +30,7 @@ pub async fn verify(url: &str) -> anyhow::Result<Report> {
     {
         anyhow::bail!("no database at {path}");
     }
-    let store = Store::open(url, &StoreOptions::default()).await?;
+    let store = std::sync::Arc::new(Store::open(url, &StoreOptions::default()).await?);
     let mut lines = vec![format!("database: {} ({})", url, store.backend_name())];
     let mut ok = true;
 

@@ -282,6 +282,8 @@ pub struct State {
     escrows: BTreeMap<u64, EscrowTrade>,
     next_hold: HoldId,
     next_trade: u64,
+    /// Scratch list of the orders a command touched (empty between commands).
+    touched: Vec<(MarketId, OrderId)>,
 }
 
 impl State {
@@ -612,7 +614,7 @@ impl State {
     /// Settles the trades among `out.events[start..]`, then brings every touched order's hold
     /// to what it still needs: released in full when the order is gone.
     fn settle_and_release(&mut self, start: usize, out: &mut Output) {
-        let mut touched: Vec<(MarketId, OrderId)> = Vec::new();
+        let mut touched = std::mem::take(&mut self.touched);
         for index in start..out.events.len() {
             match out.events[index] {
                 Event::Trade {
@@ -633,8 +635,10 @@ impl State {
                     touched.push((market, maker));
                     touched.push((market, taker));
                 }
-                Event::Accepted { market, id, .. }
-                | Event::Cancelled { market, id, .. }
+                // An accepted order holds exactly what it needs until a trade, a cancel, an
+                // expiry, a trigger or a modify says otherwise, so acceptance alone needs no
+                // reconciliation.
+                Event::Cancelled { market, id, .. }
                 | Event::Expired { market, id, .. }
                 | Event::Triggered { market, id, .. }
                 | Event::Modified { market, id, .. } => touched.push((market, id)),
@@ -643,9 +647,11 @@ impl State {
         }
         touched.sort_unstable();
         touched.dedup();
-        for (market, id) in touched {
+        for &(market, id) in &touched {
             self.release_excess(market, id, out);
         }
+        touched.clear();
+        self.touched = touched;
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -141,9 +141,16 @@ pub enum RecoverFrom {
     Zero,
 }
 
+/// Journal batches read ahead of replay.
+const READ_AHEAD_BATCHES: usize = 256;
+
 /// Rebuilds the state from the store: the newest valid snapshot (its hash checked), then every
-/// later journal batch, each checked against its chain before it is applied.
-pub async fn recover(store: &Store, from: RecoverFrom) -> Result<(State, Recovery), RecoveryError> {
+/// later journal batch, each checked against its chain before it is applied. Batches are read
+/// by a separate task, ahead of the replay, so reading and applying overlap.
+pub async fn recover(
+    store: &Arc<Store>,
+    from: RecoverFrom,
+) -> Result<(State, Recovery), RecoveryError> {
     let (snapshot, skipped) = match from {
         RecoverFrom::LatestSnapshot => store.latest_valid_snapshot().await?,
         RecoverFrom::Zero => (None, Vec::new()),
@@ -165,12 +172,11 @@ pub async fn recover(store: &Store, from: RecoverFrom) -> Result<(State, Recover
         }
         None => (State::new(), 0),
     };
-    let mut replayed = 0;
-    let mut next_batch = if seq == 0 {
-        Some(1)
+    let first_batch = if seq == 0 {
+        1
     } else {
         match store.batch_containing(seq).await? {
-            Some(batch) => Some(batch + 1),
+            Some(batch) => batch + 1,
             None => {
                 return Err(RecoveryError::BadSnapshot {
                     seq,
@@ -179,11 +185,31 @@ pub async fn recover(store: &Store, from: RecoverFrom) -> Result<(State, Recover
             }
         }
     };
+    let (batches, mut incoming) = mpsc::channel(2);
+    let reader_store = store.clone();
+    let reader = tokio::spawn(async move {
+        let mut next = first_batch;
+        loop {
+            let read = reader_store.read(next, READ_AHEAD_BATCHES).await;
+            let done = match &read {
+                Ok(batches) => match batches.last() {
+                    Some(last) => {
+                        next = last.batch + 1;
+                        false
+                    }
+                    None => true,
+                },
+                Err(_) => true,
+            };
+            if batches.send(read).await.is_err() || done {
+                return;
+            }
+        }
+    });
+    let mut replayed = 0;
     let mut out = Output::default();
-    while let Some(from_batch) = next_batch {
-        let batches = store.read(from_batch, 256).await?;
-        next_batch = batches.last().map(|b| b.batch + 1);
-        for batch in batches {
+    while let Some(read) = incoming.recv().await {
+        for batch in read? {
             let commands =
                 codec::decode_all(&batch.payload).map_err(|error| RecoveryError::Decode {
                     batch: batch.batch,
@@ -206,6 +232,7 @@ pub async fn recover(store: &Store, from: RecoverFrom) -> Result<(State, Recover
             }
         }
     }
+    let _ = reader.await;
     let recovery = Recovery {
         snapshot_seq: snapshot.map(|s| s.seq),
         skipped_snapshots: skipped,

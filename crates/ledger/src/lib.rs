@@ -276,6 +276,8 @@ pub struct Ledger {
     /// Per asset, the running sum of every account's available plus held, kept to check the
     /// supply invariant in constant time after each operation.
     totals: FxHashMap<AssetId, Amount>,
+    /// Scratch space for the undo log of the operation in progress (empty between operations).
+    undo: Vec<Undo>,
 }
 
 /// What an applied operation did, to undo it when a later operation of its batch is refused.
@@ -314,19 +316,22 @@ impl Ledger {
 
     /// Applies one operation, appending its postings, or refuses it and changes nothing.
     pub fn apply(&mut self, op: &Op, postings: &mut Vec<Posting>) -> Result<(), Rejection> {
-        let mut undo = Vec::new();
+        let mut undo = std::mem::take(&mut self.undo);
         let start = postings.len();
-        match self.apply_inner(op, postings, &mut undo) {
+        let result = match self.apply_inner(op, postings, &mut undo) {
             Ok(()) => {
                 self.check_after(&postings[start..]);
                 Ok(())
             }
             Err(reason) => {
                 postings.truncate(start);
-                self.rollback(undo);
+                self.rollback(&mut undo);
                 Err(reason)
             }
-        }
+        };
+        undo.clear();
+        self.undo = undo;
+        result
     }
 
     /// Applies a batch whole, or refuses it (naming the first refused operation) and changes
@@ -342,22 +347,26 @@ impl Ledger {
                 reason: Rejection::InvalidBatch,
             });
         }
-        let mut undo = Vec::new();
+        let mut undo = std::mem::take(&mut self.undo);
         let start = postings.len();
+        let mut result = Ok(());
         for (index, op) in ops.iter().enumerate() {
             let before = postings.len();
             if let Err(reason) = self.apply_inner(op, postings, &mut undo) {
                 postings.truncate(start);
-                self.rollback(undo);
-                return Err(BatchRejection { index, reason });
+                self.rollback(&mut undo);
+                result = Err(BatchRejection { index, reason });
+                break;
             }
             self.check_after(&postings[before..]);
         }
-        Ok(())
+        undo.clear();
+        self.undo = undo;
+        result
     }
 
-    fn rollback(&mut self, undo: Vec<Undo>) {
-        for entry in undo.into_iter().rev() {
+    fn rollback(&mut self, undo: &mut Vec<Undo>) {
+        for entry in undo.drain(..).rev() {
             match entry {
                 Undo::Asset(asset) => {
                     self.assets.remove(&asset);
@@ -745,11 +754,17 @@ impl Ledger {
     /// asset, and each touched asset's running total equals its supply. Balances are unsigned,
     /// so "no negative balance" holds by construction (a negative result panics in `post`).
     fn check_after(&self, postings: &[Posting]) {
-        let mut sums: BTreeMap<AssetId, i128> = BTreeMap::new();
-        for posting in postings {
-            *sums.entry(posting.asset).or_default() += posting.delta;
-        }
-        for (asset, sum) in sums {
+        // An operation posts a handful of entries, so a quadratic scan beats a map here.
+        for (index, posting) in postings.iter().enumerate() {
+            let asset = posting.asset;
+            if postings[..index].iter().any(|p| p.asset == asset) {
+                continue;
+            }
+            let sum: i128 = postings[index..]
+                .iter()
+                .filter(|p| p.asset == asset)
+                .map(|p| p.delta)
+                .sum();
             assert_eq!(sum, 0, "postings of asset {asset} do not balance");
             assert_eq!(
                 self.totals.get(&asset).copied().unwrap_or(0),

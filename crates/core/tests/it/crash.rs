@@ -234,7 +234,7 @@ async fn kill_minus_9_loses_nothing_acknowledged() {
             }
 
             // Recover as a restart would, and from zero, and compare.
-            let store = Store::open(&backend.url, &options).await.unwrap();
+            let store = Arc::new(Store::open(&backend.url, &options).await.unwrap());
             let (state, recovery) = recover(&store, RecoverFrom::LatestSnapshot).await.unwrap();
             let (_, from_zero) = recover(&store, RecoverFrom::Zero).await.unwrap();
             assert_eq!(

@@ -257,7 +257,7 @@ async fn a_failed_append_stops_the_writer_and_nothing_unacknowledged_survives() 
         drop(sequencer);
         tasks.join().await;
         // A restart holds exactly the acknowledged commands.
-        let (_, recovery) = recover(&*backend.open().await, RecoverFrom::LatestSnapshot)
+        let (_, recovery) = recover(&backend.open().await, RecoverFrom::LatestSnapshot)
             .await
             .unwrap();
         assert_eq!((recovery.seq, recovery.state_hash), (5, durable_hash));
