@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 
 use agora_core::codec::decode_all;
-use agora_core::projector::{PROJECTION, command_digest};
+use agora_core::projector::{PROJECTION, Projector, command_digest};
 use agora_core::sequencer::{RecoverFrom, recover};
 use store::{Store, StoreOptions};
 
@@ -144,4 +144,22 @@ pub async fn verify(url: &str) -> anyhow::Result<Report> {
     ));
     store.close().await;
     Ok(Report { lines, ok })
+}
+
+/// Projects the journal into the read models, after emptying them when `rebuild` is set.
+/// Returns the commands projected.
+pub async fn project(url: &str, rebuild: bool) -> anyhow::Result<u64> {
+    if let Some(path) = url.strip_prefix("sqlite://")
+        && !std::path::Path::new(path).exists()
+    {
+        anyhow::bail!("no database at {path}");
+    }
+    let store = std::sync::Arc::new(Store::open(url, &StoreOptions::default()).await?);
+    if rebuild {
+        store.reset_projection(PROJECTION).await?;
+    }
+    let mut projector = Projector::start(store.clone()).await?;
+    let projected = projector.catch_up().await?;
+    store.close().await;
+    Ok(projected)
 }

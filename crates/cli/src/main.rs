@@ -73,6 +73,20 @@ enum JournalCommands {
         )]
         database: String,
     },
+    /// Bring the read models (orders, trades, balance changes, audit) up to the journal;
+    /// with --rebuild, empty them first and rebuild them from the first command.
+    Project {
+        /// The database: sqlite://PATH or postgres://…
+        #[arg(
+            long,
+            env = "AGORA_DATABASE",
+            default_value = "sqlite://agora-data/agora.db"
+        )]
+        database: String,
+        /// Empty the read models and rebuild them from the journal.
+        #[arg(long)]
+        rebuild: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -108,6 +122,13 @@ fn main() -> anyhow::Result<()> {
                 snapshot_orders,
                 postgres_url: postgres,
             }))?;
+        }
+        Commands::Journal {
+            command: JournalCommands::Project { database, rebuild },
+        } => {
+            let runtime = tokio::runtime::Runtime::new()?;
+            let projected = runtime.block_on(cli::journal::project(&database, rebuild))?;
+            println!("projected {projected} commands");
         }
         Commands::Journal {
             command: JournalCommands::Verify { database },
