@@ -17,7 +17,9 @@ use std::time::Duration;
 use agora_core::codec::{decode_all, encode};
 use agora_core::sequencer::{RecoverFrom, Sequencer, SequencerOptions, recover};
 use agora_core::{CoreCommand, State};
-use book::{MarketId, MarketSpec, PlaceOrder, Price, Qty, Side};
+
+use crate::sequencer::{backends, market_commands};
+use book::{MarketId, PlaceOrder, Price, Qty, Side};
 use store::{Store, StoreOptions};
 
 const CHILD_URL: &str = "AGORA_CRASH_CHILD_URL";
@@ -33,28 +35,6 @@ fn fingerprint(command: &CoreCommand) -> Vec<u8> {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn setup_commands() -> Vec<CoreCommand> {
-    vec![
-        CoreCommand::CreateAsset {
-            asset: 1,
-            symbol: "BTC".into(),
-            decimals: 8,
-        },
-        CoreCommand::CreateAsset {
-            asset: 2,
-            symbol: "USD".into(),
-            decimals: 8,
-        },
-        CoreCommand::CreateMarket {
-            spec: MarketSpec::new("BTC-USD", 2, 4, 1, 1),
-            base: 1,
-            quote: 2,
-            maker_fee_bps: 10,
-            taker_fee_bps: 20,
-        },
-    ]
 }
 
 /// The child: recover, then submit from several tasks until killed, printing each ack.
@@ -85,7 +65,7 @@ fn crash_child() {
         // An earlier child may have been killed halfway through the set-up: finish it (the
         // parts already done are refused as duplicates).
         let _ = recovery;
-        for command in setup_commands() {
+        for command in market_commands() {
             if let Ok(ack) = sequencer.submit(command.clone()).await {
                 print(ack.seq, &command);
             }
@@ -147,31 +127,6 @@ fn crash_child() {
     });
 }
 
-struct Backend {
-    url: String,
-    schema: Option<String>,
-    _dir: Option<tempfile::TempDir>,
-}
-
-fn backends() -> Vec<Backend> {
-    let dir = tempfile::tempdir().unwrap();
-    let mut backends = vec![Backend {
-        url: format!("sqlite://{}/agora.db", dir.path().display()),
-        schema: None,
-        _dir: Some(dir),
-    }];
-    if let Ok(url) = std::env::var("AGORA_TEST_POSTGRES_URL") {
-        backends.push(Backend {
-            url,
-            schema: Some(format!("crash_{}", std::process::id())),
-            _dir: None,
-        });
-    } else if std::env::var("CI").is_ok() {
-        panic!("CI must run the PostgreSQL suite: AGORA_TEST_POSTGRES_URL is not set");
-    }
-    backends
-}
-
 /// A small deterministic generator for kill times.
 fn next_random(state: &mut u64) -> u64 {
     *state ^= *state << 13;
@@ -187,11 +142,8 @@ async fn kill_minus_9_loses_nothing_acknowledged() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
     let mut random = 0x9E37_79B9_7F4A_7C15u64;
-    for backend in backends() {
-        let options = StoreOptions {
-            pg_schema: backend.schema.clone(),
-            ..StoreOptions::default()
-        };
+    for backend in backends("crash") {
+        let options = backend.options.clone();
         // Acknowledged fingerprints by sequence number, over every round.
         let mut acked: HashMap<u64, String> = HashMap::new();
         let mut total_acks = 0;
@@ -205,7 +157,13 @@ async fn kill_minus_9_loses_nothing_acknowledged() {
                 ])
                 .env(CHILD_URL, &backend.url)
                 .env(CHILD_ROUND, round.to_string())
-                .envs(backend.schema.as_ref().map(|s| (CHILD_SCHEMA, s.clone())))
+                .envs(
+                    backend
+                        .options
+                        .pg_schema
+                        .as_ref()
+                        .map(|s| (CHILD_SCHEMA, s.clone())),
+                )
                 .stdout(Stdio::piped())
                 .stderr(Stdio::null())
                 .spawn()

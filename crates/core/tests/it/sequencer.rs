@@ -12,8 +12,8 @@ use ledger::Rejection;
 use store::{Store, StoreOptions};
 
 pub(crate) struct Backend {
-    url: String,
-    options: StoreOptions,
+    pub(crate) url: String,
+    pub(crate) options: StoreOptions,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -57,7 +57,8 @@ pub(crate) fn backends(test: &str) -> Vec<Backend> {
     backends
 }
 
-fn setup_commands() -> Vec<CoreCommand> {
+/// The assets and the market every core test starts with.
+pub(crate) fn market_commands() -> Vec<CoreCommand> {
     vec![
         CoreCommand::CreateAsset {
             asset: 1,
@@ -76,6 +77,12 @@ fn setup_commands() -> Vec<CoreCommand> {
             maker_fee_bps: 10,
             taker_fee_bps: 20,
         },
+    ]
+}
+
+fn setup_commands() -> Vec<CoreCommand> {
+    let mut commands = market_commands();
+    commands.extend([
         CoreCommand::Deposit {
             user: 1,
             asset: 1,
@@ -86,7 +93,8 @@ fn setup_commands() -> Vec<CoreCommand> {
             asset: 2,
             amount: 1_000_000_000_000_000,
         },
-    ]
+    ]);
+    commands
 }
 
 fn order(id: u64, user: u64, side: Side, price: i64) -> CoreCommand {
