@@ -186,12 +186,22 @@ pub fn encode(command: &CoreCommand, out: &mut Vec<u8>) {
 
 /// Decodes every command in `bytes`, which must hold whole commands only.
 pub fn decode_all(bytes: &[u8]) -> Result<Vec<CoreCommand>, DecodeError> {
+    decode_each(bytes).collect()
+}
+
+/// Decodes the commands in `bytes` one at a time, without collecting them; the first error
+/// ends the iteration.
+pub fn decode_each(bytes: &[u8]) -> impl Iterator<Item = Result<CoreCommand, DecodeError>> + '_ {
     let mut reader = Reader { bytes, at: 0 };
-    let mut commands = Vec::new();
-    while reader.at < bytes.len() {
-        commands.push(reader.command()?);
-    }
-    Ok(commands)
+    let mut failed = false;
+    std::iter::from_fn(move || {
+        if failed || reader.at >= reader.bytes.len() {
+            return None;
+        }
+        let next = reader.command();
+        failed = next.is_err();
+        Some(next)
+    })
 }
 
 pub(crate) struct Writer<'a>(pub(crate) &'a mut Vec<u8>);

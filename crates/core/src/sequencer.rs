@@ -210,25 +210,31 @@ pub async fn recover(
     let mut out = Output::default();
     while let Some(read) = incoming.recv().await {
         for batch in read? {
-            let commands =
-                codec::decode_all(&batch.payload).map_err(|error| RecoveryError::Decode {
-                    batch: batch.batch,
-                    error,
-                })?;
-            if commands.len() as u64 != batch.commands || batch.first_seq != seq + 1 {
-                return Err(RecoveryError::Store(StoreError::Corrupt {
+            let mismatch = || {
+                RecoveryError::Store(StoreError::Corrupt {
                     what: "journal batch",
                     position: batch.batch,
                     problem: "its commands do not match its header".into(),
-                }));
+                })
+            };
+            if batch.first_seq != seq + 1 {
+                return Err(mismatch());
             }
-            for command in &commands {
+            // Decoded one at a time and applied at once: no list of commands is built.
+            for command in codec::decode_each(&batch.payload) {
+                let command = command.map_err(|error| RecoveryError::Decode {
+                    batch: batch.batch,
+                    error,
+                })?;
                 seq += 1;
                 out.clear();
                 state
-                    .apply(command, &mut out)
+                    .apply(&command, &mut out)
                     .map_err(|reason| RecoveryError::Diverged { seq, reason })?;
                 replayed += 1;
+            }
+            if seq != batch.last_seq() {
+                return Err(mismatch());
             }
         }
     }
