@@ -459,6 +459,21 @@ impl Ledger {
         });
     }
 
+    /// Moves `amount` of `asset` from one account's bucket to another's: the two balanced
+    /// postings of every internal movement.
+    fn shift(
+        &mut self,
+        asset: AssetId,
+        from: (Owner, Bucket),
+        to: (Owner, Bucket),
+        amount: Amount,
+        postings: &mut Vec<Posting>,
+        undo: &mut Vec<Undo>,
+    ) {
+        self.post(from.0, asset, from.1, -(amount as i128), postings, undo);
+        self.post(to.0, asset, to.1, amount as i128, postings, undo);
+    }
+
     /// Moves the asset's supply by an external flow (deposit or withdrawal); the matching
     /// account posting moves the running total.
     fn external(
@@ -584,15 +599,14 @@ impl Ledger {
                     return Err(Rejection::InsufficientFunds);
                 }
                 self.room_for(owner, asset, Bucket::Held, amount)?;
-                self.post(
-                    owner,
+                self.shift(
                     asset,
-                    Bucket::Available,
-                    -(amount as i128),
+                    (owner, Bucket::Available),
+                    (owner, Bucket::Held),
+                    amount,
                     postings,
                     undo,
                 );
-                self.post(owner, asset, Bucket::Held, amount as i128, postings, undo);
                 undo.push(Undo::Hold(hold, None));
                 self.holds.insert(
                     hold,
@@ -617,19 +631,11 @@ impl Ledger {
                     return Err(Rejection::InsufficientFunds);
                 }
                 self.room_for(found.owner, found.asset, Bucket::Held, amount)?;
-                self.post(
-                    found.owner,
+                self.shift(
                     found.asset,
-                    Bucket::Available,
-                    -(amount as i128),
-                    postings,
-                    undo,
-                );
-                self.post(
-                    found.owner,
-                    found.asset,
-                    Bucket::Held,
-                    amount as i128,
+                    (found.owner, Bucket::Available),
+                    (found.owner, Bucket::Held),
+                    amount,
                     postings,
                     undo,
                 );
@@ -645,19 +651,11 @@ impl Ledger {
             Op::Release { hold, amount } => {
                 let found = self.live_hold(hold, amount)?;
                 self.room_for(found.owner, found.asset, Bucket::Available, amount)?;
-                self.post(
-                    found.owner,
+                self.shift(
                     found.asset,
-                    Bucket::Held,
-                    -(amount as i128),
-                    postings,
-                    undo,
-                );
-                self.post(
-                    found.owner,
-                    found.asset,
-                    Bucket::Available,
-                    amount as i128,
+                    (found.owner, Bucket::Held),
+                    (found.owner, Bucket::Available),
+                    amount,
                     postings,
                     undo,
                 );
@@ -669,19 +667,11 @@ impl Ledger {
                     return Err(Rejection::SameAccount);
                 }
                 self.room_for(to, found.asset, Bucket::Available, amount)?;
-                self.post(
-                    found.owner,
+                self.shift(
                     found.asset,
-                    Bucket::Held,
-                    -(amount as i128),
-                    postings,
-                    undo,
-                );
-                self.post(
-                    to,
-                    found.asset,
-                    Bucket::Available,
-                    amount as i128,
+                    (found.owner, Bucket::Held),
+                    (to, Bucket::Available),
+                    amount,
                     postings,
                     undo,
                 );
@@ -720,15 +710,14 @@ impl Ledger {
                     return Err(Rejection::InsufficientFunds);
                 }
                 self.room_for(to, asset, Bucket::Available, amount)?;
-                self.post(
-                    from,
+                self.shift(
                     asset,
-                    Bucket::Available,
-                    -(amount as i128),
+                    (from, Bucket::Available),
+                    (to, Bucket::Available),
+                    amount,
                     postings,
                     undo,
                 );
-                self.post(to, asset, Bucket::Available, amount as i128, postings, undo);
             }
         }
         Ok(())
