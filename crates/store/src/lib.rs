@@ -9,8 +9,9 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -32,6 +33,8 @@ pub mod limits {
     pub const READ_BATCHES_MAX: usize = 10_000;
     /// How long a connection waits for a locked SQLite database before failing.
     pub const SQLITE_BUSY_TIMEOUT_MS: u64 = 5_000;
+    /// SQLite: journal appends between two background WAL checkpoints.
+    pub const CHECKPOINT_EVERY_APPENDS: u64 = 256;
     /// How long acquiring a pooled connection may take.
     pub const ACQUIRE_TIMEOUT_MS: u64 = 10_000;
 }
@@ -338,6 +341,10 @@ pub struct Store {
     tail: Mutex<Tail>,
     /// Appends left before an injected failure (`u64::MAX`: never).
     appends_until_failure: AtomicU64,
+    /// SQLite: appends since the last WAL checkpoint was started.
+    appends_since_checkpoint: AtomicU64,
+    /// SQLite: a checkpoint is running.
+    checkpointing: Arc<AtomicBool>,
 }
 
 fn batch_checksum(
@@ -416,6 +423,8 @@ impl Store {
                 })
                 .busy_timeout(Duration::from_millis(limits::SQLITE_BUSY_TIMEOUT_MS))
                 .foreign_keys(true)
+                // Checkpoints run beside the writer (see `append`), not inside its commits.
+                .pragma("wal_autocheckpoint", "0")
                 .disable_statement_logging();
             let pool = SqlitePoolOptions::new()
                 .max_connections(connections)
@@ -463,6 +472,8 @@ impl Store {
             backend,
             tail: Mutex::new(Tail::EMPTY),
             appends_until_failure: AtomicU64::new(u64::MAX),
+            appends_since_checkpoint: AtomicU64::new(0),
+            checkpointing: Arc::new(AtomicBool::new(false)),
         };
         let tail = store.load_tail().await?;
         *store.tail.lock().expect("tail lock") = tail;
@@ -559,7 +570,38 @@ impl Store {
             seq: batch.last_seq(),
             checksum: batch.checksum,
         };
+        self.maybe_checkpoint();
         Ok(batch)
+    }
+
+    /// SQLite: every [`limits::CHECKPOINT_EVERY_APPENDS`] appends, starts a passive WAL
+    /// checkpoint on another pooled connection, so that copying the log into the database
+    /// never runs inside (and delays) a journal commit. Durability does not depend on it: a
+    /// commit is durable once its log frames are synced.
+    fn maybe_checkpoint(&self) {
+        let Backend::Sqlite(pool) = &self.backend else {
+            return;
+        };
+        if self
+            .appends_since_checkpoint
+            .fetch_add(1, Ordering::Relaxed)
+            + 1
+            < limits::CHECKPOINT_EVERY_APPENDS
+        {
+            return;
+        }
+        if self.checkpointing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.appends_since_checkpoint.store(0, Ordering::Relaxed);
+        let pool = pool.clone();
+        let running = self.checkpointing.clone();
+        tokio::spawn(async move {
+            let _ = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+                .execute(&pool)
+                .await;
+            running.store(false, Ordering::Release);
+        });
     }
 
     /// Up to `limit` batches from batch number `from` on, in order, each checked against its
