@@ -65,6 +65,13 @@ fn crash_child() {
         // An earlier child may have been killed halfway through the set-up: finish it (the
         // parts already done are refused as duplicates).
         let _ = recovery;
+        {
+            // Tells the parent that recovery is done, so the time before the kill is all work
+            // however slowly the process started.
+            let mut stdout = std::io::stdout().lock();
+            writeln!(stdout, "ready").unwrap();
+            stdout.flush().unwrap();
+        }
         for command in market_commands() {
             if let Ok(ack) = sequencer.submit(command.clone()).await {
                 print(ack.seq, &command);
@@ -169,14 +176,26 @@ async fn kill_minus_9_loses_nothing_acknowledged() {
                 .spawn()
                 .expect("the child starts");
             let stdout = child.stdout.take().unwrap();
+            let (ready_tx, ready) = std::sync::mpsc::channel();
             let reader = std::thread::spawn(move || {
-                BufReader::new(stdout)
-                    .lines()
-                    .map_while(Result::ok)
-                    .collect::<Vec<String>>()
+                let mut lines = Vec::new();
+                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                    // The test harness may print its own text before ours on the same line.
+                    if line.ends_with("ready") {
+                        let _ = ready_tx.send(());
+                    }
+                    lines.push(line);
+                }
+                lines
             });
-            // Let it start, recover and work for a random while, then kill it without warning.
-            let work_ms = 150 + next_random(&mut random) % 400;
+            // Wait until it has recovered, let it work for a random while, then kill it without
+            // warning.
+            ready
+                .recv_timeout(Duration::from_secs(60))
+                .unwrap_or_else(|_| {
+                    panic!("round {round}: the child did not recover within a minute")
+                });
+            let work_ms = 50 + next_random(&mut random) % 400;
             tokio::time::sleep(Duration::from_millis(work_ms)).await;
             child.kill().expect("SIGKILL");
             child.wait().unwrap();
