@@ -2,10 +2,11 @@
 //! stream of commands, so that every order is backed by held funds and every trade settles.
 //!
 //! [`State::apply`] is deterministic and pure like its parts: the same commands give the same
-//! events, postings and [`State::state_hash`]. A command is checked completely (the engine's
-//! rules through its dry runs, then funds) before anything changes, so a [`CoreRejection`]
-//! changes nothing; once checks pass, the ledger operations that follow cannot fail, and if one
-//! did, that is a bug and the core panics rather than continue on a state it cannot trust.
+//! events, postings and [`State::state_hash`]. A command is checked completely (funds, and the
+//! engine's rules, which the engine checks before it changes anything) before anything
+//! changes, so a [`CoreRejection`] changes nothing; once checks pass, the ledger operations
+//! that follow cannot fail, and if one did, that is a bug and the core panics rather than
+//! continue on a state it cannot trust.
 //!
 //! Funds: placing an order holds what it may spend. A sell holds the base quantity. A buy on
 //! an `instant` market holds the quote at its limit price (a market buy holds its protection
@@ -506,22 +507,45 @@ impl State {
     fn place(&mut self, place: &PlaceOrder, out: &mut Output) -> Result<(), CoreRejection> {
         let mut place = place.clone();
         place.reputation = self.reputation(place.user);
-        self.engine
-            .check_place(&place)
-            .map_err(CoreRejection::Book)?;
-        let config = &self.markets[place.market.0 as usize];
+        let Some(config) = self.markets.get(place.market.0 as usize) else {
+            return Err(CoreRejection::Book(RejectReason::UnknownMarket));
+        };
         let price = place.price.map_or(0, |p| p.0);
-        let need = State::requirement(config, place.side, price, place.qty.0)?;
-        if let Some((asset, amount)) = need {
-            let available = self
-                .ledger
-                .balance(Owner::User(place.user), asset)
-                .available;
-            if available < amount {
-                return Err(CoreRejection::Ledger(Rejection::InsufficientFunds));
+        // The funds check reads only the ledger. When it fails, the engine's own verdict still
+        // comes first, so a malformed order is reported as such rather than as unfunded; when
+        // it passes, the engine's placement below makes its checks once, not twice.
+        let funded =
+            State::requirement(config, place.side, price, place.qty.0).and_then(
+                |need| match need {
+                    Some((asset, amount))
+                        if self
+                            .ledger
+                            .balance(Owner::User(place.user), asset)
+                            .available
+                            < amount =>
+                    {
+                        Err(CoreRejection::Ledger(Rejection::InsufficientFunds))
+                    }
+                    _ => Ok(need),
+                },
+            );
+        let need = match funded {
+            Ok(need) => need,
+            Err(refusal) => {
+                self.engine
+                    .check_place(&place)
+                    .map_err(CoreRejection::Book)?;
+                return Err(refusal);
             }
+        };
+        let start = out.events.len();
+        self.engine.place(&place, &mut out.events);
+        if let Some(&Event::Rejected { reason, .. }) = out.events.get(start) {
+            out.events.truncate(start);
+            return Err(CoreRejection::Book(reason));
         }
-        // Every check has passed: from here on nothing may refuse.
+        // Accepted, and funded: the hold cannot be refused. The engine's events are settled
+        // only below, so the hold exists before the order's trades are.
         if let Some((asset, amount)) = need {
             let hold = self.next_hold;
             self.next_hold += 1;
@@ -537,12 +561,6 @@ impl State {
             );
             self.order_holds.insert((place.market, place.id), hold);
         }
-        let start = out.events.len();
-        self.engine.place(&place, &mut out.events);
-        assert!(
-            !matches!(out.events.get(start), Some(Event::Rejected { .. })),
-            "the engine rejected a placement its dry run accepted"
-        );
         self.settle_and_release(start, out);
         Ok(())
     }

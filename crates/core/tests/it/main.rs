@@ -143,6 +143,12 @@ fn refusals_change_nothing() {
     .unwrap();
     run(&mut state, limit(1, 1, Side::Buy, 100, 10_000)).unwrap();
     let cases = [
+        // The engine's verdict comes before the funds check: a duplicate id is reported as such
+        // even when the order is also unfunded.
+        (
+            limit(1, 1, Side::Buy, 100, 2_000_000),
+            CoreRejection::Book(RejectReason::DuplicateOrderId),
+        ),
         (
             limit(2, 1, Side::Buy, 100, 2_000_000),
             CoreRejection::Ledger(Rejection::InsufficientFunds),
