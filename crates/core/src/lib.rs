@@ -42,6 +42,8 @@ pub mod limits {
     pub const FEE_BPS_MAX: u32 = 1_000;
     /// Pending withdrawals in the whole system.
     pub const WITHDRAWALS_PENDING_MAX: usize = 1_000_000;
+    /// Live orders (resting or armed) of one user across all markets.
+    pub const OPEN_ORDERS_PER_USER_MAX: u32 = 50_000;
 }
 
 /// Everything the core can be asked to do.
@@ -155,6 +157,8 @@ pub enum CoreRejection {
     DuplicateWithdrawal,
     /// Too many pending withdrawals.
     TooManyWithdrawals,
+    /// The user holds [`limits::OPEN_ORDERS_PER_USER_MAX`] live orders.
+    TooManyOpenOrders,
 }
 
 impl CoreRejection {
@@ -170,6 +174,7 @@ impl CoreRejection {
             CoreRejection::UnknownWithdrawal => "UNKNOWN_WITHDRAWAL",
             CoreRejection::DuplicateWithdrawal => "DUPLICATE_WITHDRAWAL",
             CoreRejection::TooManyWithdrawals => "TOO_MANY_WITHDRAWALS",
+            CoreRejection::TooManyOpenOrders => "TOO_MANY_OPEN_ORDERS",
         }
     }
 }
@@ -271,6 +276,14 @@ impl Output {
     }
 }
 
+/// What the core keeps of each live order: its owner, and the hold backing it (none for a buy
+/// on an escrow market, which pays off-platform).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Tracked {
+    pub(crate) user: UserId,
+    pub(crate) hold: Option<HoldId>,
+}
+
 /// The core state.
 #[derive(Clone, Debug, Default)]
 pub struct State {
@@ -278,7 +291,10 @@ pub struct State {
     ledger: Ledger,
     markets: Vec<MarketConfig>,
     reputations: FxHashMap<UserId, u32>,
-    order_holds: FxHashMap<(MarketId, OrderId), HoldId>,
+    /// Every live order, from its acceptance until the engine no longer has it.
+    orders: FxHashMap<(MarketId, OrderId), Tracked>,
+    /// Live orders per user: the count of `orders` by user, kept for the per-user limit.
+    open_orders: FxHashMap<UserId, u32>,
     withdrawals: FxHashMap<u64, HoldId>,
     escrows: BTreeMap<u64, EscrowTrade>,
     next_hold: HoldId,
@@ -314,7 +330,14 @@ impl State {
 
     /// The hold backing a live order.
     pub fn order_hold(&self, market: MarketId, id: OrderId) -> Option<HoldId> {
-        self.order_holds.get(&(market, id)).copied()
+        self.orders
+            .get(&(market, id))
+            .and_then(|tracked| tracked.hold)
+    }
+
+    /// A user's live orders across all markets.
+    pub fn open_orders(&self, user: UserId) -> u32 {
+        self.open_orders.get(&user).copied().unwrap_or(0)
     }
 
     /// Pending escrow trades by trade number.
@@ -514,21 +537,24 @@ impl State {
         // The funds check reads only the ledger. When it fails, the engine's own verdict still
         // comes first, so a malformed order is reported as such rather than as unfunded; when
         // it passes, the engine's placement below makes its checks once, not twice.
-        let funded =
-            State::requirement(config, place.side, price, place.qty.0).and_then(
-                |need| match need {
-                    Some((asset, amount))
-                        if self
-                            .ledger
-                            .balance(Owner::User(place.user), asset)
-                            .available
-                            < amount =>
-                    {
-                        Err(CoreRejection::Ledger(Rejection::InsufficientFunds))
-                    }
-                    _ => Ok(need),
-                },
-            );
+        let open = self.open_orders(place.user);
+        let funded = State::requirement(config, place.side, price, place.qty.0).and_then(|need| {
+            if open >= limits::OPEN_ORDERS_PER_USER_MAX {
+                return Err(CoreRejection::TooManyOpenOrders);
+            }
+            match need {
+                Some((asset, amount))
+                    if self
+                        .ledger
+                        .balance(Owner::User(place.user), asset)
+                        .available
+                        < amount =>
+                {
+                    Err(CoreRejection::Ledger(Rejection::InsufficientFunds))
+                }
+                _ => Ok(need),
+            }
+        });
         let need = match funded {
             Ok(need) => need,
             Err(refusal) => {
@@ -545,8 +571,9 @@ impl State {
             return Err(CoreRejection::Book(reason));
         }
         // Accepted, and funded: the hold cannot be refused. The engine's events are settled
-        // only below, so the hold exists before the order's trades are.
-        if let Some((asset, amount)) = need {
+        // only below, so the hold exists before the order's trades are. An order that does not
+        // stay live is untracked again when its events are settled.
+        let hold = need.map(|(asset, amount)| {
             let hold = self.next_hold;
             self.next_hold += 1;
             self.must(
@@ -559,8 +586,16 @@ impl State {
                 },
                 out,
             );
-            self.order_holds.insert((place.market, place.id), hold);
-        }
+            hold
+        });
+        self.orders.insert(
+            (place.market, place.id),
+            Tracked {
+                user: place.user,
+                hold,
+            },
+        );
+        *self.open_orders.entry(place.user).or_insert(0) += 1;
         self.settle_and_release(start, out);
         Ok(())
     }
@@ -751,19 +786,29 @@ impl State {
         self.next_trade += 1;
     }
 
-    /// Shrinks an order's hold to what it still needs, or releases it when the order is gone.
+    /// Shrinks an order's hold to what it still needs; when the order is gone, releases the
+    /// hold and stops tracking the order.
     fn release_excess(&mut self, market: MarketId, id: OrderId, out: &mut Output) {
-        let Some(hold) = self.order_hold(market, id) else {
+        let Some(tracked) = self.orders.get(&(market, id)).copied() else {
             return;
         };
-        let held = self.ledger.hold(hold).map_or(0, |h| h.amount);
         let needed = match self.engine.order(market, id) {
             None => {
-                self.order_holds.remove(&(market, id));
+                self.orders.remove(&(market, id));
+                if let Some(count) = self.open_orders.get_mut(&tracked.user) {
+                    *count -= 1;
+                    if *count == 0 {
+                        self.open_orders.remove(&tracked.user);
+                    }
+                }
                 0
             }
             Some(order) => self.needed_by(market, &order),
         };
+        let Some(hold) = tracked.hold else {
+            return;
+        };
+        let held = self.ledger.hold(hold).map_or(0, |h| h.amount);
         if held > needed {
             self.must(
                 &Op::Release {
@@ -787,12 +832,23 @@ impl State {
     /// hold outlives its order, and the ledger's own invariants. For tests and `journal verify`.
     pub fn verify(&self) -> Result<(), String> {
         self.ledger.verify()?;
-        for (&(market, id), &hold) in &self.order_holds {
+        let mut counted: FxHashMap<UserId, u32> = FxHashMap::default();
+        for (&(market, id), tracked) in &self.orders {
             let order = self
                 .engine
                 .order(market, id)
-                .ok_or_else(|| format!("hold {hold} outlives order {id} of market {}", market.0))?;
-            let held = self.ledger.hold(hold).map_or(0, |h| h.amount);
+                .ok_or_else(|| format!("order {id} of market {} is tracked but gone", market.0))?;
+            if order.user != tracked.user {
+                return Err(format!(
+                    "order {id} of market {} is tracked for another user",
+                    market.0
+                ));
+            }
+            *counted.entry(tracked.user).or_insert(0) += 1;
+            let held = tracked
+                .hold
+                .and_then(|h| self.ledger.hold(h))
+                .map_or(0, |h| h.amount);
             let needed = self.needed_by(market, &order);
             if held != needed {
                 return Err(format!(
@@ -800,6 +856,9 @@ impl State {
                     market.0
                 ));
             }
+        }
+        if counted != self.open_orders {
+            return Err("the per-user open order counts disagree with the live orders".into());
         }
         for (id, &hold) in &self.withdrawals {
             match self.ledger.hold(hold) {
@@ -822,9 +881,15 @@ impl State {
             for order in self.engine.orders(market) {
                 let holds_nothing =
                     order.side == Side::Buy && config.settlement == Settlement::Escrow;
-                if !holds_nothing && self.order_hold(market, order.id).is_none() {
+                let Some(tracked) = self.orders.get(&(market, order.id)) else {
                     return Err(format!(
-                        "order {} of market {} has no hold",
+                        "order {} of market {} is not tracked",
+                        order.id, market.0
+                    ));
+                };
+                if holds_nothing != tracked.hold.is_none() {
+                    return Err(format!(
+                        "order {} of market {} has a hold it should not have, or lacks one",
                         order.id, market.0
                     ));
                 }
@@ -853,12 +918,13 @@ impl State {
             hasher.update(user.to_le_bytes());
             hasher.update(reputation.to_le_bytes());
         }
-        let mut order_holds: Vec<_> = self.order_holds.iter().collect();
-        order_holds.sort_unstable();
-        for ((market, id), hold) in order_holds {
+        let mut orders: Vec<_> = self.orders.iter().collect();
+        orders.sort_unstable();
+        for ((market, id), tracked) in orders {
             hasher.update(market.0.to_le_bytes());
             hasher.update(id.to_le_bytes());
-            hasher.update(hold.to_le_bytes());
+            hasher.update(tracked.user.to_le_bytes());
+            hasher.update(tracked.hold.map_or(0, |h| h).to_le_bytes());
         }
         let mut withdrawals: Vec<_> = self.withdrawals.iter().collect();
         withdrawals.sort_unstable();

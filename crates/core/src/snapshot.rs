@@ -5,10 +5,10 @@ use book::{Engine, MarketId};
 use ledger::Ledger;
 
 use crate::codec::{DecodeError, Reader, Writer};
-use crate::{EscrowTrade, MarketConfig, State};
+use crate::{EscrowTrade, MarketConfig, State, Tracked};
 
 const MAGIC: &[u8; 4] = b"AGCR";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 
 /// Why a core snapshot could not be restored.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -53,13 +53,14 @@ impl State {
             w.u64(*user);
             w.u32(*reputation);
         }
-        let mut holds: Vec<_> = self.order_holds.iter().collect();
-        holds.sort_unstable();
-        w.u64(holds.len() as u64);
-        for ((market, id), hold) in holds {
+        let mut orders: Vec<_> = self.orders.iter().collect();
+        orders.sort_unstable();
+        w.u64(orders.len() as u64);
+        for ((market, id), tracked) in orders {
             w.u32(market.0);
             w.u64(*id);
-            w.u64(*hold);
+            w.u64(tracked.user);
+            w.opt_u64(tracked.hold);
         }
         let mut withdrawals: Vec<_> = self.withdrawals.iter().collect();
         withdrawals.sort_unstable();
@@ -87,7 +88,7 @@ impl State {
     pub fn restore(bytes: &[u8]) -> Result<State, SnapshotError> {
         let mut r = Reader { bytes, at: 0 };
         if r.take(4)? != MAGIC || r.u32()? != VERSION {
-            return Err(SnapshotError("not a version-1 core snapshot".into()));
+            return Err(SnapshotError("not a version-2 core snapshot".into()));
         }
         let engine_len = r.u64()? as usize;
         let engine =
@@ -130,7 +131,15 @@ impl State {
         }
         for _ in 0..count(&mut r)? {
             let key = (MarketId(r.u32()?), r.u64()?);
-            state.order_holds.insert(key, r.u64()?);
+            let tracked = Tracked {
+                user: r.u64()?,
+                hold: r.opt_u64()?,
+            };
+            if state.orders.insert(key, tracked).is_some() {
+                return Err(SnapshotError("an order is tracked twice".into()));
+            }
+            // The per-user counts are derived from the tracked orders.
+            *state.open_orders.entry(tracked.user).or_insert(0) += 1;
         }
         for _ in 0..count(&mut r)? {
             state.withdrawals.insert(r.u64()?, r.u64()?);

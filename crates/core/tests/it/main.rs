@@ -537,3 +537,54 @@ fn damaged_core_snapshots_are_errors() {
         }
     }
 }
+
+#[test]
+fn a_user_holds_at_most_the_open_order_limit() {
+    let mut state = setup(Settlement::Instant);
+    run(
+        &mut state,
+        CoreCommand::Deposit {
+            user: 1,
+            asset: BTC,
+            amount: 1 << 80,
+        },
+    )
+    .unwrap();
+    let max = agora_core::limits::OPEN_ORDERS_PER_USER_MAX as u64;
+    for id in 1..=max {
+        run(&mut state, limit(id, 1, Side::Sell, 100, 1)).unwrap();
+    }
+    assert_eq!(state.open_orders(1), max as u32);
+    let before = state.state_hash();
+    assert_eq!(
+        run(&mut state, limit(max + 1, 1, Side::Sell, 100, 1)).unwrap_err(),
+        CoreRejection::TooManyOpenOrders
+    );
+    assert_eq!(state.state_hash(), before);
+    // Another user is not affected, and a cancel makes room.
+    run(
+        &mut state,
+        CoreCommand::Deposit {
+            user: 2,
+            asset: USD,
+            amount: 1 << 60,
+        },
+    )
+    .unwrap();
+    run(&mut state, limit(max + 2, 2, Side::Buy, 99, 1)).unwrap();
+    run(
+        &mut state,
+        CoreCommand::Cancel {
+            market: MARKET,
+            id: 1,
+            user: 1,
+        },
+    )
+    .unwrap();
+    assert_eq!(state.open_orders(1), max as u32 - 1);
+    run(&mut state, limit(max + 1, 1, Side::Sell, 100, 1)).unwrap();
+    // Filled orders stop counting too.
+    run(&mut state, limit(max + 3, 2, Side::Buy, 100, 10)).unwrap();
+    assert_eq!(state.open_orders(1), max as u32 - 10);
+    state.verify().unwrap();
+}
