@@ -35,6 +35,9 @@ pub mod limits {
     pub const SQLITE_BUSY_TIMEOUT_MS: u64 = 5_000;
     /// SQLite: journal appends between two background WAL checkpoints.
     pub const CHECKPOINT_EVERY_APPENDS: u64 = 256;
+    /// SQLite: the default of [`StoreOptions::wal_frames_behind_max`]: 65,536 frames are
+    /// about 256 MiB of log at SQLite's default 4 KiB pages.
+    pub const WAL_FRAMES_BEHIND_MAX: u64 = 65_536;
     /// How long acquiring a pooled connection may take.
     pub const ACQUIRE_TIMEOUT_MS: u64 = 10_000;
 }
@@ -109,6 +112,9 @@ pub struct StoreOptions {
     pub connections: u32,
     /// PostgreSQL only: the schema to use (created when missing). Tests use one per test.
     pub pg_schema: Option<String>,
+    /// SQLite only: WAL frames (pages) left uncopied into the database beyond which the next
+    /// checkpoint runs inside an append, waiting for readers, instead of beside it.
+    pub wal_frames_behind_max: u64,
 }
 
 impl Default for StoreOptions {
@@ -117,6 +123,7 @@ impl Default for StoreOptions {
             durability: Durability::Full,
             connections: 4,
             pg_schema: None,
+            wal_frames_behind_max: limits::WAL_FRAMES_BEHIND_MAX,
         }
     }
 }
@@ -345,6 +352,9 @@ pub struct Store {
     appends_since_checkpoint: AtomicU64,
     /// SQLite: a checkpoint is running.
     checkpointing: Arc<AtomicBool>,
+    /// SQLite: WAL frames not yet checkpointed, as the last checkpoint reported.
+    wal_frames_behind: Arc<AtomicU64>,
+    wal_frames_behind_max: u64,
 }
 
 fn batch_checksum(
@@ -474,6 +484,8 @@ impl Store {
             appends_until_failure: AtomicU64::new(u64::MAX),
             appends_since_checkpoint: AtomicU64::new(0),
             checkpointing: Arc::new(AtomicBool::new(false)),
+            wal_frames_behind: Arc::new(AtomicU64::new(0)),
+            wal_frames_behind_max: options.wal_frames_behind_max,
         };
         let tail = store.load_tail().await?;
         *store.tail.lock().expect("tail lock") = tail;
@@ -570,7 +582,7 @@ impl Store {
             seq: batch.last_seq(),
             checksum: batch.checksum,
         };
-        self.maybe_checkpoint();
+        self.maybe_checkpoint().await;
         Ok(batch)
     }
 
@@ -578,7 +590,13 @@ impl Store {
     /// checkpoint on another pooled connection, so that copying the log into the database
     /// never runs inside (and delays) a journal commit. Durability does not depend on it: a
     /// commit is durable once its log frames are synced.
-    fn maybe_checkpoint(&self) {
+    ///
+    /// A passive checkpoint cannot copy frames that an open reader may still need, so a
+    /// long-lived reader lets the log grow. Once the last checkpoint left more than
+    /// [`StoreOptions::wal_frames_behind_max`] frames behind, the checkpoint runs here instead, as
+    /// `RESTART` (it waits up to the busy timeout for readers to finish), which delays this
+    /// append but bounds the log. [`Store::wal_frames_behind`] reports the backlog.
+    async fn maybe_checkpoint(&self) {
         let Backend::Sqlite(pool) = &self.backend else {
             return;
         };
@@ -596,12 +614,22 @@ impl Store {
         self.appends_since_checkpoint.store(0, Ordering::Relaxed);
         let pool = pool.clone();
         let running = self.checkpointing.clone();
+        let behind = self.wal_frames_behind.clone();
+        if behind.load(Ordering::Relaxed) > self.wal_frames_behind_max {
+            checkpoint(&pool, "PRAGMA wal_checkpoint(RESTART)", &behind).await;
+            running.store(false, Ordering::Release);
+            return;
+        }
         tokio::spawn(async move {
-            let _ = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-                .execute(&pool)
-                .await;
+            checkpoint(&pool, "PRAGMA wal_checkpoint(PASSIVE)", &behind).await;
             running.store(false, Ordering::Release);
         });
+    }
+
+    /// SQLite: WAL frames that the last checkpoint could not copy into the database (0 for
+    /// PostgreSQL). It stays small unless a reader holds an old snapshot open.
+    pub fn wal_frames_behind(&self) -> u64 {
+        self.wal_frames_behind.load(Ordering::Relaxed)
     }
 
     /// Up to `limit` batches from batch number `from` on, in order, each checked against its
@@ -1045,6 +1073,17 @@ impl Store {
     /// Closes the pool, waiting for connections to finish.
     pub async fn close(&self) {
         on_pool!(self, pool => pool.close().await);
+    }
+}
+
+/// Runs one WAL checkpoint and records how many log frames it left behind. A failed
+/// checkpoint changes nothing durable; it leaves the backlog as it was, to be retried.
+async fn checkpoint(pool: &SqlitePool, pragma: &'static str, behind: &AtomicU64) {
+    // The pragma answers (busy, frames in the log, frames checkpointed); -1 when not in WAL.
+    if let Ok(row) = sqlx::query(pragma).fetch_one(pool).await {
+        let log: i64 = row.try_get(1).unwrap_or(0);
+        let done: i64 = row.try_get(2).unwrap_or(0);
+        behind.store(u64::try_from(log - done).unwrap_or(0), Ordering::Relaxed);
     }
 }
 

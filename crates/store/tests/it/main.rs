@@ -212,3 +212,49 @@ async fn bad_urls_are_clear_errors_and_sqlite_durability_is_a_choice() {
     assert_eq!(store.backend_name(), "sqlite");
     store.append(1, vec![1]).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_reader_that_holds_the_wal_back_cannot_grow_it_without_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("wal.db");
+    let options = StoreOptions {
+        wal_frames_behind_max: 64,
+        ..StoreOptions::default()
+    };
+    let store = Store::open(&format!("sqlite://{}", path.display()), &options)
+        .await
+        .unwrap();
+    let every = store::limits::CHECKPOINT_EVERY_APPENDS;
+    let payload = vec![7u8; 16 * 1024];
+
+    // A reader holding an old snapshot open keeps passive checkpoints from copying the log.
+    let reader = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    let mut snapshot = reader.begin().await.unwrap();
+    sqlx::query("SELECT count(*) FROM journal")
+        .fetch_one(&mut *snapshot)
+        .await
+        .unwrap();
+    for _ in 0..every {
+        store.append(1, payload.clone()).await.unwrap();
+    }
+    // The background checkpoint reports the backlog it could not copy.
+    let mut waited_ms = 0;
+    while store.wal_frames_behind() <= 64 {
+        assert!(waited_ms < 10_000, "the checkpoint never reported its backlog");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        waited_ms += 10;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    snapshot.rollback().await.unwrap();
+
+    // Over the bound, the next checkpoint runs inside the append and empties the backlog
+    // before the append returns.
+    for _ in 0..every {
+        store.append(1, payload.clone()).await.unwrap();
+    }
+    assert_eq!(store.wal_frames_behind(), 0);
+    assert_eq!(store.verify_journal().await.unwrap().batches, 2 * every);
+    reader.close().await;
+}
