@@ -21,6 +21,11 @@ use sqlx::sqlite::{
 };
 use sqlx::{ConnectOptions, Row};
 
+pub use queue::{
+    Added, ClaimedJob, DeadFilter, Failure, FailureBucket, FailureRow, JOBS_CHANNEL, JobListener,
+    JobRow, NewJob, StateCount, Tx,
+};
+
 /// Named bounds.
 pub mod limits {
     /// Connections in a pool.
@@ -82,6 +87,9 @@ pub enum StoreError {
     /// A batch is empty or over a limit.
     #[error("invalid batch: {0}")]
     InvalidBatch(&'static str),
+    /// A job names a queue that was never declared.
+    #[error("unknown queue {0:?}")]
+    UnknownQueue(String),
     /// Stored data fails its checksum or its chain.
     #[error("corrupt {what} at {position}: {problem}")]
     Corrupt {
@@ -328,19 +336,38 @@ pub struct JournalReport {
 }
 
 enum Backend {
-    Sqlite(SqlitePool),
+    /// SQLite allows one writer at a time. Every write goes through `writer`, a pool of one
+    /// connection, so writers queue for it in order instead of sleeping in SQLite's busy
+    /// handler; reads use `readers`, which WAL mode lets run beside the writer.
+    Sqlite {
+        readers: SqlitePool,
+        writer: SqlitePool,
+    },
     Postgres(PgPool),
 }
 
-/// Runs the same query code against whichever pool the store has.
+/// Runs the same query code against whichever pool the store reads from.
 macro_rules! on_pool {
     ($store:expr, $pool:ident => $body:expr) => {
         match &$store.backend {
-            Backend::Sqlite($pool) => $body,
+            Backend::Sqlite { readers: $pool, .. } => $body,
             Backend::Postgres($pool) => $body,
         }
     };
 }
+
+/// Runs the same query code against whichever pool the store writes with.
+macro_rules! on_writer {
+    ($store:expr, $pool:ident => $body:expr) => {
+        match &$store.backend {
+            Backend::Sqlite { writer: $pool, .. } => $body,
+            Backend::Postgres($pool) => $body,
+        }
+    };
+}
+
+// After the macros, which it uses.
+mod queue;
 
 /// The store. Cheap to share behind an `Arc`; appends must come from one writer at a time.
 pub struct Store {
@@ -355,6 +382,9 @@ pub struct Store {
     /// SQLite: WAL frames not yet checkpointed, as the last checkpoint reported.
     wal_frames_behind: Arc<AtomicU64>,
     wal_frames_behind_max: u64,
+    /// Per queue, a counter raised whenever jobs may have become ready, for this process's
+    /// idle workers to wake on.
+    wakeups: Mutex<std::collections::HashMap<String, tokio::sync::watch::Sender<u64>>>,
 }
 
 fn batch_checksum(
@@ -436,13 +466,18 @@ impl Store {
                 // Checkpoints run beside the writer (see `append`), not inside its commits.
                 .pragma("wal_autocheckpoint", "0")
                 .disable_statement_logging();
-            let pool = SqlitePoolOptions::new()
+            let writer = SqlitePoolOptions::new()
+                .max_connections(1)
+                .acquire_timeout(acquire)
+                .connect_with(connect.clone())
+                .await?;
+            SQLITE_MIGRATIONS.run(&writer).await?;
+            let readers = SqlitePoolOptions::new()
                 .max_connections(connections)
                 .acquire_timeout(acquire)
                 .connect_with(connect)
                 .await?;
-            SQLITE_MIGRATIONS.run(&pool).await?;
-            Backend::Sqlite(pool)
+            Backend::Sqlite { readers, writer }
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let mut connect =
                 PgConnectOptions::from_str(url).map_err(|e| invalid(e.to_string()))?;
@@ -486,6 +521,7 @@ impl Store {
             checkpointing: Arc::new(AtomicBool::new(false)),
             wal_frames_behind: Arc::new(AtomicU64::new(0)),
             wal_frames_behind_max: options.wal_frames_behind_max,
+            wakeups: Mutex::new(std::collections::HashMap::new()),
         };
         let tail = store.load_tail().await?;
         *store.tail.lock().expect("tail lock") = tail;
@@ -495,7 +531,7 @@ impl Store {
     /// `sqlite` or `postgres`.
     pub fn backend_name(&self) -> &'static str {
         match self.backend {
-            Backend::Sqlite(_) => "sqlite",
+            Backend::Sqlite { .. } => "sqlite",
             Backend::Postgres(_) => "postgres",
         }
     }
@@ -566,7 +602,7 @@ impl Store {
             payload,
         };
         let sql = "INSERT INTO journal (batch, first_seq, commands, payload, checksum) VALUES ($1, $2, $3, $4, $5)";
-        on_pool!(self, pool => {
+        on_writer!(self, pool => {
             sqlx::query(sql)
                 .bind(to_db(batch.batch))
                 .bind(to_db(batch.first_seq))
@@ -597,7 +633,7 @@ impl Store {
     /// `RESTART` (it waits up to the busy timeout for readers to finish), which delays this
     /// append but bounds the log. [`Store::wal_frames_behind`] reports the backlog.
     async fn maybe_checkpoint(&self) {
-        let Backend::Sqlite(pool) = &self.backend else {
+        let Backend::Sqlite { readers: pool, .. } = &self.backend else {
             return;
         };
         if self
@@ -733,7 +769,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let checksum = snapshot_checksum(snapshot.seq, &snapshot.state_hash, &snapshot.payload);
         let sql = "INSERT INTO snapshots (seq, state_hash, payload, checksum, created_at_ms) VALUES ($1, $2, $3, $4, $5)";
-        on_pool!(self, pool => {
+        on_writer!(self, pool => {
             sqlx::query(sql)
                 .bind(to_db(snapshot.seq))
                 .bind(&snapshot.state_hash[..])
@@ -778,7 +814,7 @@ impl Store {
     /// Deletes snapshots older than the newest `keep`.
     pub async fn prune_snapshots(&self, keep: u64) -> Result<u64, StoreError> {
         let sql = "DELETE FROM snapshots WHERE seq NOT IN (SELECT seq FROM snapshots ORDER BY seq DESC LIMIT $1)";
-        let done = on_pool!(self, pool => sqlx::query(sql).bind(to_db(keep)).execute(pool).await?.rows_affected());
+        let done = on_writer!(self, pool => sqlx::query(sql).bind(to_db(keep)).execute(pool).await?.rows_affected());
         Ok(done)
     }
 
@@ -822,7 +858,7 @@ impl Store {
         name: &str,
         batch: &ProjectionBatch,
     ) -> Result<(), StoreError> {
-        on_pool!(self, pool => {
+        on_writer!(self, pool => {
             let mut tx = pool.begin().await?;
             let stored: Option<i64> = sqlx::query("SELECT seq FROM projection_offsets WHERE name = $1")
                 .bind(name)
@@ -919,7 +955,7 @@ impl Store {
 
     /// Empties the read models and the named offset, so they can be rebuilt from the journal.
     pub async fn reset_projection(&self, name: &str) -> Result<(), StoreError> {
-        on_pool!(self, pool => {
+        on_writer!(self, pool => {
             let mut tx = pool.begin().await?;
             for sql in ["DELETE FROM orders", "DELETE FROM trades", "DELETE FROM balance_changes", "DELETE FROM audit"] {
                 sqlx::query(sql).execute(&mut *tx).await?;
@@ -1072,7 +1108,13 @@ impl Store {
 
     /// Closes the pool, waiting for connections to finish.
     pub async fn close(&self) {
-        on_pool!(self, pool => pool.close().await);
+        match &self.backend {
+            Backend::Sqlite { readers, writer } => {
+                readers.close().await;
+                writer.close().await;
+            }
+            Backend::Postgres(pool) => pool.close().await,
+        }
     }
 }
 

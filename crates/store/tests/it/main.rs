@@ -242,7 +242,10 @@ async fn a_reader_that_holds_the_wal_back_cannot_grow_it_without_bound() {
     // The background checkpoint reports the backlog it could not copy.
     let mut waited_ms = 0;
     while store.wal_frames_behind() <= 64 {
-        assert!(waited_ms < 10_000, "the checkpoint never reported its backlog");
+        assert!(
+            waited_ms < 10_000,
+            "the checkpoint never reported its backlog"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         waited_ms += 10;
     }

@@ -1,0 +1,419 @@
+//! In-process workers: Rust handlers registered by job type, run with a bounded concurrency
+//! and an optional rate limit, under leases kept alive by heartbeats.
+//!
+//! One worker serves one queue with three kinds of task. The *fetcher* claims as many jobs as
+//! there are free slots (and the rate limit allows) in one statement, and when there are none
+//! it sleeps until the store signals new jobs for its queue (an add in this process, or on
+//! PostgreSQL a notification from any process), with a bounded poll as the fallback. Each job
+//! runs in its own task with its timeout and heartbeat. The *completer* writes the outcomes:
+//! every completion waiting at that moment in one transaction, so a busy worker pays one
+//! commit for many jobs. Shutdown stops claiming, lets running jobs finish for a grace period,
+//! then releases the rest (their attempt not counted) and writes every outcome before it
+//! returns.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::{ErrorCategory, Job, JobError, Queue, QueueError, limits};
+
+/// What a handler returns: a result to store with the completion, or the failure.
+pub type HandlerResult = Result<Option<serde_json::Value>, JobError>;
+/// A handler's future.
+pub type HandlerFuture = Pin<Box<dyn Future<Output = HandlerResult> + Send>>;
+/// A job handler.
+pub type Handler = Arc<dyn Fn(JobContext) -> HandlerFuture + Send + Sync>;
+
+/// Bounds of workers.
+pub mod worker_limits {
+    /// Jobs one worker runs at once.
+    pub const CONCURRENCY_MAX: usize = 1_000;
+    /// Completions written in one transaction.
+    pub const COMPLETIONS_PER_COMMIT_MAX: usize = 1_000;
+}
+
+/// At most `jobs` jobs started per `window_ms`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateLimit {
+    /// Jobs per window.
+    pub jobs: u32,
+    /// The window.
+    pub window_ms: u64,
+}
+
+/// How a worker runs.
+#[derive(Clone, Debug)]
+pub struct WorkerOptions {
+    /// Its name, recorded on the jobs it claims.
+    pub name: String,
+    /// Jobs run at once.
+    pub concurrency: usize,
+    /// Jobs started per window, if limited.
+    pub rate: Option<RateLimit>,
+    /// A claimed job's lease; a heartbeat renews it every third of it.
+    pub lease_ms: u64,
+    /// The longest sleep between two claims when no wake-up comes.
+    pub poll_ms: u64,
+    /// How often this worker looks for stalled jobs of any worker.
+    pub stalled_check_ms: u64,
+    /// How long shutdown waits for running jobs before releasing them.
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for WorkerOptions {
+    fn default() -> Self {
+        WorkerOptions {
+            name: "worker".into(),
+            concurrency: 10,
+            rate: None,
+            lease_ms: 30_000,
+            poll_ms: 1_000,
+            stalled_check_ms: 5_000,
+            shutdown_grace_ms: 10_000,
+        }
+    }
+}
+
+/// What a handler gets: the job, and a way to report progress.
+pub struct JobContext {
+    /// The claimed job.
+    pub job: Job,
+    queue: Queue,
+}
+
+impl JobContext {
+    /// Records progress (any JSON value); fails when the lease was lost.
+    pub async fn progress(&self, progress: serde_json::Value) -> Result<(), QueueError> {
+        self.queue
+            .progress(self.job.id, self.job.lease, &progress)
+            .await
+    }
+}
+
+/// A worker being set up: register handlers, then [`Worker::start`].
+pub struct Worker {
+    queue: Queue,
+    queue_name: String,
+    options: WorkerOptions,
+    handlers: HashMap<String, Handler>,
+}
+
+/// A running worker.
+pub struct WorkerHandle {
+    stop: watch::Sender<bool>,
+    fetcher: JoinHandle<Result<(), QueueError>>,
+}
+
+impl WorkerHandle {
+    /// Stops claiming, waits for running jobs up to the grace period, releases the rest, and
+    /// returns once every outcome is written (or the error that stopped the worker).
+    pub async fn shutdown(self) -> Result<(), QueueError> {
+        let _ = self.stop.send(true);
+        self.fetcher.await.unwrap_or_else(|e| {
+            Err(QueueError::Invalid {
+                field: "worker",
+                rule: format!("task failed: {e}"),
+            })
+        })
+    }
+}
+
+enum Outcome {
+    Done(i64, i64, Option<serde_json::Value>),
+    Failed(Job, JobError),
+    Release(i64, i64),
+}
+
+impl Worker {
+    /// A worker for `queue_name`.
+    pub fn new(queue: Queue, queue_name: &str, options: WorkerOptions) -> Worker {
+        Worker {
+            queue,
+            queue_name: queue_name.to_string(),
+            options,
+            handlers: HashMap::new(),
+        }
+    }
+
+    /// Registers the handler of a job type.
+    pub fn handle<F, Fut>(mut self, kind: &str, handler: F) -> Worker
+    where
+        F: Fn(JobContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = HandlerResult> + Send + 'static,
+    {
+        let handler: Handler = Arc::new(move |ctx| Box::pin(handler(ctx)));
+        self.handlers.insert(kind.to_string(), handler);
+        self
+    }
+
+    /// Checks the options and starts the worker.
+    pub async fn start(self) -> Result<WorkerHandle, QueueError> {
+        let options = &self.options;
+        if !(1..=worker_limits::CONCURRENCY_MAX).contains(&options.concurrency) {
+            return Err(QueueError::Invalid {
+                field: "concurrency",
+                rule: format!("must be 1 to {}", worker_limits::CONCURRENCY_MAX),
+            });
+        }
+        if !(limits::LEASE_MS_MIN..=limits::LEASE_MS_MAX).contains(&options.lease_ms) {
+            return Err(QueueError::Invalid {
+                field: "lease_ms",
+                rule: format!(
+                    "must be {} to {}",
+                    limits::LEASE_MS_MIN,
+                    limits::LEASE_MS_MAX
+                ),
+            });
+        }
+        if let Some(rate) = options.rate
+            && (rate.jobs == 0 || rate.window_ms == 0)
+        {
+            return Err(QueueError::Invalid {
+                field: "rate",
+                rule: "needs at least one job per window of at least 1 ms".into(),
+            });
+        }
+        if options.poll_ms == 0 || options.stalled_check_ms == 0 {
+            return Err(QueueError::Invalid {
+                field: "poll_ms",
+                rule: "poll and stalled-check intervals must be positive".into(),
+            });
+        }
+        if !self
+            .queue
+            .queues()
+            .await?
+            .iter()
+            .any(|(name, _)| *name == self.queue_name)
+        {
+            return Err(QueueError::UnknownQueue(self.queue_name.clone()));
+        }
+        let (stop, stopped) = watch::channel(false);
+        let fetcher = tokio::spawn(self.run(stopped));
+        Ok(WorkerHandle { stop, fetcher })
+    }
+
+    async fn run(self, mut stopped: watch::Receiver<bool>) -> Result<(), QueueError> {
+        let Worker {
+            queue,
+            queue_name,
+            options,
+            handlers,
+        } = self;
+        let handlers = Arc::new(handlers);
+        let slots = Arc::new(Semaphore::new(options.concurrency));
+        let (outcomes, outcome_rx) = mpsc::channel(options.concurrency * 2);
+        let completer = tokio::spawn(complete_loop(queue.clone(), outcome_rx));
+        let (release, _) = watch::channel(false);
+        let release = Arc::new(release);
+        let mut wakeups = queue.store().wakeups(&queue_name);
+        let forwarder = spawn_listener(&queue).await;
+        let mut started_in_window: Vec<i64> = Vec::new();
+        let mut next_stalled_check = queue.now_ms();
+        let mut failure = None;
+
+        while !*stopped.borrow() {
+            if queue.now_ms() >= next_stalled_check {
+                next_stalled_check = queue.now_ms() + options.stalled_check_ms as i64;
+                if let Err(error) = queue.recover_stalled().await {
+                    failure = Some(error);
+                    break;
+                }
+            }
+            // Wait for a free slot, then take every free one.
+            let first = tokio::select! {
+                permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+                _ = stopped.changed() => break,
+            };
+            let mut permits = vec![first];
+            while permits.len() < limits::CLAIM_JOBS_MAX {
+                match slots.clone().try_acquire_owned() {
+                    Ok(permit) => permits.push(permit),
+                    Err(_) => break,
+                }
+            }
+            let mut wanted = permits.len();
+            if let Some(rate) = options.rate {
+                let now = queue.now_ms();
+                started_in_window.retain(|&at| at > now - rate.window_ms as i64);
+                let room = (rate.jobs as usize).saturating_sub(started_in_window.len());
+                if room == 0 {
+                    let wait = started_in_window[0] + rate.window_ms as i64 - now;
+                    drop(permits);
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(wait.max(1) as u64)) => {}
+                        _ = stopped.changed() => break,
+                    }
+                    continue;
+                }
+                wanted = wanted.min(room);
+            }
+            let jobs = match queue
+                .claim(&queue_name, wanted, &options.name, options.lease_ms)
+                .await
+            {
+                Ok(jobs) => jobs,
+                Err(error) => {
+                    failure = Some(error);
+                    break;
+                }
+            };
+            if jobs.is_empty() {
+                drop(permits);
+                tokio::select! {
+                    _ = wakeups.changed() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(options.poll_ms)) => {}
+                    _ = stopped.changed() => break,
+                }
+                continue;
+            }
+            if options.rate.is_some() {
+                let now = queue.now_ms();
+                started_in_window.extend(std::iter::repeat_n(now, jobs.len()));
+            }
+            for (job, permit) in jobs.into_iter().zip(permits) {
+                let handler = handlers.get(&job.kind).cloned();
+                let queue = queue.clone();
+                let outcomes = outcomes.clone();
+                let released = release.subscribe();
+                let lease_ms = options.lease_ms;
+                tokio::spawn(async move {
+                    let outcome = run_job(queue, job, handler, lease_ms, released).await;
+                    let _ = outcomes.send(outcome).await;
+                    drop(permit);
+                });
+            }
+        }
+
+        // Shutdown: no more claims. Running jobs get the grace period, then are released.
+        let everyone = options.concurrency as u32;
+        let grace = Duration::from_millis(options.shutdown_grace_ms);
+        let all_done = tokio::time::timeout(grace, slots.acquire_many(everyone)).await;
+        if all_done.is_err() {
+            let _ = release.send(true);
+            let _ = slots.acquire_many(everyone).await;
+        }
+        drop(outcomes);
+        let written = completer.await.unwrap_or(Ok(()));
+        if let Some(forwarder) = forwarder {
+            forwarder.abort();
+        }
+        match failure {
+            Some(error) => Err(error),
+            None => written,
+        }
+    }
+}
+
+/// PostgreSQL: forwards notifications of new jobs from other processes to this process's
+/// wake-ups. Reconnects after a lost connection; the poll covers the gap.
+async fn spawn_listener(queue: &Queue) -> Option<JoinHandle<()>> {
+    let store = queue.store().clone();
+    let mut listener = store.job_listener().await.ok().flatten()?;
+    Some(tokio::spawn(async move {
+        loop {
+            match listener.recv().await {
+                Ok(name) => store.wake_workers(&name),
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    match store.job_listener().await {
+                        Ok(Some(again)) => listener = again,
+                        _ => return,
+                    }
+                }
+            }
+        }
+    }))
+}
+
+async fn run_job(
+    queue: Queue,
+    job: Job,
+    handler: Option<Handler>,
+    lease_ms: u64,
+    mut released: watch::Receiver<bool>,
+) -> Outcome {
+    let Some(handler) = handler else {
+        let error = JobError::new(
+            ErrorCategory::Validation,
+            format!("no handler for job type {:?}", job.kind),
+        );
+        return Outcome::Failed(job, error);
+    };
+    let (id, lease) = (job.id, job.lease);
+    let timeout = Duration::from_millis(job.timeout_ms);
+    let context = JobContext {
+        job: job.clone(),
+        queue: queue.clone(),
+    };
+    let work = tokio::time::timeout(timeout, handler(context));
+    tokio::pin!(work);
+    let beat = Duration::from_millis((lease_ms / 3).max(1));
+    let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + beat, beat);
+    loop {
+        tokio::select! {
+            finished = &mut work => {
+                return match finished {
+                    Ok(Ok(result)) => Outcome::Done(id, lease, result),
+                    Ok(Err(error)) => Outcome::Failed(job, error),
+                    Err(_) => Outcome::Failed(job, JobError::new(
+                        ErrorCategory::Timeout,
+                        format!("the attempt ran longer than its timeout of {} ms", timeout.as_millis()),
+                    )),
+                };
+            }
+            _ = heartbeat.tick() => {
+                // A lost lease means another worker may hold the job: stop working on it.
+                if let Err(QueueError::LeaseLost(_)) = queue.heartbeat(id, lease, lease_ms).await {
+                    return Outcome::Release(id, lease);
+                }
+            }
+            _ = released.changed() => return Outcome::Release(id, lease),
+        }
+    }
+}
+
+/// Writes outcomes: every completion waiting at that moment in one transaction; failures and
+/// releases one by one. A lost lease is not an error here: the job belongs to someone else.
+async fn complete_loop(
+    queue: Queue,
+    mut outcomes: mpsc::Receiver<Outcome>,
+) -> Result<(), QueueError> {
+    let mut first_error = None;
+    while let Some(first) = outcomes.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < worker_limits::COMPLETIONS_PER_COMMIT_MAX {
+            match outcomes.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        let mut completions = Vec::new();
+        for outcome in batch {
+            let written = match outcome {
+                Outcome::Done(id, lease, result) => {
+                    completions.push((id, lease, result));
+                    Ok(())
+                }
+                Outcome::Failed(job, error) => queue.fail(&job, error).await.map(drop),
+                Outcome::Release(id, lease) => queue.release(id, lease).await,
+            };
+            if let Err(error) = written
+                && !matches!(error, QueueError::LeaseLost(_))
+            {
+                first_error.get_or_insert(error);
+            }
+        }
+        if !completions.is_empty()
+            && let Err(error) = queue.complete_many(&completions).await
+        {
+            first_error.get_or_insert(error);
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}

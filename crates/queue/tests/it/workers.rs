@@ -1,0 +1,1 @@
+//! In-process workers against a real store and the real clock.
