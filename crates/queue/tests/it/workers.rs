@@ -1,1 +1,280 @@
-//! In-process workers against a real store and the real clock.
+//! In-process workers against a real store and the real clock. Every wait has a generous
+//! deadline and asserts what happened, never how fast.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use queue::worker::{JobContext, RateLimit, Worker, WorkerOptions};
+use queue::{Backoff, ErrorCategory, JobError, JobOptions, JobSpec, Queue};
+use serde_json::json;
+
+use crate::targets;
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+/// Options for a worker that, left alone, would not look again for a minute: anything it does
+/// sooner was caused by a wake-up.
+fn patient(concurrency: usize) -> WorkerOptions {
+    WorkerOptions {
+        concurrency,
+        poll_ms: 60_000,
+        stalled_check_ms: 60_000,
+        lease_ms: 5_000,
+        shutdown_grace_ms: 5_000,
+        ..WorkerOptions::default()
+    }
+}
+
+async fn wait_for_state(queue: &Queue, id: i64, state: &str) -> queue::JobRow {
+    let started = tokio::time::Instant::now();
+    loop {
+        let job = queue.job(id).await.unwrap();
+        if job.state == state {
+            return job;
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "job {id} stayed {} instead of {state}",
+            job.state
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn spec(kind: &str, change: impl FnOnce(&mut JobOptions)) -> JobSpec {
+    let mut options = JobOptions::default();
+    change(&mut options);
+    JobSpec::new("work", kind, json!({"n": 1})).with(options)
+}
+
+#[tokio::test]
+async fn idle_workers_wake_on_an_add_not_at_the_next_poll() {
+    for target in targets("wake") {
+        let queue = Queue::new(target.open().await);
+        queue.declare("work").await.unwrap();
+        let worker = Worker::new(queue.clone(), "work", patient(2))
+            .handle("echo", |ctx: JobContext| async move {
+                Ok(Some(ctx.job.payload))
+            })
+            .start()
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await; // idle now
+        let id = queue.add(spec("echo", |_| {})).await.unwrap().id();
+        let row = wait_for_state(&queue, id, "completed").await;
+        assert_eq!(row.result.as_deref(), Some(r#"{"n":1}"#));
+
+        // Added through another connection pool, as another process would: on PostgreSQL the
+        // notification wakes the worker; SQLite has one process by design.
+        if queue.store().backend_name() == "postgres" {
+            let other = Queue::new(target.open().await);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let id = other.add(spec("echo", |_| {})).await.unwrap().id();
+            wait_for_state(&queue, id, "completed").await;
+        }
+        worker.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn concurrency_and_rate_limits_hold() {
+    for target in targets("limits") {
+        let queue = Queue::new(target.open().await);
+        queue.declare("work").await.unwrap();
+        let running = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let (r, m) = (running.clone(), most.clone());
+        let worker = Worker::new(queue.clone(), "work", patient(4))
+            .handle("slow", move |_ctx: JobContext| {
+                let (running, most) = (r.clone(), m.clone());
+                async move {
+                    let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(now, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    running.fetch_sub(1, Ordering::SeqCst);
+                    Ok(None)
+                }
+            })
+            .start()
+            .await
+            .unwrap();
+        let added = queue
+            .add_bulk(&vec![spec("slow", |_| {}); 30])
+            .await
+            .unwrap();
+        for job in &added {
+            wait_for_state(&queue, job.id(), "completed").await;
+        }
+        assert_eq!(
+            most.load(Ordering::SeqCst),
+            4,
+            "at most the concurrency, and all of it used"
+        );
+        worker.shutdown().await.unwrap();
+
+        // Three jobs per 10 s window: of ten ready jobs, three start and the rest wait.
+        let started = Arc::new(AtomicUsize::new(0));
+        let s = started.clone();
+        let options = WorkerOptions {
+            rate: Some(RateLimit {
+                jobs: 3,
+                window_ms: 10_000,
+            }),
+            ..patient(8)
+        };
+        let worker = Worker::new(queue.clone(), "work", options)
+            .handle("count", move |_ctx: JobContext| {
+                let started = s.clone();
+                async move {
+                    started.fetch_add(1, Ordering::SeqCst);
+                    Ok(None)
+                }
+            })
+            .start()
+            .await
+            .unwrap();
+        let added = queue
+            .add_bulk(&vec![spec("count", |_| {}); 10])
+            .await
+            .unwrap();
+        for job in &added[..3] {
+            wait_for_state(&queue, job.id(), "completed").await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(started.load(Ordering::SeqCst), 3);
+        worker.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn failures_timeouts_and_unknown_types_end_as_their_category() {
+    for target in targets("failures") {
+        let queue = Queue::new(target.open().await);
+        queue.declare("work").await.unwrap();
+        let worker = Worker::new(queue.clone(), "work", patient(4))
+            .handle("flaky", |_ctx: JobContext| async move {
+                Err(JobError::new(ErrorCategory::Network, "gateway unreachable"))
+            })
+            .handle("hang", |_ctx: JobContext| async move {
+                tokio::time::sleep(Duration::from_secs(3_600)).await;
+                Ok(None)
+            })
+            .handle("report", |ctx: JobContext| async move {
+                ctx.progress(json!({"step": 1}))
+                    .await
+                    .map_err(|e| JobError::new(ErrorCategory::Unknown, e.to_string()))?;
+                Ok(None)
+            })
+            .start()
+            .await
+            .unwrap();
+        let flaky = queue
+            .add(spec("flaky", |o| {
+                o.attempts = 2;
+                o.backoff = Backoff::Fixed { delay_ms: 10 };
+            }))
+            .await
+            .unwrap()
+            .id();
+        let hang = queue
+            .add(spec("hang", |o| {
+                o.attempts = 1;
+                o.timeout_ms = 100;
+            }))
+            .await
+            .unwrap()
+            .id();
+        let unknown = queue.add(spec("mystery", |_| {})).await.unwrap().id();
+        let report = queue.add(spec("report", |_| {})).await.unwrap().id();
+
+        let row = wait_for_state(&queue, flaky, "dead").await;
+        assert_eq!(
+            (row.attempts, row.error_category.as_deref()),
+            (2, Some("network"))
+        );
+        assert_eq!(queue.failures(flaky).await.unwrap().len(), 2);
+        let row = wait_for_state(&queue, hang, "dead").await;
+        assert_eq!(row.error_category.as_deref(), Some("timeout"));
+        let row = wait_for_state(&queue, unknown, "dead").await;
+        assert_eq!(row.error_category.as_deref(), Some("validation"));
+        assert!(row.error.unwrap().contains("mystery"));
+        let row = wait_for_state(&queue, report, "completed").await;
+        assert_eq!(row.progress.as_deref(), Some(r#"{"step":1}"#));
+        worker.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn shutdown_finishes_running_jobs_within_its_grace_and_releases_the_rest() {
+    for target in targets("shutdown") {
+        let queue = Queue::new(target.open().await);
+        queue.declare("work").await.unwrap();
+        let options = WorkerOptions {
+            shutdown_grace_ms: 300,
+            ..patient(4)
+        };
+        let worker = Worker::new(queue.clone(), "work", options)
+            .handle("quick", |_ctx: JobContext| async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Ok(None)
+            })
+            .handle("endless", |_ctx: JobContext| async move {
+                std::future::pending::<()>().await;
+                Ok(None)
+            })
+            .start()
+            .await
+            .unwrap();
+        let quick = queue.add(spec("quick", |_| {})).await.unwrap().id();
+        let endless = queue.add(spec("endless", |_| {})).await.unwrap().id();
+        wait_for_state(&queue, endless, "active").await;
+        worker.shutdown().await.unwrap();
+        assert_eq!(queue.job(quick).await.unwrap().state, "completed");
+        let row = queue.job(endless).await.unwrap();
+        assert_eq!(
+            (row.state.as_str(), row.attempts),
+            ("waiting", 0),
+            "released, attempt not counted"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_worker_needs_a_declared_queue_and_sane_options() {
+    for target in targets("worker_options") {
+        let queue = Queue::new(target.open().await);
+        assert!(matches!(
+            Worker::new(queue.clone(), "nowhere", patient(1))
+                .start()
+                .await,
+            Err(queue::QueueError::UnknownQueue(_))
+        ));
+        queue.declare("work").await.unwrap();
+        for (options, field) in [
+            (patient(0), "concurrency"),
+            (
+                WorkerOptions {
+                    lease_ms: 1,
+                    ..patient(1)
+                },
+                "lease_ms",
+            ),
+            (
+                WorkerOptions {
+                    rate: Some(RateLimit {
+                        jobs: 0,
+                        window_ms: 10,
+                    }),
+                    ..patient(1)
+                },
+                "rate",
+            ),
+        ] {
+            match Worker::new(queue.clone(), "work", options).start().await {
+                Err(queue::QueueError::Invalid { field: named, .. }) => assert_eq!(named, field),
+                other => panic!("{field}: {:?}", other.err()),
+            }
+        }
+    }
+}
