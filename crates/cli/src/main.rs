@@ -58,6 +58,25 @@ enum BenchCommands {
         #[arg(long, env = "AGORA_BENCH_POSTGRES_URL")]
         postgres: Option<String>,
     },
+    /// The job queue end to end, adds and add-to-start latency on each backend, against
+    /// BullMQ and graphile-worker in the same run (see docs/performance.md).
+    Queue {
+        /// No-op jobs in the end-to-end and bulk-add runs.
+        #[arg(long, default_value_t = 20_000)]
+        jobs: u64,
+        /// Jobs added one at a time.
+        #[arg(long, default_value_t = 5_000)]
+        single: u64,
+        /// Add-to-start latency samples.
+        #[arg(long, default_value_t = 500)]
+        samples: u64,
+        /// PostgreSQL server to measure too.
+        #[arg(long, env = "AGORA_BENCH_POSTGRES_URL")]
+        postgres: Option<String>,
+        /// The peers' benchmark script; `none` to skip the peers.
+        #[arg(long, default_value = "bench/peers/run.sh")]
+        peers: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -121,6 +140,25 @@ fn main() -> anyhow::Result<()> {
                 latency_run: std::time::Duration::from_secs(latency_seconds.max(1)),
                 snapshot_orders,
                 postgres_url: postgres,
+            }))?;
+        }
+        Commands::Bench {
+            command:
+                BenchCommands::Queue {
+                    jobs,
+                    single,
+                    samples,
+                    postgres,
+                    peers,
+                },
+        } => {
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(cli::bench_queue::run(cli::bench_queue::QueueBenchOptions {
+                jobs: jobs.max(1),
+                single: single.max(1),
+                samples: samples.max(1),
+                postgres_url: postgres,
+                peers_script: (peers != "none").then(|| peers.into()),
             }))?;
         }
         Commands::Journal {

@@ -708,6 +708,11 @@ impl Queue {
         Ok(claimed.into_iter().map(to_job).collect())
     }
 
+    /// The earliest time a waiting job of `queue` becomes due, if any.
+    pub async fn next_due_ms(&self, queue: &str) -> Result<Option<i64>, QueueError> {
+        Ok(self.store.next_due_ms(queue).await?)
+    }
+
     /// Extends a job's lease by `lease_ms` from now.
     pub async fn heartbeat(&self, id: i64, lease: i64, lease_ms: u64) -> Result<(), QueueError> {
         check_lease_ms(lease_ms)?;

@@ -4,7 +4,8 @@
 //! One worker serves one queue with three kinds of task. The *fetcher* claims as many jobs as
 //! there are free slots (and the rate limit allows) in one statement, and when there are none
 //! it sleeps until the store signals new jobs for its queue (an add in this process, or on
-//! PostgreSQL a notification from any process), with a bounded poll as the fallback. Each job
+//! PostgreSQL a notification from any process) or the next delayed job falls due, with a
+//! bounded poll as the fallback. Each job
 //! runs in its own task with its timeout and heartbeat. The *completer* writes the outcomes:
 //! every completion waiting at that moment in one transaction, so a busy worker pays one
 //! commit for many jobs. Shutdown stops claiming, lets running jobs finish for a grace period,
@@ -265,9 +266,24 @@ impl Worker {
             };
             if jobs.is_empty() {
                 drop(permits);
+                // Sleep until a wake-up, the next delayed job's due time, or the poll.
+                let now = queue.now_ms();
+                let mut sleep_ms = options.poll_ms;
+                match queue.next_due_ms(&queue_name).await {
+                    Ok(Some(due)) => sleep_ms = sleep_ms.min(due.saturating_sub(now).max(0) as u64),
+                    Ok(None) => {}
+                    Err(error) => {
+                        failure = Some(error);
+                        break;
+                    }
+                }
+                if sleep_ms == 0 {
+                    // Due but not claimed: paused, or taken by another worker. Do not spin.
+                    sleep_ms = options.poll_ms.min(50);
+                }
                 tokio::select! {
                     _ = wakeups.changed() => {}
-                    _ = tokio::time::sleep(Duration::from_millis(options.poll_ms)) => {}
+                    _ = tokio::time::sleep(Duration::from_millis(sleep_ms)) => {}
                     _ = stopped.changed() => break,
                 }
                 continue;

@@ -950,3 +950,14 @@ impl Store {
         Ok(queue.is_some())
     }
 }
+
+impl Store {
+    /// The earliest time a waiting job of `queue` becomes due, if it has any.
+    pub async fn next_due_ms(&self, queue: &str) -> Result<Option<i64>, StoreError> {
+        let sql = "SELECT MIN(run_at_ms) AS due FROM jobs WHERE queue = $1 AND state = 'waiting'";
+        let due = on_pool!(self, pool => {
+            sqlx::query(sql).bind(queue).fetch_one(pool).await?.try_get::<Option<i64>, _>("due")?
+        });
+        Ok(due)
+    }
+}

@@ -64,6 +64,15 @@ async fn idle_workers_wake_on_an_add_not_at_the_next_poll() {
         let id = queue.add(spec("echo", |_| {})).await.unwrap().id();
         let row = wait_for_state(&queue, id, "completed").await;
         assert_eq!(row.result.as_deref(), Some(r#"{"n":1}"#));
+        // A delayed job wakes its idle worker when it falls due.
+        let id = queue
+            .add(spec("echo", |o| o.delay_ms = 200))
+            .await
+            .unwrap()
+            .id();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(queue.job(id).await.unwrap().state, "waiting");
+        wait_for_state(&queue, id, "completed").await;
 
         // Added through another connection pool, as another process would: on PostgreSQL the
         // notification wakes the worker; SQLite has one process by design.

@@ -37,6 +37,8 @@ CREATE TABLE jobs (
 );
 -- Claiming: the next ready jobs of a queue in priority, then due time, then id order.
 CREATE INDEX jobs_ready ON jobs (queue, priority, run_at_ms, id) WHERE state = 'waiting';
+-- The next due time of a queue, for idle workers to sleep until.
+CREATE INDEX jobs_due ON jobs (queue, run_at_ms) WHERE state = 'waiting';
 -- Stalled jobs: active ones by lease end.
 CREATE INDEX jobs_active ON jobs (lease_until_ms) WHERE state = 'active';
 CREATE INDEX jobs_by_state ON jobs (queue, state, id);
