@@ -564,7 +564,23 @@ fn validate_all(specs: &[JobSpec], now_ms: i64) -> Result<Vec<NewJob>, QueueErro
             format!("at most {} jobs in one add", limits::BULK_JOBS_MAX),
         ));
     }
-    specs.iter().map(|spec| validate(spec, now_ms)).collect()
+    let jobs: Vec<NewJob> = specs
+        .iter()
+        .map(|spec| validate(spec, now_ms))
+        .collect::<Result<_, _>>()?;
+    // Within one add, a key can only go to one job: which one would be arbitrary.
+    let mut keys = std::collections::BTreeSet::new();
+    for job in &jobs {
+        if let Some((key, _)) = &job.dedup
+            && !keys.insert((job.queue.as_str(), key.as_str()))
+        {
+            return Err(invalid(
+                "dedup.key",
+                format!("{key:?} appears twice in one add to queue {:?}", job.queue),
+            ));
+        }
+    }
+    Ok(jobs)
 }
 
 /// The delay before attempt `attempt + 1` after attempt `attempt` failed, with its jitter.

@@ -374,6 +374,14 @@ async fn a_deduplication_key_holds_for_its_time_to_live() {
         let later = queue.add(spec()).await.unwrap();
         assert!(matches!(later, Added::New(new) if new != id), "{later:?}");
         assert_eq!(total_jobs(&queue, "mail").await, 3);
+        // One add cannot give a key to two jobs.
+        let twice = [spec(), spec()];
+        clock.advance(1_000);
+        assert_eq!(
+            field_of(&queue.add_bulk(&twice).await.unwrap_err()),
+            "dedup.key"
+        );
+        assert_eq!(total_jobs(&queue, "mail").await, 3);
     }
 }
 
