@@ -115,12 +115,12 @@ impl WorkerHandle {
     /// returns once every outcome is written (or the error that stopped the worker).
     pub async fn shutdown(self) -> Result<(), QueueError> {
         let _ = self.stop.send(true);
-        self.fetcher.await.unwrap_or_else(|e| {
-            Err(QueueError::Invalid {
-                field: "worker",
-                rule: format!("task failed: {e}"),
-            })
-        })
+        match self.fetcher.await {
+            Ok(result) => result,
+            // A panic in the worker is a bug: surface it rather than dress it as an error.
+            Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+            Err(_) => Ok(()),
+        }
     }
 }
 

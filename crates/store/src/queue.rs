@@ -635,7 +635,7 @@ impl Store {
             None => ("dead", None, Some(now_ms), Some(failure.strategy)),
         };
         let sql = "UPDATE jobs SET state = $1, run_at_ms = COALESCE($2, run_at_ms), finished_ms = $3, strategy = $4, error_category = $5, error = $6, lease_until_ms = NULL \
-                   WHERE id = $7 AND state = 'active' AND lease = $8 RETURNING attempts";
+                   WHERE id = $7 AND state = 'active' AND lease = $8 RETURNING attempts, queue";
         let history = "INSERT INTO job_failures (job_id, attempt, at_ms, category, message) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (job_id, attempt) DO NOTHING";
         let done = on_writer!(self, pool => {
             let mut tx = pool.begin().await?;
@@ -650,9 +650,10 @@ impl Store {
                 .bind(lease)
                 .fetch_optional(&mut *tx)
                 .await?
-                .map(|row| row.try_get::<i64, _>("attempts"))
+                .map(|row| Ok::<_, sqlx::Error>((row.try_get::<i64, _>("attempts")?, row.try_get::<String, _>("queue")?)))
                 .transpose()?;
-            if let Some(attempt) = attempt {
+            if let Some((attempt, _)) = &attempt {
+                let attempt = *attempt;
                 sqlx::query(history)
                     .bind(id)
                     .bind(attempt)
@@ -663,15 +664,13 @@ impl Store {
                     .await?;
             }
             tx.commit().await?;
-            attempt.is_some()
+            attempt.map(|(_, queue)| queue)
         });
-        if done && failure.retry_at_ms.is_some() {
+        if let (Some(queue), Some(_)) = (&done, failure.retry_at_ms) {
             // A retry may be due at once.
-            if let Some(job) = self.job(id).await? {
-                self.wake_workers(&job.queue);
-            }
+            self.wake_workers(queue);
         }
-        Ok(done)
+        Ok(done.is_some())
     }
 
     /// Active jobs whose lease ended before `now_ms` (their worker stopped reporting).
