@@ -12,14 +12,26 @@
 //! completed twice. An expired lease (a worker that stopped reporting) is found by
 //! [`Queue::recover_stalled`] and counts as a failed attempt of category `timeout`.
 
+use std::collections::BTreeSet;
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
 
-pub use store::{Added, DeadFilter, FailureBucket, FailureRow, JobRow, StateCount, Tx};
-use store::{ClaimedJob, Failure, NewJob, Store, StoreError};
+pub use store::{
+    Added, DeadFilter, FailureBucket, FailureRow, JobRow, ScheduleRow, StateCount, Tx,
+};
+use store::{
+    ClaimedJob, Ended, Failure, NewJob, ParentChange, ParentRef, QueueKeep, Settled, Store,
+    StoreError,
+};
+use tokio::sync::broadcast;
 
+pub use events::{EventKind, JobEvent};
+pub use schedule::{Every, ScheduleSpec, Scheduler, SchedulerOptions};
+
+pub mod events;
+pub mod schedule;
 pub mod worker;
 
 /// Named bounds.
@@ -60,6 +72,26 @@ pub mod limits {
     pub const LIST_JOBS_MAX: usize = 1_000;
     /// Stalled jobs recovered by one sweep.
     pub const STALLED_SWEEP_MAX: usize = 1_000;
+    /// Levels of a flow: a parent, its children, their children, …
+    pub const FLOW_DEPTH_MAX: usize = 8;
+    /// Children listed by one query.
+    pub const CHILDREN_LIST_MAX: usize = 10_000;
+    /// The longest a finished job can be kept by age: 366 days.
+    pub const KEEP_MS_MAX: u64 = 366 * 24 * 3600 * 1000;
+    /// Jobs deleted by one clean-up statement.
+    pub const PURGE_BATCH_MAX: u64 = 1_000;
+    /// Statements one clean-up runs at most (the next run goes on).
+    pub const PURGE_ROUNDS_MAX: usize = 100;
+    /// Schedules stored in all.
+    pub const SCHEDULES_MAX: usize = 10_000;
+    /// Schedules fired by one pass of a scheduler.
+    pub const SCHEDULES_FIRED_MAX: usize = 1_000;
+    /// The shortest interval of a schedule.
+    pub const INTERVAL_MS_MIN: u64 = 100;
+    /// The longest interval of a schedule: 366 days.
+    pub const INTERVAL_MS_MAX: u64 = 366 * 24 * 3600 * 1000;
+    /// Bytes in a cron expression.
+    pub const CRON_BYTES_MAX: usize = 256;
 }
 
 /// Defaults of [`JobOptions`].
@@ -93,6 +125,9 @@ pub enum QueueError {
     /// No job has this id.
     #[error("no job {0}")]
     UnknownJob(i64),
+    /// No schedule has this name.
+    #[error("no schedule {0:?}")]
+    UnknownSchedule(String),
     /// The store failed.
     #[error(transparent)]
     Store(StoreError),
@@ -106,6 +141,7 @@ impl QueueError {
             QueueError::UnknownQueue(_) => "UNKNOWN_QUEUE",
             QueueError::LeaseLost(_) => "LEASE_LOST",
             QueueError::UnknownJob(_) => "UNKNOWN_JOB",
+            QueueError::UnknownSchedule(_) => "UNKNOWN_SCHEDULE",
             QueueError::Store(_) => "STORE_FAILED",
         }
     }
@@ -115,6 +151,10 @@ impl From<StoreError> for QueueError {
     fn from(error: StoreError) -> Self {
         match error {
             StoreError::UnknownQueue(name) => QueueError::UnknownQueue(name),
+            StoreError::ParentNotWaiting(id) => QueueError::Invalid {
+                field: "parent",
+                rule: format!("job {id} is not waiting for children"),
+            },
             other => QueueError::Store(other),
         }
     }
@@ -183,6 +223,101 @@ pub struct JobOptions {
     pub timeout_ms: u64,
     /// Deduplication.
     pub dedup: Option<Dedup>,
+    /// A parent job still waiting for children: this job becomes one more of them. (A whole
+    /// tree is added at once with [`Queue::add_flow`].)
+    pub parent: Option<i64>,
+    /// How long to keep this job once it ends (besides its queue's rules).
+    pub retention: JobRetention,
+}
+
+/// How long one job is kept once it ends; `None` leaves it to its queue's rules.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct JobRetention {
+    /// Deleted this long after it completed.
+    pub completed_for_ms: Option<u64>,
+    /// Deleted this long after it died or was discarded.
+    pub failed_for_ms: Option<u64>,
+}
+
+/// What to keep of one kind of ended job.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Keep {
+    /// The newest this many.
+    pub last: Option<u64>,
+    /// Those that ended within this long.
+    pub for_ms: Option<u64>,
+}
+
+/// A queue's retention: what its clean-up keeps of its completed and its failed (dead or
+/// discarded) jobs. Both rules of a kind apply: a job is deleted when either drops it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Retention {
+    /// Completed jobs.
+    pub completed: Keep,
+    /// Dead and discarded jobs.
+    pub failed: Keep,
+}
+
+/// What a dead child does to its parent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ChildFailure {
+    /// The parent dies too, naming the child (its other children run on).
+    #[default]
+    FailParent,
+    /// The child counts as ended: the parent runs once every child has ended.
+    Ignore,
+    /// The parent waits until the child is re-driven and completes, or is discarded.
+    Wait,
+}
+
+impl ChildFailure {
+    fn name(self) -> &'static str {
+        match self {
+            ChildFailure::FailParent => "fail_parent",
+            ChildFailure::Ignore => "ignore",
+            ChildFailure::Wait => "wait",
+        }
+    }
+}
+
+/// A job and the children it waits for, each of which may be a flow itself.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Flow {
+    /// The job; with children, it runs only once they have ended.
+    pub job: JobSpec,
+    /// Its children.
+    pub children: Vec<Flow>,
+    /// What a dead child does to it.
+    pub on_child_failure: ChildFailure,
+}
+
+impl Flow {
+    /// A flow of one job and no children yet.
+    pub fn new(job: JobSpec) -> Flow {
+        Flow {
+            job,
+            children: Vec::new(),
+            on_child_failure: ChildFailure::default(),
+        }
+    }
+
+    /// The same flow with one more child.
+    pub fn child(mut self, child: impl Into<Flow>) -> Flow {
+        self.children.push(child.into());
+        self
+    }
+
+    /// The same flow with another child-failure policy.
+    pub fn on_child_failure(mut self, policy: ChildFailure) -> Flow {
+        self.on_child_failure = policy;
+        self
+    }
+}
+
+impl From<JobSpec> for Flow {
+    fn from(job: JobSpec) -> Flow {
+        Flow::new(job)
+    }
 }
 
 impl Default for JobOptions {
@@ -196,6 +331,8 @@ impl Default for JobOptions {
             jitter_pct: 0,
             timeout_ms: defaults::TIMEOUT_MS,
             dedup: None,
+            parent: None,
+            retention: JobRetention::default(),
         }
     }
 }
@@ -412,11 +549,14 @@ impl Clock for ManualClock {
     }
 }
 
-/// The stored queue. Cheap to clone.
+/// The stored queue. Cheap to clone; clones share one event stream.
 #[derive(Clone)]
 pub struct Queue {
     store: Arc<Store>,
     clock: Arc<dyn Clock>,
+    events: broadcast::Sender<JobEvent>,
+    /// The depth gauges last set, so that a state that emptied is set back to zero.
+    depth_series: Arc<Mutex<BTreeSet<(String, String, i32)>>>,
 }
 
 fn check_name(field: &'static str, value: &str, max: usize) -> Result<(), QueueError> {
@@ -554,7 +694,61 @@ fn validate(spec: &JobSpec, now_ms: i64) -> Result<NewJob, QueueError> {
         jitter_pct: options.jitter_pct,
         timeout_ms: options.timeout_ms,
         dedup,
+        parent: options.parent.map(ParentRef::Job),
+        on_child_failure: None,
+        keep_completed_ms: check_keep(
+            "retention.completed_for_ms",
+            options.retention.completed_for_ms,
+        )?,
+        keep_failed_ms: check_keep("retention.failed_for_ms", options.retention.failed_for_ms)?,
+        schedule: None,
     })
+}
+
+fn check_keep(field: &'static str, ms: Option<u64>) -> Result<Option<u64>, QueueError> {
+    match ms {
+        Some(ms) if ms > limits::KEEP_MS_MAX => Err(invalid(
+            field,
+            format!("must be at most {} (366 days)", limits::KEEP_MS_MAX),
+        )),
+        other => Ok(other),
+    }
+}
+
+/// Flattens a flow depth first, parents before their children.
+fn flatten_flow(
+    flow: &Flow,
+    parent: Option<usize>,
+    depth: usize,
+    now_ms: i64,
+    jobs: &mut Vec<NewJob>,
+) -> Result<(), QueueError> {
+    if depth > limits::FLOW_DEPTH_MAX {
+        return Err(invalid(
+            "children",
+            format!("a flow is at most {} levels deep", limits::FLOW_DEPTH_MAX),
+        ));
+    }
+    if jobs.len() >= limits::BULK_JOBS_MAX {
+        return Err(invalid(
+            "children",
+            format!("a flow has at most {} jobs", limits::BULK_JOBS_MAX),
+        ));
+    }
+    if flow.job.options.parent.is_some() {
+        return Err(invalid("parent", "is set by the flow itself"));
+    }
+    let mut job = validate(&flow.job, now_ms)?;
+    job.parent = parent.map(ParentRef::Earlier);
+    if !flow.children.is_empty() {
+        job.on_child_failure = Some(flow.on_child_failure.name());
+    }
+    let index = jobs.len();
+    jobs.push(job);
+    for child in &flow.children {
+        flatten_flow(child, Some(index), depth + 1, now_ms, jobs)?;
+    }
+    Ok(())
 }
 
 fn validate_all(specs: &[JobSpec], now_ms: i64) -> Result<Vec<NewJob>, QueueError> {
@@ -657,7 +851,61 @@ impl Queue {
 
     /// A queue over `store` reading `clock`.
     pub fn with_clock(store: Arc<Store>, clock: Arc<dyn Clock>) -> Queue {
-        Queue { store, clock }
+        Queue {
+            store,
+            clock,
+            events: broadcast::channel(events::EVENTS_BUFFER).0,
+            depth_series: Arc::default(),
+        }
+    }
+
+    /// The event stream of this queue (and its clones) from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<JobEvent> {
+        self.events.subscribe()
+    }
+
+    fn publish(&self, job_id: i64, queue: &str, kind: &str, event: EventKind) {
+        if self.events.receiver_count() == 0 {
+            return;
+        }
+        let _ = self.events.send(JobEvent {
+            job_id,
+            queue: queue.to_string(),
+            kind: kind.to_string(),
+            at_ms: self.now_ms(),
+            event,
+        });
+    }
+
+    fn publish_added(&self, jobs: &[NewJob], added: &[Added]) {
+        for (job, added) in jobs.iter().zip(added) {
+            let Added::New(id) = *added else { continue };
+            events::count(&job.queue, &job.kind, "added", 1);
+            let event = if job.on_child_failure.is_some() {
+                EventKind::WaitingChildren
+            } else {
+                EventKind::Waiting {
+                    run_at_ms: job.run_at_ms,
+                }
+            };
+            self.publish(id, &job.queue, &job.kind, event);
+        }
+    }
+
+    fn publish_parents(&self, parents: &[ParentChange]) {
+        for parent in parents {
+            let event = if parent.state == "dead" {
+                events::count(&parent.queue, &parent.kind, "dead", 1);
+                EventKind::Dead {
+                    category: "child".into(),
+                }
+            } else {
+                EventKind::Waiting {
+                    run_at_ms: self.now_ms(),
+                }
+            };
+            self.publish(parent.id, &parent.queue, &parent.kind, event);
+        }
     }
 
     /// The store underneath.
@@ -686,10 +934,33 @@ impl Queue {
     pub async fn add_bulk(&self, specs: &[JobSpec]) -> Result<Vec<Added>, QueueError> {
         let now = self.now_ms();
         let jobs = validate_all(specs, now)?;
-        Ok(self.store.add_jobs(&jobs, now).await?)
+        let added = self.store.add_jobs(&jobs, now).await?;
+        self.publish_added(&jobs, &added);
+        Ok(added)
     }
 
-    /// Adds jobs inside the caller's transaction, so that they exist only if it commits.
+    /// Adds a flow in one transaction: every job of it, parents before children, in depth
+    /// first order; a parent runs only once its children have ended. Returns what each add
+    /// did in that order (the flow's own job first).
+    pub async fn add_flow(&self, flow: &Flow) -> Result<Vec<Added>, QueueError> {
+        let now = self.now_ms();
+        let mut jobs = Vec::new();
+        flatten_flow(flow, None, 1, now, &mut jobs)?;
+        let added = self.store.add_jobs(&jobs, now).await?;
+        self.publish_added(&jobs, &added);
+        Ok(added)
+    }
+
+    /// The children of a parent, by id.
+    pub async fn children(&self, parent: i64) -> Result<Vec<JobRow>, QueueError> {
+        Ok(self
+            .store
+            .child_jobs(parent, limits::CHILDREN_LIST_MAX)
+            .await?)
+    }
+
+    /// Adds jobs inside the caller's transaction, so that they exist only if it commits. (No
+    /// `waiting` event is published for them: the transaction may still roll back.)
     pub async fn add_in(
         &self,
         tx: &mut Tx<'_>,
@@ -721,7 +992,19 @@ impl Queue {
             .store
             .claim_jobs(queue, limit, self.now_ms(), lease_ms, worker)
             .await?;
-        Ok(claimed.into_iter().map(to_job).collect())
+        let jobs: Vec<Job> = claimed.into_iter().map(to_job).collect();
+        for job in &jobs {
+            events::count(&job.queue, &job.kind, "started", 1);
+            self.publish(
+                job.id,
+                &job.queue,
+                &job.kind,
+                EventKind::Active {
+                    attempt: job.attempt,
+                },
+            );
+        }
+        Ok(jobs)
     }
 
     /// The earliest time a waiting job of `queue` becomes due, if any.
@@ -752,6 +1035,16 @@ impl Queue {
     ) -> Result<(), QueueError> {
         let text = encode_json("progress", progress, limits::RESULT_BYTES_MAX)?;
         if self.store.job_progress(id, lease, &text).await? {
+            if self.events.receiver_count() > 0
+                && let Some(job) = self.store.job(id).await?
+            {
+                self.publish(
+                    id,
+                    &job.queue,
+                    &job.kind,
+                    EventKind::Progress(progress.clone()),
+                );
+            }
             Ok(())
         } else {
             Err(QueueError::LeaseLost(id))
@@ -783,12 +1076,28 @@ impl Queue {
                 .transpose()?;
             rows.push((*id, *lease, text));
         }
-        let done = self.store.complete_jobs(&rows, self.now_ms()).await?;
-        Ok(done
+        let now = self.now_ms();
+        let Settled { jobs, parents } = self.store.complete_jobs(&rows, now).await?;
+        let answers = jobs
             .into_iter()
             .zip(completions)
-            .map(|(ok, (id, ..))| if ok { Ok(()) } else { Err(*id) })
-            .collect())
+            .map(|(ended, (id, ..))| match ended {
+                Some(Ended {
+                    queue,
+                    kind,
+                    started_ms,
+                    ..
+                }) => {
+                    events::count(&queue, &kind, "completed", 1);
+                    events::processing_time(&queue, &kind, "completed", started_ms, now);
+                    self.publish(*id, &queue, &kind, EventKind::Completed);
+                    Ok(())
+                }
+                None => Err(*id),
+            })
+            .collect();
+        self.publish_parents(&parents);
+        Ok(answers)
     }
 
     /// Reports a failed attempt of a claimed job: it is retried after its backoff while it
@@ -827,11 +1136,34 @@ impl Queue {
                 .then(|| now + backoff_ms(backoff, jitter_pct, attempt, random()) as i64),
             strategy: error.strategy.unwrap_or(error.category.strategy()).name(),
         };
-        if self.store.fail_job(id, lease, &failure, now).await? {
-            Ok(retry)
-        } else {
-            Err(QueueError::LeaseLost(id))
+        let Some((ended, parents)) = self.store.fail_job(id, lease, &failure, now).await? else {
+            return Err(QueueError::LeaseLost(id));
+        };
+        let (queue, kind) = (&ended.queue, &ended.kind);
+        events::count(queue, kind, "failed", 1);
+        events::processing_time(queue, kind, "failed", ended.started_ms, now);
+        self.publish(
+            id,
+            queue,
+            kind,
+            EventKind::Failed {
+                category: failure.category,
+                message: failure.message.clone(),
+            },
+        );
+        match failure.retry_at_ms {
+            Some(run_at_ms) => {
+                events::count(queue, kind, "retried", 1);
+                self.publish(id, queue, kind, EventKind::Retried { run_at_ms });
+            }
+            None => {
+                events::count(queue, kind, "dead", 1);
+                let category = failure.category.to_string();
+                self.publish(id, queue, kind, EventKind::Dead { category });
+            }
         }
+        self.publish_parents(&parents);
+        Ok(retry)
     }
 
     /// Gives a claimed job back unfinished, its attempt not counted (a worker shutting down).
@@ -853,6 +1185,8 @@ impl Queue {
         let mut recovered = 0;
         for claimed in expired {
             let job = to_job(claimed);
+            events::count(&job.queue, &job.kind, "stalled", 1);
+            self.publish(job.id, &job.queue, &job.kind, EventKind::Stalled);
             let error = JobError::new(
                 ErrorCategory::Timeout,
                 format!("stalled: the lease of attempt {} expired", job.attempt),
@@ -913,7 +1247,14 @@ impl Queue {
         after_id: i64,
         limit: usize,
     ) -> Result<Vec<JobRow>, QueueError> {
-        const STATES: [&str; 5] = ["waiting", "active", "completed", "dead", "discarded"];
+        const STATES: [&str; 6] = [
+            "waiting",
+            "waiting_children",
+            "active",
+            "completed",
+            "dead",
+            "discarded",
+        ];
         if !STATES.contains(&state) {
             return Err(invalid(
                 "state",
@@ -946,12 +1287,29 @@ impl Queue {
                 format!("at most {} in one call", limits::BULK_JOBS_MAX),
             ));
         }
-        Ok(self.store.redrive_jobs(ids, self.now_ms()).await?)
+        let now = self.now_ms();
+        let redriven = self.store.redrive_jobs(ids, now).await?;
+        if !redriven.is_empty() {
+            for id in &redriven {
+                if let Some(job) = self.store.job(*id).await? {
+                    events::count(&job.queue, &job.kind, "redriven", 1);
+                    let event = EventKind::Waiting { run_at_ms: now };
+                    self.publish(*id, &job.queue, &job.kind, event);
+                }
+            }
+        }
+        Ok(redriven)
     }
 
-    /// Discards a waiting or dead job.
+    /// Discards a waiting, children-waiting or dead job (a parent waiting for it counts it
+    /// as ended).
     pub async fn discard(&self, id: i64) -> Result<(), QueueError> {
-        if self.store.discard_job(id, self.now_ms()).await? {
+        if let Some(parents) = self.store.discard_job(id, self.now_ms()).await? {
+            if let Some(job) = self.store.job(id).await? {
+                events::count(&job.queue, &job.kind, "discarded", 1);
+                self.publish(id, &job.queue, &job.kind, EventKind::Discarded);
+            }
+            self.publish_parents(&parents);
             Ok(())
         } else {
             match self.store.job(id).await? {
@@ -959,7 +1317,7 @@ impl Queue {
                 Some(job) => Err(invalid(
                     "id",
                     format!(
-                        "job {id} is {}; only waiting or dead jobs can be discarded",
+                        "job {id} is {}; only waiting, children-waiting or dead jobs can be discarded",
                         job.state
                     ),
                 )),
@@ -981,5 +1339,85 @@ impl Queue {
             .store
             .failure_buckets(since_ms, window_ms, limits::LIST_JOBS_MAX)
             .await?)
+    }
+
+    /// Sets a queue's retention rules, which its clean-up ([`Queue::purge`]) applies.
+    pub async fn set_retention(&self, queue: &str, retention: Retention) -> Result<(), QueueError> {
+        check_name("queue", queue, limits::QUEUE_NAME_BYTES_MAX)?;
+        let completed_ms = check_keep("retention.completed.for_ms", retention.completed.for_ms)?;
+        let failed_ms = check_keep("retention.failed.for_ms", retention.failed.for_ms)?;
+        let keep = QueueKeep {
+            completed_last: retention.completed.last,
+            completed_ms,
+            failed_last: retention.failed.last,
+            failed_ms,
+        };
+        if self.store.set_queue_keep(queue, &keep).await? {
+            Ok(())
+        } else {
+            Err(QueueError::UnknownQueue(queue.to_string()))
+        }
+    }
+
+    /// A queue's retention rules.
+    pub async fn retention(&self, queue: &str) -> Result<Retention, QueueError> {
+        let keep = self
+            .store
+            .queue_keep(queue)
+            .await?
+            .ok_or_else(|| QueueError::UnknownQueue(queue.to_string()))?;
+        Ok(Retention {
+            completed: Keep {
+                last: keep.completed_last,
+                for_ms: keep.completed_ms,
+            },
+            failed: Keep {
+                last: keep.failed_last,
+                for_ms: keep.failed_ms,
+            },
+        })
+    }
+
+    /// The clean-up: deletes the ended jobs that neither their own retention nor their
+    /// queue's keeps, in bounded batches; returns how many. It runs as the scheduled job
+    /// [`schedule::RETENTION_KIND`] (see [`schedule::install_maintenance`]).
+    pub async fn purge(&self) -> Result<u64, QueueError> {
+        let mut deleted = 0;
+        for _ in 0..limits::PURGE_ROUNDS_MAX {
+            let n = self
+                .store
+                .purge_jobs(self.now_ms(), limits::PURGE_BATCH_MAX)
+                .await?;
+            deleted += n;
+            if n < limits::PURGE_BATCH_MAX {
+                break;
+            }
+        }
+        Ok(deleted)
+    }
+
+    /// Samples every queue's depth into the metrics [`events::names::DEPTH`] (by state and
+    /// priority) and [`events::names::DEAD`].
+    pub async fn record_depth(&self) -> Result<(), QueueError> {
+        let mut seen = BTreeSet::new();
+        for (name, _) in self.queues().await? {
+            let mut dead = 0;
+            for count in self.counts(&name).await? {
+                if count.state == "dead" {
+                    dead += count.jobs;
+                }
+                metrics::gauge!(events::names::DEPTH, "queue" => name.clone(), "state" => count.state.clone(), "priority" => count.priority.to_string())
+                    .set(count.jobs as f64);
+                seen.insert((name.clone(), count.state, count.priority));
+            }
+            metrics::gauge!(events::names::DEAD, "queue" => name.clone()).set(dead as f64);
+        }
+        let mut series = self.depth_series.lock().expect("depth series lock");
+        for (queue, state, priority) in series.difference(&seen) {
+            metrics::gauge!(events::names::DEPTH, "queue" => queue.clone(), "state" => state.clone(), "priority" => priority.to_string())
+                .set(0.0);
+        }
+        *series = seen;
+        Ok(())
     }
 }

@@ -36,6 +36,9 @@ pub mod worker_limits {
     pub const CONCURRENCY_MAX: usize = 1_000;
     /// Completions written in one transaction.
     pub const COMPLETIONS_PER_COMMIT_MAX: usize = 1_000;
+    /// Store errors in a row after which a worker stops (it retries the ones before, backing
+    /// off from 50 ms up to its poll interval).
+    pub const STORE_ERRORS_MAX: u32 = 10;
 }
 
 /// At most `jobs` jobs started per `window_ms`.
@@ -152,6 +155,15 @@ impl Worker {
         self
     }
 
+    /// Registers the retention clean-up's handler ([`crate::schedule::RETENTION_KIND`]), for a
+    /// worker on [`crate::schedule::MAINTENANCE_QUEUE`].
+    pub fn with_maintenance(self) -> Worker {
+        let queue = self.queue.clone();
+        self.handle(crate::schedule::RETENTION_KIND, move |_ctx| {
+            crate::schedule::retention_handler(queue.clone())
+        })
+    }
+
     /// Checks the options and starts the worker.
     pub async fn start(self) -> Result<WorkerHandle, QueueError> {
         let options = &self.options;
@@ -217,13 +229,30 @@ impl Worker {
         let mut started_in_window: Vec<i64> = Vec::new();
         let mut next_stalled_check = queue.now_ms();
         let mut failure = None;
+        let mut store_errors = 0u32;
+        let active = metrics::gauge!(crate::events::names::ACTIVE, "queue" => queue_name.clone());
+        // A store error is retried after a pause; only a run of them stops the worker.
+        macro_rules! store_error {
+            ($error:expr) => {{
+                store_errors += 1;
+                if store_errors >= worker_limits::STORE_ERRORS_MAX {
+                    failure = Some($error);
+                    break;
+                }
+                let pause = options.poll_ms.min(50u64 << store_errors.min(10));
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(pause)) => {}
+                    _ = stopped.changed() => break,
+                }
+                continue;
+            }};
+        }
 
         while !*stopped.borrow() {
             if queue.now_ms() >= next_stalled_check {
                 next_stalled_check = queue.now_ms() + options.stalled_check_ms as i64;
                 if let Err(error) = queue.recover_stalled().await {
-                    failure = Some(error);
-                    break;
+                    store_error!(error);
                 }
             }
             // Wait for a free slot, then take every free one.
@@ -260,10 +289,11 @@ impl Worker {
             {
                 Ok(jobs) => jobs,
                 Err(error) => {
-                    failure = Some(error);
-                    break;
+                    drop(permits);
+                    store_error!(error);
                 }
             };
+            store_errors = 0;
             if jobs.is_empty() {
                 drop(permits);
                 // Sleep until a wake-up, the next delayed job's due time, or the poll.
@@ -272,10 +302,7 @@ impl Worker {
                 match queue.next_due_ms(&queue_name).await {
                     Ok(Some(due)) => sleep_ms = sleep_ms.min(due.saturating_sub(now).max(0) as u64),
                     Ok(None) => {}
-                    Err(error) => {
-                        failure = Some(error);
-                        break;
-                    }
+                    Err(error) => store_error!(error),
                 }
                 if sleep_ms == 0 {
                     // Due but not claimed: paused, or taken by another worker. Do not spin.
@@ -298,9 +325,12 @@ impl Worker {
                 let outcomes = outcomes.clone();
                 let released = release.subscribe();
                 let lease_ms = options.lease_ms;
+                let active = active.clone();
+                active.increment(1.0);
                 tokio::spawn(async move {
                     let outcome = run_job(queue, job, handler, lease_ms, released).await;
                     let _ = outcomes.send(outcome).await;
+                    active.decrement(1.0);
                     drop(permit);
                 });
             }

@@ -22,8 +22,9 @@ use sqlx::sqlite::{
 use sqlx::{ConnectOptions, Row};
 
 pub use queue::{
-    Added, ClaimedJob, DeadFilter, Failure, FailureBucket, FailureRow, JOBS_CHANNEL, JobListener,
-    JobRow, NewJob, StateCount, Tx,
+    Added, ClaimedJob, DeadFilter, Ended, Failure, FailureBucket, FailureRow, JOBS_CHANNEL,
+    JobListener, JobRow, NewJob, PARENT_CHAIN_MAX, ParentChange, ParentRef, QueueKeep, ScheduleRow,
+    Settled, StateCount, Tx,
 };
 
 /// Named bounds.
@@ -90,6 +91,9 @@ pub enum StoreError {
     /// A job names a queue that was never declared.
     #[error("unknown queue {0:?}")]
     UnknownQueue(String),
+    /// A child job names a parent that is not waiting for children.
+    #[error("job {0} is not waiting for children")]
+    ParentNotWaiting(i64),
     /// Stored data fails its checksum or its chain.
     #[error("corrupt {what} at {position}: {problem}")]
     Corrupt {

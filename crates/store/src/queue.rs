@@ -21,8 +21,24 @@ use crate::{Backend, Store, StoreError};
 pub const JOBS_CHANNEL: &str = "agora_jobs";
 
 /// Jobs inserted by one multi-row statement (SQLite allows 32,766 bound values per statement;
-/// a job binds 13).
+/// a job binds 20).
 const INSERT_JOBS_MAX: usize = 1_000;
+
+/// How far up a chain of parents one child's end is followed (a safety bound: the queue
+/// refuses deeper flows before they are written).
+pub const PARENT_CHAIN_MAX: usize = 32;
+
+/// Bytes kept of the message a parent dies with when a child dies.
+const PARENT_ERROR_BYTES_MAX: usize = 4096;
+
+/// The parent of a job being added.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ParentRef {
+    /// A stored job that is waiting for children.
+    Job(i64),
+    /// An earlier job of the same add (its index), added as a parent.
+    Earlier(usize),
+}
 
 /// A job to add, already validated by the queue.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -51,6 +67,17 @@ pub struct NewJob {
     pub timeout_ms: u64,
     /// A deduplication key and the time until which it holds.
     pub dedup: Option<(String, i64)>,
+    /// The parent this job is a child of.
+    pub parent: Option<ParentRef>,
+    /// Parents: the job first waits for its children, and this says what a dead child does
+    /// to it: `fail_parent`, `ignore` or `wait`.
+    pub on_child_failure: Option<&'static str>,
+    /// How long to keep the job once it completed.
+    pub keep_completed_ms: Option<u64>,
+    /// How long to keep the job once it died or was discarded.
+    pub keep_failed_ms: Option<u64>,
+    /// The schedule and the tick that enqueue it.
+    pub schedule: Option<(String, i64)>,
 }
 
 /// What adding one job did.
@@ -149,6 +176,100 @@ pub struct JobRow {
     pub started_ms: Option<i64>,
     /// When it completed or died.
     pub finished_ms: Option<i64>,
+    /// The parent it is a child of.
+    pub parent_id: Option<i64>,
+    /// Parents: children not yet ended.
+    pub children_pending: u32,
+    /// The schedule that enqueued it.
+    pub schedule: Option<String>,
+    /// The schedule's tick it was enqueued for.
+    pub schedule_tick_ms: Option<i64>,
+}
+
+/// A job that ended by a report, with what metrics and events need.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ended {
+    /// Its queue.
+    pub queue: String,
+    /// Its type.
+    pub kind: String,
+    /// Claims so far.
+    pub attempts: u32,
+    /// When the attempt that ended started.
+    pub started_ms: Option<i64>,
+}
+
+/// A parent whose state a child's end changed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParentChange {
+    /// The parent.
+    pub id: i64,
+    /// Its queue.
+    pub queue: String,
+    /// Its type.
+    pub kind: String,
+    /// `waiting` (its last child ended: it runs now) or `dead` (a child died and the parent's
+    /// policy is `fail_parent`).
+    pub state: &'static str,
+}
+
+/// What a batch of completions did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Settled {
+    /// Per completion, in order: the ended job, or `None` under a stale lease.
+    pub jobs: Vec<Option<Ended>>,
+    /// Parents released or failed by these ends.
+    pub parents: Vec<ParentChange>,
+}
+
+/// A queue's retention rules; `None` keeps.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueKeep {
+    /// Keep at most this many completed jobs (the newest).
+    pub completed_last: Option<u64>,
+    /// Keep completed jobs this long after they completed.
+    pub completed_ms: Option<u64>,
+    /// Keep at most this many dead or discarded jobs (the newest).
+    pub failed_last: Option<u64>,
+    /// Keep dead or discarded jobs this long after they ended.
+    pub failed_ms: Option<u64>,
+}
+
+/// A stored schedule: a job template enqueued at every tick.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScheduleRow {
+    /// Its unique name.
+    pub name: String,
+    /// The queue its jobs go to.
+    pub queue: String,
+    /// Their type.
+    pub kind: String,
+    /// Their payload (JSON).
+    pub payload: String,
+    /// A five-field crontab expression (UTC), or
+    pub cron: Option<String>,
+    /// a fixed interval.
+    pub every_ms: Option<u64>,
+    /// The next tick to enqueue.
+    pub next_tick_ms: i64,
+    /// Job options.
+    pub priority: i32,
+    /// Job options.
+    pub attempts_max: u32,
+    /// Job options: `fixed` or `exponential`.
+    pub backoff: String,
+    /// Job options.
+    pub backoff_ms: u64,
+    /// Job options.
+    pub backoff_max_ms: u64,
+    /// Job options.
+    pub jitter_pct: u8,
+    /// Job options.
+    pub timeout_ms: u64,
+    /// Job options.
+    pub keep_completed_ms: Option<u64>,
+    /// Job options.
+    pub keep_failed_ms: Option<u64>,
 }
 
 /// One failed attempt.
@@ -214,7 +335,8 @@ pub struct FailureBucket {
     pub failures: u64,
 }
 
-const JOB_COLUMNS: &str = "id, queue, kind, payload, priority, state, run_at_ms, attempts, attempts_max, lease, lease_until_ms, worker, dedup_key, progress, result, error_category, error, strategy, created_ms, started_ms, finished_ms";
+const JOB_COLUMNS: &str = "id, queue, kind, payload, priority, state, run_at_ms, attempts, attempts_max, lease, lease_until_ms, worker, dedup_key, progress, result, error_category, error, strategy, created_ms, started_ms, finished_ms, parent_id, children_pending, schedule, schedule_tick_ms";
+const SCHEDULE_COLUMNS: &str = "name, queue, kind, payload, cron, every_ms, next_tick_ms, priority, attempts_max, backoff, backoff_ms, backoff_max_ms, jitter_pct, timeout_ms, keep_completed_ms, keep_failed_ms";
 const CLAIMED_COLUMNS: &str = "id, queue, kind, payload, priority, attempts, attempts_max, backoff, backoff_ms, backoff_max_ms, jitter_pct, timeout_ms, lease, lease_until_ms";
 
 fn unsigned(value: i64) -> u64 {
@@ -275,7 +397,159 @@ where
         created_ms: row.try_get("created_ms")?,
         started_ms: row.try_get("started_ms")?,
         finished_ms: row.try_get("finished_ms")?,
+        parent_id: row.try_get("parent_id")?,
+        children_pending: unsigned(row.try_get("children_pending")?) as u32,
+        schedule: row.try_get("schedule")?,
+        schedule_tick_ms: row.try_get("schedule_tick_ms")?,
     })
+}
+
+fn decode_schedule<R: Row>(row: &R) -> Result<ScheduleRow, sqlx::Error>
+where
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Option<i64>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> &'r str: sqlx::ColumnIndex<R>,
+{
+    let optional = |value: Option<i64>| value.map(unsigned);
+    Ok(ScheduleRow {
+        name: row.try_get("name")?,
+        queue: row.try_get("queue")?,
+        kind: row.try_get("kind")?,
+        payload: row.try_get("payload")?,
+        cron: row.try_get("cron")?,
+        every_ms: optional(row.try_get("every_ms")?),
+        next_tick_ms: row.try_get("next_tick_ms")?,
+        priority: row.try_get::<i64, _>("priority")? as i32,
+        attempts_max: row.try_get::<i64, _>("attempts_max")? as u32,
+        backoff: row.try_get("backoff")?,
+        backoff_ms: unsigned(row.try_get("backoff_ms")?),
+        backoff_max_ms: unsigned(row.try_get("backoff_max_ms")?),
+        jitter_pct: row.try_get::<i64, _>("jitter_pct")?.clamp(0, 100) as u8,
+        timeout_ms: unsigned(row.try_get("timeout_ms")?),
+        keep_completed_ms: optional(row.try_get("keep_completed_ms")?),
+        keep_failed_ms: optional(row.try_get("keep_failed_ms")?),
+    })
+}
+
+fn decode_ended<R: Row>(row: &R) -> Result<(Ended, Option<i64>), sqlx::Error>
+where
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Option<i64>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> &'r str: sqlx::ColumnIndex<R>,
+{
+    Ok((
+        Ended {
+            queue: row.try_get("queue")?,
+            kind: row.try_get("kind")?,
+            attempts: row.try_get::<i64, _>("attempts")? as u32,
+            started_ms: row.try_get("started_ms")?,
+        },
+        row.try_get("parent_id")?,
+    ))
+}
+
+fn clip(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
+}
+
+/// A child ended (completed, died, or was discarded) on an open transaction of either
+/// backend: its parent, if waiting for it, counts it, or dies of it under `fail_parent` (and
+/// then its own parent reacts, and so on). `$dead` is the child's `(category, message)` when
+/// it died. Expands to a `Result<(), StoreError>`; changes are pushed on `$changes`.
+macro_rules! child_ended {
+    ($conn:expr, $child:expr, $parent:expr, $dead:expr, $now_ms:expr, $changes:expr) => {{
+        let mut child: i64 = $child;
+        let mut parent: Option<i64> = $parent;
+        let mut dead: Option<(String, String)> = $dead;
+        let now_ms: i64 = $now_ms;
+        let changes: &mut Vec<ParentChange> = $changes;
+        for _ in 0..PARENT_CHAIN_MAX {
+            let Some(id) = parent.take() else { break };
+            let policy = sqlx::query(
+                "SELECT on_child_failure FROM jobs WHERE id = $1 AND state = 'waiting_children'",
+            )
+            .bind(id)
+            .fetch_optional(&mut *$conn)
+            .await?
+            .map(|row| row.try_get::<Option<String>, _>("on_child_failure"))
+            .transpose()?
+            .flatten();
+            let Some(policy) = policy else { break };
+            if dead.is_some() && policy == "wait" {
+                // The parent waits until this child is re-driven and completes (or discarded).
+                break;
+            }
+            let counted = sqlx::query(
+                "UPDATE jobs SET parent_counted = 1 WHERE id = $1 AND parent_counted = 0",
+            )
+            .bind(child)
+            .execute(&mut *$conn)
+            .await?
+            .rows_affected();
+            if counted == 0 {
+                break;
+            }
+            match dead.take() {
+                Some((category, message)) if policy == "fail_parent" => {
+                    let message = clip(
+                        format!("child job {child} died: {message}"),
+                        PARENT_ERROR_BYTES_MAX,
+                    );
+                    let row = sqlx::query(
+                        "UPDATE jobs SET state = 'dead', finished_ms = $1, strategy = 'manual_review', error_category = $2, error = $3, \
+                         purge_at_ms = $1 + keep_failed_ms WHERE id = $4 AND state = 'waiting_children' RETURNING queue, kind, parent_id",
+                    )
+                    .bind(now_ms)
+                    .bind(&category)
+                    .bind(&message)
+                    .bind(id)
+                    .fetch_optional(&mut *$conn)
+                    .await?;
+                    let Some(row) = row else { break };
+                    changes.push(ParentChange {
+                        id,
+                        queue: row.try_get("queue")?,
+                        kind: row.try_get("kind")?,
+                        state: "dead",
+                    });
+                    parent = row.try_get("parent_id")?;
+                    child = id;
+                    dead = Some((category, message));
+                }
+                _ => {
+                    let row = sqlx::query(
+                        "UPDATE jobs SET children_pending = children_pending - 1, \
+                         state = CASE WHEN children_pending <= 1 THEN 'waiting' ELSE state END \
+                         WHERE id = $1 AND state = 'waiting_children' RETURNING state, queue, kind",
+                    )
+                    .bind(id)
+                    .fetch_optional(&mut *$conn)
+                    .await?;
+                    if let Some(row) = row
+                        && row.try_get::<String, _>("state")? == "waiting"
+                    {
+                        changes.push(ParentChange {
+                            id,
+                            queue: row.try_get("queue")?,
+                            kind: row.try_get("kind")?,
+                            state: "waiting",
+                        });
+                    }
+                }
+            }
+        }
+        Ok::<(), StoreError>(())
+    }};
 }
 
 /// Adds jobs on an open transaction of either backend: `$conn` is `&mut *tx`. Expands to a
@@ -329,7 +603,8 @@ macro_rules! add_jobs {
         // sorted, belong to the rows in the order they were given.
         for chunk in plain.chunks(INSERT_JOBS_MAX) {
             let mut insert = QueryBuilder::new(
-                "INSERT INTO jobs (queue, kind, payload, priority, state, run_at_ms, attempts_max, backoff, backoff_ms, backoff_max_ms, jitter_pct, timeout_ms, dedup_key, dedup_until_ms, created_ms) ",
+                "INSERT INTO jobs (queue, kind, payload, priority, state, run_at_ms, attempts_max, backoff, backoff_ms, backoff_max_ms, jitter_pct, timeout_ms, dedup_key, dedup_until_ms, created_ms, \
+                 on_child_failure, keep_completed_ms, keep_failed_ms, schedule, schedule_tick_ms) ",
             );
             insert.push_values(chunk, |mut row, &index| {
                 let job = &jobs[index];
@@ -337,7 +612,11 @@ macro_rules! add_jobs {
                     .push_bind(job.kind.as_str())
                     .push_bind(job.payload.as_str())
                     .push_bind(i64::from(job.priority))
-                    .push_bind("waiting")
+                    .push_bind(if job.on_child_failure.is_some() {
+                        "waiting_children"
+                    } else {
+                        "waiting"
+                    })
                     .push_bind(job.run_at_ms)
                     .push_bind(i64::from(job.attempts_max))
                     .push_bind(job.backoff)
@@ -347,7 +626,12 @@ macro_rules! add_jobs {
                     .push_bind(job.timeout_ms as i64)
                     .push_bind(job.dedup.as_ref().map(|(key, _)| key.as_str()))
                     .push_bind(job.dedup.as_ref().map(|(_, until)| *until))
-                    .push_bind(now_ms);
+                    .push_bind(now_ms)
+                    .push_bind(job.on_child_failure)
+                    .push_bind(job.keep_completed_ms.map(|ms| ms as i64))
+                    .push_bind(job.keep_failed_ms.map(|ms| ms as i64))
+                    .push_bind(job.schedule.as_ref().map(|(name, _)| name.as_str()))
+                    .push_bind(job.schedule.as_ref().map(|(_, tick)| *tick));
             });
             insert.push(" RETURNING id");
             let mut ids: Vec<i64> = insert
@@ -361,6 +645,63 @@ macro_rules! add_jobs {
             for (&index, id) in chunk.iter().zip(ids) {
                 added[index] = Some(Added::New(id));
             }
+        }
+        // Children: each new one is linked to its parent and counted there.
+        let mut children: std::collections::BTreeMap<i64, Vec<i64>> = Default::default();
+        let mut parents: BTreeSet<i64> = BTreeSet::new();
+        for (index, job) in jobs.iter().enumerate() {
+            if job.on_child_failure.is_some()
+                && let Some(Added::New(id)) = added[index]
+            {
+                parents.insert(id);
+            }
+            let (Some(parent), Some(Added::New(child))) = (job.parent, added[index]) else {
+                continue;
+            };
+            let parent = match parent {
+                ParentRef::Job(id) => id,
+                ParentRef::Earlier(earlier) => match added.get(earlier).copied().flatten() {
+                    Some(added) if earlier < index => added.id(),
+                    _ => {
+                        return Err(StoreError::InvalidBatch(
+                            "a child's parent must come before it in the add",
+                        ))
+                    }
+                },
+            };
+            children.entry(parent).or_default().push(child);
+        }
+        for (parent, ids) in &children {
+            let counted = sqlx::query(
+                "UPDATE jobs SET children_pending = children_pending + $1 WHERE id = $2 AND state = 'waiting_children'",
+            )
+            .bind(ids.len() as i64)
+            .bind(*parent)
+            .execute(&mut *$conn)
+            .await?
+            .rows_affected();
+            if counted != 1 {
+                return Err(StoreError::ParentNotWaiting(*parent));
+            }
+            for chunk in ids.chunks(INSERT_JOBS_MAX) {
+                let mut link = QueryBuilder::new("UPDATE jobs SET parent_id = ");
+                link.push_bind(*parent).push(" WHERE id IN (");
+                let mut list = link.separated(", ");
+                for id in chunk {
+                    list.push_bind(*id);
+                }
+                link.push(")");
+                link.build().execute(&mut *$conn).await?;
+            }
+        }
+        // A new parent with no child pending (none given, or all duplicates) runs at once.
+        for parent in &parents {
+            sqlx::query(
+                "UPDATE jobs SET state = 'waiting' WHERE id = $1 AND state = 'waiting_children' AND children_pending = 0",
+            )
+            .bind(*parent)
+            .execute(&mut *$conn)
+            .await?;
         }
         if $postgres {
             for queue in &queues {
@@ -405,6 +746,35 @@ impl Tx<'_> {
         };
         self.queues.extend(jobs.iter().map(|job| job.queue.clone()));
         Ok(added)
+    }
+
+    /// Moves schedule `name` from tick `tick_ms` to `next_tick_ms`; false when its next tick is
+    /// not `tick_ms` any more (another scheduler fired it first) or it is gone.
+    pub async fn advance_schedule(
+        &mut self,
+        name: &str,
+        tick_ms: i64,
+        next_tick_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let sql =
+            "UPDATE job_schedules SET next_tick_ms = $1 WHERE name = $2 AND next_tick_ms = $3";
+        let changed = match &mut self.inner {
+            TxInner::Sqlite(tx) => sqlx::query(sql)
+                .bind(next_tick_ms)
+                .bind(name)
+                .bind(tick_ms)
+                .execute(&mut **tx)
+                .await?
+                .rows_affected(),
+            TxInner::Postgres(tx) => sqlx::query(sql)
+                .bind(next_tick_ms)
+                .bind(name)
+                .bind(tick_ms)
+                .execute(&mut **tx)
+                .await?
+                .rows_affected(),
+        };
+        Ok(changed == 1)
     }
 
     /// Commits, then wakes this process's workers of every queue that received jobs.
@@ -594,52 +964,67 @@ impl Store {
     }
 
     /// Completes active jobs, each `(id, lease, result JSON)`, in one transaction; for each,
-    /// false when its token is stale (it changes nothing then).
+    /// the ended job, or `None` when its token is stale (it changes nothing then). Parents
+    /// waiting for these jobs count them.
     pub async fn complete_jobs(
         &self,
         completions: &[(i64, i64, Option<String>)],
         now_ms: i64,
-    ) -> Result<Vec<bool>, StoreError> {
-        let sql = "UPDATE jobs SET state = 'completed', result = $1, finished_ms = $2, lease_until_ms = NULL WHERE id = $3 AND state = 'active' AND lease = $4";
-        let done = on_writer!(self, pool => {
+    ) -> Result<Settled, StoreError> {
+        let sql = "UPDATE jobs SET state = 'completed', result = $1, finished_ms = $2, lease_until_ms = NULL, purge_at_ms = $2 + keep_completed_ms \
+                   WHERE id = $3 AND state = 'active' AND lease = $4 RETURNING queue, kind, attempts, started_ms, parent_id";
+        let settled = on_writer!(self, pool => {
             let mut tx = pool.begin().await?;
-            let mut done = Vec::with_capacity(completions.len());
+            let mut settled = Settled { jobs: Vec::with_capacity(completions.len()), parents: Vec::new() };
             for (id, lease, result) in completions {
-                let changed = sqlx::query(sql)
+                let row = sqlx::query(sql)
                     .bind(result.as_deref())
                     .bind(now_ms)
                     .bind(*id)
                     .bind(*lease)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
-                done.push(changed == 1);
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                let Some(row) = row else {
+                    settled.jobs.push(None);
+                    continue;
+                };
+                let (ended, parent) = decode_ended(&row)?;
+                if parent.is_some() {
+                    child_ended!(&mut *tx, *id, parent, None, now_ms, &mut settled.parents)?;
+                }
+                settled.jobs.push(Some(ended));
             }
             tx.commit().await?;
-            done
+            settled
         });
-        Ok(done)
+        for parent in &settled.parents {
+            if parent.state == "waiting" {
+                self.wake_workers(&parent.queue);
+            }
+        }
+        Ok(settled)
     }
 
     /// Records a failed attempt of an active job: back to waiting until `retry_at_ms`, or
-    /// dead; false under a stale token (nothing changes).
+    /// dead (and then its parent, if waiting for it, reacts by its policy); `None` under a
+    /// stale token (nothing changes).
     pub async fn fail_job(
         &self,
         id: i64,
         lease: i64,
         failure: &Failure,
         now_ms: i64,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Option<(Ended, Vec<ParentChange>)>, StoreError> {
         let (state, run_at, finished, strategy) = match failure.retry_at_ms {
             Some(at) => ("waiting", Some(at), None, None),
             None => ("dead", None, Some(now_ms), Some(failure.strategy)),
         };
-        let sql = "UPDATE jobs SET state = $1, run_at_ms = COALESCE($2, run_at_ms), finished_ms = $3, strategy = $4, error_category = $5, error = $6, lease_until_ms = NULL \
-                   WHERE id = $7 AND state = 'active' AND lease = $8 RETURNING attempts, queue";
+        let sql = "UPDATE jobs SET state = $1, run_at_ms = COALESCE($2, run_at_ms), finished_ms = $3, strategy = $4, error_category = $5, error = $6, lease_until_ms = NULL, \
+                   purge_at_ms = $3 + keep_failed_ms WHERE id = $7 AND state = 'active' AND lease = $8 RETURNING queue, kind, attempts, started_ms, parent_id";
         let history = "INSERT INTO job_failures (job_id, attempt, at_ms, category, message) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (job_id, attempt) DO NOTHING";
         let done = on_writer!(self, pool => {
             let mut tx = pool.begin().await?;
-            let attempt = sqlx::query(sql)
+            let row = sqlx::query(sql)
                 .bind(state)
                 .bind(run_at)
                 .bind(finished)
@@ -649,28 +1034,37 @@ impl Store {
                 .bind(id)
                 .bind(lease)
                 .fetch_optional(&mut *tx)
-                .await?
-                .map(|row| Ok::<_, sqlx::Error>((row.try_get::<i64, _>("attempts")?, row.try_get::<String, _>("queue")?)))
-                .transpose()?;
-            if let Some((attempt, _)) = &attempt {
-                let attempt = *attempt;
-                sqlx::query(history)
-                    .bind(id)
-                    .bind(attempt)
-                    .bind(now_ms)
-                    .bind(failure.category)
-                    .bind(&failure.message)
-                    .execute(&mut *tx)
-                    .await?;
-            }
+                .await?;
+            let mut changes = Vec::new();
+            let done = match row {
+                None => None,
+                Some(row) => {
+                    let (ended, parent) = decode_ended(&row)?;
+                    sqlx::query(history)
+                        .bind(id)
+                        .bind(i64::from(ended.attempts))
+                        .bind(now_ms)
+                        .bind(failure.category)
+                        .bind(&failure.message)
+                        .execute(&mut *tx)
+                        .await?;
+                    if failure.retry_at_ms.is_none() && parent.is_some() {
+                        let dead = Some((failure.category.to_string(), failure.message.clone()));
+                        child_ended!(&mut *tx, id, parent, dead, now_ms, &mut changes)?;
+                    }
+                    Some(ended)
+                }
+            };
             tx.commit().await?;
-            attempt.map(|(_, queue)| queue)
+            done.map(|ended| (ended, changes))
         });
-        if let (Some(queue), Some(_)) = (&done, failure.retry_at_ms) {
+        if let Some((ended, _)) = &done
+            && failure.retry_at_ms.is_some()
+        {
             // A retry may be due at once.
-            self.wake_workers(queue);
+            self.wake_workers(&ended.queue);
         }
-        Ok(done.is_some())
+        Ok(done)
     }
 
     /// Active jobs whose lease ended before `now_ms` (their worker stopped reporting).
@@ -825,7 +1219,7 @@ impl Store {
     /// Sends dead jobs back to waiting with their attempts reset, due at `now_ms`; returns the
     /// ids that were dead (others are left alone).
     pub async fn redrive_jobs(&self, ids: &[i64], now_ms: i64) -> Result<Vec<i64>, StoreError> {
-        let sql = "UPDATE jobs SET state = 'waiting', attempts = 0, run_at_ms = $1, strategy = NULL, finished_ms = NULL WHERE id = $2 AND state = 'dead' RETURNING queue";
+        let sql = "UPDATE jobs SET state = 'waiting', attempts = 0, run_at_ms = $1, strategy = NULL, finished_ms = NULL, purge_at_ms = NULL WHERE id = $2 AND state = 'dead' RETURNING queue";
         let mut queues = BTreeSet::new();
         let redriven = on_writer!(self, pool => {
             let mut tx = pool.begin().await?;
@@ -845,13 +1239,144 @@ impl Store {
         Ok(redriven)
     }
 
-    /// Discards a waiting or dead job; false when it is in another state.
-    pub async fn discard_job(&self, id: i64, now_ms: i64) -> Result<bool, StoreError> {
-        let sql = "UPDATE jobs SET state = 'discarded', finished_ms = $1, dedup_key = NULL, dedup_until_ms = NULL WHERE id = $2 AND state IN ('waiting', 'dead')";
-        let changed = on_writer!(self, pool => {
-            sqlx::query(sql).bind(now_ms).bind(id).execute(pool).await?.rows_affected()
+    /// Discards a waiting, dead or children-waiting job (a parent waiting for it counts it
+    /// as ended); `None` when it is in another state.
+    pub async fn discard_job(
+        &self,
+        id: i64,
+        now_ms: i64,
+    ) -> Result<Option<Vec<ParentChange>>, StoreError> {
+        let sql = "UPDATE jobs SET state = 'discarded', finished_ms = $1, dedup_key = NULL, dedup_until_ms = NULL, purge_at_ms = $1 + keep_failed_ms \
+                   WHERE id = $2 AND state IN ('waiting', 'dead', 'waiting_children') RETURNING parent_id";
+        let changes = on_writer!(self, pool => {
+            let mut tx = pool.begin().await?;
+            let row = sqlx::query(sql).bind(now_ms).bind(id).fetch_optional(&mut *tx).await?;
+            let mut changes = Vec::new();
+            let done = match row {
+                None => None,
+                Some(row) => {
+                    let parent: Option<i64> = row.try_get("parent_id")?;
+                    if parent.is_some() {
+                        child_ended!(&mut *tx, id, parent, None, now_ms, &mut changes)?;
+                    }
+                    Some(())
+                }
+            };
+            tx.commit().await?;
+            done.map(|()| changes)
         });
-        Ok(changed == 1)
+        for parent in changes.iter().flatten() {
+            if parent.state == "waiting" {
+                self.wake_workers(&parent.queue);
+            }
+        }
+        Ok(changes)
+    }
+
+    /// The children of a parent, by id.
+    pub async fn child_jobs(&self, parent: i64, limit: usize) -> Result<Vec<JobRow>, StoreError> {
+        let sql =
+            format!("SELECT {JOB_COLUMNS} FROM jobs WHERE parent_id = $1 ORDER BY id LIMIT $2");
+        let jobs = on_pool!(self, pool => {
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(parent)
+                .bind(limit.max(1) as i64)
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(decode_job)
+                .collect::<Result<Vec<_>, _>>()?
+        });
+        Ok(jobs)
+    }
+
+    /// Sets a queue's retention rules; false when it is not declared.
+    pub async fn set_queue_keep(&self, name: &str, keep: &QueueKeep) -> Result<bool, StoreError> {
+        let sql = "UPDATE queues SET keep_completed_last = $1, keep_completed_ms = $2, keep_failed_last = $3, keep_failed_ms = $4 WHERE name = $5";
+        let as_i64 = |value: Option<u64>| value.map(|v| v.min(i64::MAX as u64) as i64);
+        let changed = on_writer!(self, pool => {
+            sqlx::query(sql)
+                .bind(as_i64(keep.completed_last))
+                .bind(as_i64(keep.completed_ms))
+                .bind(as_i64(keep.failed_last))
+                .bind(as_i64(keep.failed_ms))
+                .bind(name)
+                .execute(pool)
+                .await?
+                .rows_affected()
+        });
+        Ok(changed > 0)
+    }
+
+    /// A queue's retention rules, if it is declared.
+    pub async fn queue_keep(&self, name: &str) -> Result<Option<QueueKeep>, StoreError> {
+        let sql = "SELECT keep_completed_last, keep_completed_ms, keep_failed_last, keep_failed_ms FROM queues WHERE name = $1";
+        let keep = on_pool!(self, pool => {
+            sqlx::query(sql)
+                .bind(name)
+                .fetch_optional(pool)
+                .await?
+                .map(|row| {
+                    let get = |column: &str| row.try_get::<Option<i64>, _>(column).map(|v| v.map(unsigned));
+                    Ok::<_, sqlx::Error>(QueueKeep {
+                        completed_last: get("keep_completed_last")?,
+                        completed_ms: get("keep_completed_ms")?,
+                        failed_last: get("keep_failed_last")?,
+                        failed_ms: get("keep_failed_ms")?,
+                    })
+                })
+                .transpose()?
+        });
+        Ok(keep)
+    }
+
+    /// Deletes at most `limit` ended jobs that their own rule or their queue's rules no longer
+    /// keep, with their failure history; returns how many.
+    pub async fn purge_jobs(&self, now_ms: i64, limit: u64) -> Result<u64, StoreError> {
+        let mut left = limit.max(1) as i64;
+        let mut deleted = 0u64;
+        let own = "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE purge_at_ms <= $1 AND state IN ('completed', 'dead', 'discarded') ORDER BY purge_at_ms LIMIT $2)";
+        let rules = "SELECT name, keep_completed_last, keep_completed_ms, keep_failed_last, keep_failed_ms FROM queues \
+                     WHERE keep_completed_last IS NOT NULL OR keep_completed_ms IS NOT NULL OR keep_failed_last IS NOT NULL OR keep_failed_ms IS NOT NULL";
+        let by_age = "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE queue = $1 AND state IN ($2, $3) AND finished_ms < $4 ORDER BY finished_ms LIMIT $5)";
+        let by_count = "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE queue = $1 AND state IN ($2, $3) ORDER BY finished_ms DESC, id DESC LIMIT $4 OFFSET $5)";
+        on_writer!(self, pool => {
+            let n = sqlx::query(own).bind(now_ms).bind(left).execute(pool).await?.rows_affected();
+            deleted += n;
+            left -= n as i64;
+            let queues = sqlx::query(rules).fetch_all(pool).await?;
+            for row in &queues {
+                let name: String = row.try_get("name")?;
+                let groups = [
+                    ("completed", "completed", row.try_get::<Option<i64>, _>("keep_completed_last")?, row.try_get::<Option<i64>, _>("keep_completed_ms")?),
+                    ("dead", "discarded", row.try_get::<Option<i64>, _>("keep_failed_last")?, row.try_get::<Option<i64>, _>("keep_failed_ms")?),
+                ];
+                for (state, other, last, age) in groups {
+                    if left <= 0 {
+                        break;
+                    }
+                    if let Some(age) = age {
+                        let n = sqlx::query(by_age)
+                            .bind(&name).bind(state).bind(other)
+                            .bind(now_ms.saturating_sub(age))
+                            .bind(left)
+                            .execute(pool).await?.rows_affected();
+                        deleted += n;
+                        left -= n as i64;
+                    }
+                    if let Some(last) = last && left > 0 {
+                        let n = sqlx::query(by_count)
+                            .bind(&name).bind(state).bind(other)
+                            .bind(left)
+                            .bind(last)
+                            .execute(pool).await?.rows_affected();
+                        deleted += n;
+                        left -= n as i64;
+                    }
+                }
+            }
+        });
+        Ok(deleted)
     }
 
     /// Failed attempts since `since_ms`, grouped by window of `window_ms`, category and
@@ -956,6 +1481,104 @@ impl Store {
         let sql = "SELECT MIN(run_at_ms) AS due FROM jobs WHERE queue = $1 AND state = 'waiting'";
         let due = on_pool!(self, pool => {
             sqlx::query(sql).bind(queue).fetch_one(pool).await?.try_get::<Option<i64>, _>("due")?
+        });
+        Ok(due)
+    }
+}
+
+impl Store {
+    /// Creates or replaces a schedule. Replacing keeps its next tick when the timing (cron
+    /// expression or interval) is unchanged, so that every process can declare its schedules
+    /// at start without moving them.
+    pub async fn upsert_schedule(&self, schedule: &ScheduleRow) -> Result<(), StoreError> {
+        let sql = format!(
+            "INSERT INTO job_schedules ({SCHEDULE_COLUMNS}, created_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $7) \
+             ON CONFLICT (name) DO UPDATE SET queue = excluded.queue, kind = excluded.kind, payload = excluded.payload, cron = excluded.cron, every_ms = excluded.every_ms, \
+             next_tick_ms = CASE WHEN COALESCE(job_schedules.cron, '') = COALESCE(excluded.cron, '') AND COALESCE(job_schedules.every_ms, -1) = COALESCE(excluded.every_ms, -1) \
+                            THEN job_schedules.next_tick_ms ELSE excluded.next_tick_ms END, \
+             priority = excluded.priority, attempts_max = excluded.attempts_max, backoff = excluded.backoff, backoff_ms = excluded.backoff_ms, \
+             backoff_max_ms = excluded.backoff_max_ms, jitter_pct = excluded.jitter_pct, timeout_ms = excluded.timeout_ms, \
+             keep_completed_ms = excluded.keep_completed_ms, keep_failed_ms = excluded.keep_failed_ms"
+        );
+        let known = "SELECT name FROM queues WHERE name = $1";
+        let as_i64 = |value: Option<u64>| value.map(|v| v.min(i64::MAX as u64) as i64);
+        on_writer!(self, pool => {
+            if sqlx::query(known).bind(&schedule.queue).fetch_optional(pool).await?.is_none() {
+                return Err(StoreError::UnknownQueue(schedule.queue.clone()));
+            }
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(&schedule.name)
+                .bind(&schedule.queue)
+                .bind(&schedule.kind)
+                .bind(&schedule.payload)
+                .bind(schedule.cron.as_deref())
+                .bind(as_i64(schedule.every_ms))
+                .bind(schedule.next_tick_ms)
+                .bind(i64::from(schedule.priority))
+                .bind(i64::from(schedule.attempts_max))
+                .bind(&schedule.backoff)
+                .bind(schedule.backoff_ms as i64)
+                .bind(schedule.backoff_max_ms as i64)
+                .bind(i64::from(schedule.jitter_pct))
+                .bind(schedule.timeout_ms as i64)
+                .bind(as_i64(schedule.keep_completed_ms))
+                .bind(as_i64(schedule.keep_failed_ms))
+                .execute(pool)
+                .await?;
+        });
+        Ok(())
+    }
+
+    /// Removes a schedule; false when there was none of that name.
+    pub async fn remove_schedule(&self, name: &str) -> Result<bool, StoreError> {
+        let sql = "DELETE FROM job_schedules WHERE name = $1";
+        let changed = on_writer!(self, pool => {
+            sqlx::query(sql).bind(name).execute(pool).await?.rows_affected()
+        });
+        Ok(changed > 0)
+    }
+
+    /// Every schedule, by name.
+    pub async fn schedules(&self) -> Result<Vec<ScheduleRow>, StoreError> {
+        let sql = format!("SELECT {SCHEDULE_COLUMNS} FROM job_schedules ORDER BY name");
+        let rows = on_pool!(self, pool => {
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(decode_schedule)
+                .collect::<Result<Vec<_>, _>>()?
+        });
+        Ok(rows)
+    }
+
+    /// Schedules whose next tick is at or before `now_ms`, earliest first.
+    pub async fn due_schedules(
+        &self,
+        now_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<ScheduleRow>, StoreError> {
+        let sql = format!(
+            "SELECT {SCHEDULE_COLUMNS} FROM job_schedules WHERE next_tick_ms <= $1 ORDER BY next_tick_ms, name LIMIT $2"
+        );
+        let rows = on_pool!(self, pool => {
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(now_ms)
+                .bind(limit.max(1) as i64)
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(decode_schedule)
+                .collect::<Result<Vec<_>, _>>()?
+        });
+        Ok(rows)
+    }
+
+    /// The earliest next tick of any schedule.
+    pub async fn next_schedule_tick_ms(&self) -> Result<Option<i64>, StoreError> {
+        let sql = "SELECT MIN(next_tick_ms) AS due FROM job_schedules";
+        let due = on_pool!(self, pool => {
+            sqlx::query(sql).fetch_one(pool).await?.try_get::<Option<i64>, _>("due")?
         });
         Ok(due)
     }

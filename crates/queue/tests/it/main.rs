@@ -7,7 +7,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use queue::{Queue, QueueError};
 use store::{Store, StoreOptions};
 
+mod flows;
 mod jobs;
+mod observe;
+mod schedules;
 mod workers;
 
 /// A backend under test.
