@@ -1026,6 +1026,20 @@ impl Queue {
         }
     }
 
+    /// Extends many jobs' leases by `lease_ms` from now in one statement; for each, whether
+    /// its lease held.
+    pub async fn heartbeat_many(
+        &self,
+        jobs: &[(i64, i64)],
+        lease_ms: u64,
+    ) -> Result<Vec<bool>, QueueError> {
+        check_lease_ms(lease_ms)?;
+        Ok(self
+            .store
+            .heartbeat_jobs(jobs, self.now_ms(), lease_ms)
+            .await?)
+    }
+
     /// Records a job's progress (any JSON value).
     pub async fn progress(
         &self,

@@ -12,7 +12,7 @@
 //! then releases the rest (their attempt not counted) and writes every outcome before it
 //! returns.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -34,6 +34,8 @@ pub type Handler = Arc<dyn Fn(JobContext) -> HandlerFuture + Send + Sync>;
 pub mod worker_limits {
     /// Jobs one worker runs at once.
     pub const CONCURRENCY_MAX: usize = 1_000;
+    /// Claimed jobs a worker holds ready beyond its running ones.
+    pub const PREFETCH_MAX: usize = 1_000;
     /// Completions written in one transaction.
     pub const COMPLETIONS_PER_COMMIT_MAX: usize = 1_000;
     /// Store errors in a row after which a worker stops (it retries the ones before, backing
@@ -61,6 +63,10 @@ pub struct WorkerOptions {
     pub rate: Option<RateLimit>,
     /// A claimed job's lease; a heartbeat renews it every third of it.
     pub lease_ms: u64,
+    /// Claimed jobs held ready beyond the running ones, so that one claim feeds many jobs
+    /// (at most [`worker_limits::PREFETCH_MAX`]; not used with a rate limit). Their leases
+    /// run from the claim: a job that waited for half of it is renewed before it starts.
+    pub prefetch: usize,
     /// The longest sleep between two claims when no wake-up comes.
     pub poll_ms: u64,
     /// How often this worker looks for stalled jobs of any worker.
@@ -75,6 +81,7 @@ impl Default for WorkerOptions {
             name: "worker".into(),
             concurrency: 10,
             rate: None,
+            prefetch: 50,
             lease_ms: 30_000,
             poll_ms: 1_000,
             stalled_check_ms: 5_000,
@@ -173,6 +180,12 @@ impl Worker {
                 rule: format!("must be 1 to {}", worker_limits::CONCURRENCY_MAX),
             });
         }
+        if options.prefetch > worker_limits::PREFETCH_MAX {
+            return Err(QueueError::Invalid {
+                field: "prefetch",
+                rule: format!("must be at most {}", worker_limits::PREFETCH_MAX),
+            });
+        }
         if !(limits::LEASE_MS_MIN..=limits::LEASE_MS_MAX).contains(&options.lease_ms) {
             return Err(QueueError::Invalid {
                 field: "lease_ms",
@@ -230,6 +243,7 @@ impl Worker {
         let mut next_stalled_check = queue.now_ms();
         let mut failure = None;
         let mut store_errors = 0u32;
+        let mut buffer: VecDeque<Job> = VecDeque::new();
         let active = metrics::gauge!(crate::events::names::ACTIVE, "queue" => queue_name.clone());
         // A store error is retried after a pause; only a run of them stops the worker.
         macro_rules! store_error {
@@ -267,34 +281,43 @@ impl Worker {
                     Err(_) => break,
                 }
             }
-            let mut wanted = permits.len();
-            if let Some(rate) = options.rate {
-                let now = queue.now_ms();
-                started_in_window.retain(|&at| at > now - rate.window_ms as i64);
-                let room = (rate.jobs as usize).saturating_sub(started_in_window.len());
-                if room == 0 {
-                    let wait = started_in_window[0] + rate.window_ms as i64 - now;
-                    drop(permits);
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_millis(wait.max(1) as u64)) => {}
-                        _ = stopped.changed() => break,
+            if buffer.len() < permits.len() {
+                // Claim for the free slots and, without a rate limit, as many again as the
+                // prefetch allows, so that one statement feeds many jobs.
+                let mut wanted = permits.len() - buffer.len();
+                if let Some(rate) = options.rate {
+                    let now = queue.now_ms();
+                    started_in_window.retain(|&at| at > now - rate.window_ms as i64);
+                    let room = (rate.jobs as usize).saturating_sub(started_in_window.len());
+                    if room == 0 && buffer.is_empty() {
+                        let wait = started_in_window[0] + rate.window_ms as i64 - now;
+                        drop(permits);
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_millis(wait.max(1) as u64)) => {}
+                            _ = stopped.changed() => break,
+                        }
+                        continue;
                     }
-                    continue;
+                    wanted = wanted.min(room);
+                } else {
+                    wanted += options.prefetch;
                 }
-                wanted = wanted.min(room);
+                let wanted = wanted.min(limits::CLAIM_JOBS_MAX);
+                if wanted > 0 {
+                    match queue
+                        .claim(&queue_name, wanted, &options.name, options.lease_ms)
+                        .await
+                    {
+                        Ok(jobs) => buffer.extend(jobs),
+                        Err(error) => {
+                            drop(permits);
+                            store_error!(error);
+                        }
+                    }
+                    store_errors = 0;
+                }
             }
-            let jobs = match queue
-                .claim(&queue_name, wanted, &options.name, options.lease_ms)
-                .await
-            {
-                Ok(jobs) => jobs,
-                Err(error) => {
-                    drop(permits);
-                    store_error!(error);
-                }
-            };
-            store_errors = 0;
-            if jobs.is_empty() {
+            if buffer.is_empty() {
                 drop(permits);
                 // Sleep until a wake-up, the next delayed job's due time, or the poll.
                 let now = queue.now_ms();
@@ -315,11 +338,34 @@ impl Worker {
                 }
                 continue;
             }
-            if options.rate.is_some() {
-                let now = queue.now_ms();
-                started_in_window.extend(std::iter::repeat_n(now, jobs.len()));
+            // Jobs that waited in the buffer for half their lease are renewed together (the
+            // oldest first in line decides); one whose lease was lost belongs to someone else.
+            let now = queue.now_ms();
+            if buffer
+                .front()
+                .is_some_and(|job| job.lease_until_ms - now < (options.lease_ms / 2) as i64)
+            {
+                let held: Vec<(i64, i64)> = buffer.iter().map(|job| (job.id, job.lease)).collect();
+                match queue.heartbeat_many(&held, options.lease_ms).await {
+                    Ok(still) => {
+                        let until = now + options.lease_ms as i64;
+                        let mut still = still.into_iter();
+                        buffer.retain_mut(|job| {
+                            job.lease_until_ms = until;
+                            still.next().unwrap_or(false)
+                        });
+                    }
+                    Err(error) => {
+                        drop(permits);
+                        store_error!(error);
+                    }
+                }
             }
-            for (job, permit) in jobs.into_iter().zip(permits) {
+            for permit in permits {
+                let Some(job) = buffer.pop_front() else { break };
+                if options.rate.is_some() {
+                    started_in_window.push(now);
+                }
                 let handler = handlers.get(&job.kind).cloned();
                 let queue = queue.clone();
                 let outcomes = outcomes.clone();
@@ -336,6 +382,10 @@ impl Worker {
             }
         }
 
+        // Claimed jobs that never started go back at once, their attempt not counted.
+        for job in buffer.drain(..) {
+            let _ = outcomes.send(Outcome::Release(job.id, job.lease)).await;
+        }
         // Shutdown: no more claims. Running jobs get the grace period, then are released.
         let everyone = options.concurrency as u32;
         let grace = Duration::from_millis(options.shutdown_grace_ms);

@@ -389,6 +389,8 @@ pub struct Store {
     /// Per queue, a counter raised whenever jobs may have become ready, for this process's
     /// idle workers to wake on.
     wakeups: Mutex<std::collections::HashMap<String, tokio::sync::watch::Sender<u64>>>,
+    /// Queues known to be declared (a queue is never removed), so that adds skip the check.
+    declared_queues: Mutex<std::collections::HashSet<String>>,
 }
 
 fn batch_checksum(
@@ -526,6 +528,7 @@ impl Store {
             wal_frames_behind: Arc::new(AtomicU64::new(0)),
             wal_frames_behind_max: options.wal_frames_behind_max,
             wakeups: Mutex::new(std::collections::HashMap::new()),
+            declared_queues: Mutex::new(std::collections::HashSet::new()),
         };
         let tail = store.load_tail().await?;
         *store.tail.lock().expect("tail lock") = tail;

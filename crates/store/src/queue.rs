@@ -24,6 +24,9 @@ pub const JOBS_CHANNEL: &str = "agora_jobs";
 /// a job binds 20).
 const INSERT_JOBS_MAX: usize = 1_000;
 
+/// Completions written by one statement (a completion binds 3 values).
+const COMPLETE_ROWS_MAX: usize = 1_000;
+
 /// How far up a chain of parents one child's end is followed (a safety bound: the queue
 /// refuses deeper flows before they are written).
 pub const PARENT_CHAIN_MAX: usize = 32;
@@ -555,19 +558,20 @@ macro_rules! child_ended {
 /// Adds jobs on an open transaction of either backend: `$conn` is `&mut *tx`. Expands to a
 /// `Result<Vec<Added>, StoreError>`.
 macro_rules! add_jobs {
-    ($conn:expr, $jobs:expr, $now_ms:expr, $postgres:expr) => {{
+    ($conn:expr, $jobs:expr, $now_ms:expr, $postgres:expr, $unchecked:expr) => {{
         let jobs: &[NewJob] = $jobs;
         let now_ms: i64 = $now_ms;
         let mut added: Vec<Option<Added>> = vec![None; jobs.len()];
-        // Every queue named must be declared.
+        // Every queue named must be declared (those not yet known to be are looked up).
         let queues: BTreeSet<&str> = jobs.iter().map(|job| job.queue.as_str()).collect();
-        for queue in &queues {
+        let unchecked: &BTreeSet<String> = $unchecked;
+        for queue in unchecked {
             let found = sqlx::query("SELECT name FROM queues WHERE name = $1")
-                .bind(*queue)
+                .bind(queue.as_str())
                 .fetch_optional(&mut *$conn)
                 .await?;
             if found.is_none() {
-                return Err(StoreError::UnknownQueue((*queue).to_string()));
+                return Err(StoreError::UnknownQueue(queue.clone()));
             }
         }
         // Jobs with a deduplication key one by one: an existing holder of the key wins until
@@ -740,10 +744,29 @@ impl Tx<'_> {
         jobs: &[NewJob],
         now_ms: i64,
     ) -> Result<Vec<Added>, StoreError> {
-        let added = match &mut self.inner {
-            TxInner::Sqlite(tx) => add_jobs!(&mut **tx, jobs, now_ms, false)?,
-            TxInner::Postgres(tx) => add_jobs!(&mut **tx, jobs, now_ms, true)?,
+        let unchecked: BTreeSet<String> = {
+            let known = self
+                .store
+                .declared_queues
+                .lock()
+                .expect("declared queues lock");
+            jobs.iter()
+                .filter(|job| !known.contains(&job.queue))
+                .map(|job| job.queue.clone())
+                .collect()
         };
+        let added = match &mut self.inner {
+            TxInner::Sqlite(tx) => add_jobs!(&mut **tx, jobs, now_ms, false, &unchecked)?,
+            TxInner::Postgres(tx) => add_jobs!(&mut **tx, jobs, now_ms, true, &unchecked)?,
+        };
+        if !unchecked.is_empty() {
+            let mut known = self
+                .store
+                .declared_queues
+                .lock()
+                .expect("declared queues lock");
+            known.extend(unchecked);
+        }
         self.queues.extend(jobs.iter().map(|job| job.queue.clone()));
         Ok(added)
     }
@@ -943,6 +966,41 @@ impl Store {
         Ok(changed == 1)
     }
 
+    /// Extends the leases of many active jobs, each `(id, lease)`, to `now_ms + lease_ms` in
+    /// one statement; for each, false under a stale token.
+    pub async fn heartbeat_jobs(
+        &self,
+        jobs: &[(i64, i64)],
+        now_ms: i64,
+        lease_ms: u64,
+    ) -> Result<Vec<bool>, StoreError> {
+        let postgres = matches!(self.backend, Backend::Postgres(_));
+        let (bigint, returning) = if postgres {
+            ("::BIGINT", "jobs.id, jobs.lease")
+        } else {
+            ("", "id, lease")
+        };
+        let until = now_ms.saturating_add(lease_ms as i64);
+        let mut held = std::collections::HashSet::with_capacity(jobs.len());
+        on_writer!(self, pool => for chunk in jobs.chunks(COMPLETE_ROWS_MAX) {
+            let mut update = QueryBuilder::new("WITH v (id, lease) AS (VALUES ");
+            for (n, (id, lease)) in chunk.iter().enumerate() {
+                if n > 0 {
+                    update.push(", ");
+                }
+                update.push("(").push_bind(*id).push(bigint).push(", ");
+                update.push_bind(*lease).push(bigint).push(")");
+            }
+            update.push(") UPDATE jobs SET lease_until_ms = ").push_bind(until);
+            update.push(" FROM v WHERE jobs.id = v.id AND jobs.lease = v.lease AND jobs.state = 'active' RETURNING ");
+            update.push(returning);
+            for row in update.build().fetch_all(pool).await? {
+                held.insert((row.try_get::<i64, _>("id")?, row.try_get::<i64, _>("lease")?));
+            }
+        });
+        Ok(jobs.iter().map(|job| held.contains(job)).collect())
+    }
+
     /// Records an active job's progress (JSON); false under a stale token.
     pub async fn job_progress(
         &self,
@@ -971,28 +1029,53 @@ impl Store {
         completions: &[(i64, i64, Option<String>)],
         now_ms: i64,
     ) -> Result<Settled, StoreError> {
-        let sql = "UPDATE jobs SET state = 'completed', result = $1, finished_ms = $2, lease_until_ms = NULL, purge_at_ms = $2 + keep_completed_ms \
-                   WHERE id = $3 AND state = 'active' AND lease = $4 RETURNING queue, kind, attempts, started_ms, parent_id";
+        // One statement per chunk: the completions as a VALUES list joined to the jobs.
+        let postgres = matches!(self.backend, Backend::Postgres(_));
+        let (bigint, text, returning) = if postgres {
+            (
+                "::BIGINT",
+                "::TEXT",
+                "jobs.id, jobs.lease, jobs.queue, jobs.kind, jobs.attempts, jobs.started_ms, jobs.parent_id",
+            )
+        } else {
+            (
+                "",
+                "",
+                "id, lease, queue, kind, attempts, started_ms, parent_id",
+            )
+        };
         let settled = on_writer!(self, pool => {
             let mut tx = pool.begin().await?;
+            let mut ended = std::collections::HashMap::with_capacity(completions.len());
+            for chunk in completions.chunks(COMPLETE_ROWS_MAX) {
+                let mut update = QueryBuilder::new("WITH v (id, lease, result) AS (VALUES ");
+                for (n, (id, lease, result)) in chunk.iter().enumerate() {
+                    if n > 0 {
+                        update.push(", ");
+                    }
+                    update.push("(").push_bind(*id).push(bigint).push(", ");
+                    update.push_bind(*lease).push(bigint).push(", ");
+                    update.push_bind(result.as_deref()).push(text).push(")");
+                }
+                update.push(") UPDATE jobs SET state = 'completed', result = v.result, lease_until_ms = NULL, finished_ms = ");
+                update.push_bind(now_ms).push(", purge_at_ms = ").push_bind(now_ms);
+                update.push(" + keep_completed_ms FROM v WHERE jobs.id = v.id AND jobs.lease = v.lease AND jobs.state = 'active' RETURNING ");
+                update.push(returning);
+                for row in update.build().fetch_all(&mut *tx).await? {
+                    let key: (i64, i64) = (row.try_get("id")?, row.try_get("lease")?);
+                    ended.insert(key, decode_ended(&row)?);
+                }
+            }
             let mut settled = Settled { jobs: Vec::with_capacity(completions.len()), parents: Vec::new() };
-            for (id, lease, result) in completions {
-                let row = sqlx::query(sql)
-                    .bind(result.as_deref())
-                    .bind(now_ms)
-                    .bind(*id)
-                    .bind(*lease)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                let Some(row) = row else {
+            for (id, lease, _) in completions {
+                let Some((job, parent)) = ended.remove(&(*id, *lease)) else {
                     settled.jobs.push(None);
                     continue;
                 };
-                let (ended, parent) = decode_ended(&row)?;
                 if parent.is_some() {
                     child_ended!(&mut *tx, *id, parent, None, now_ms, &mut settled.parents)?;
                 }
-                settled.jobs.push(Some(ended));
+                settled.jobs.push(Some(job));
             }
             tx.commit().await?;
             settled

@@ -287,3 +287,56 @@ async fn a_worker_needs_a_declared_queue_and_sane_options() {
         }
     }
 }
+
+#[tokio::test]
+async fn prefetched_jobs_keep_their_leases_and_go_back_unstarted_at_shutdown() {
+    for target in targets("prefetch") {
+        let queue = Queue::new(target.open().await);
+        queue.declare("work").await.unwrap();
+        let specs: Vec<JobSpec> = (0..8).map(|_| spec("slow", |_| {})).collect();
+        let ids: Vec<i64> = queue
+            .add_bulk(&specs)
+            .await
+            .unwrap()
+            .iter()
+            .map(|a| a.id())
+            .collect();
+        // One job at a time, 150 ms each, with everything else claimed ahead on a 300 ms
+        // lease and stalled jobs looked for every 50 ms: a buffered job outlives its first
+        // lease, so only renewing the buffer keeps it from being recovered as stalled.
+        let options = WorkerOptions {
+            concurrency: 1,
+            prefetch: 10,
+            lease_ms: 300,
+            stalled_check_ms: 50,
+            poll_ms: 50,
+            ..patient(1)
+        };
+        let worker = Worker::new(queue.clone(), "work", options.clone())
+            .handle("slow", |_ctx: JobContext| async move {
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                Ok(None)
+            })
+            .start()
+            .await
+            .unwrap();
+        for id in &ids[..6] {
+            wait_for_state(&queue, *id, "completed").await;
+        }
+        worker.shutdown().await.unwrap();
+        for id in &ids[..6] {
+            let job = queue.job(*id).await.unwrap();
+            assert_eq!(job.attempts, 1, "job {id} ran once: {job:?}");
+            assert!(queue.failures(*id).await.unwrap().is_empty(), "job {id}");
+        }
+        // What was still buffered went back waiting, its attempt not counted.
+        let waiting = queue.jobs("work", "waiting", 0, 100).await.unwrap();
+        let active = queue.jobs("work", "active", 0, 100).await.unwrap();
+        assert!(active.is_empty(), "{active:?}");
+        for job in &waiting {
+            assert_eq!(job.attempts, 0, "{job:?}");
+        }
+        let completed = queue.jobs("work", "completed", 0, 100).await.unwrap();
+        assert_eq!(completed.len() + waiting.len(), ids.len());
+    }
+}
