@@ -8,6 +8,7 @@ use queue::{Queue, QueueError};
 use store::{Store, StoreOptions};
 
 mod jobs;
+mod model;
 mod workers;
 
 /// A backend under test.
