@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use queue::{Queue, QueueError};
 use store::{Store, StoreOptions};
 
+mod crash;
 mod jobs;
 mod model;
 mod workers;
