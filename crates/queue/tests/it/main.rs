@@ -7,8 +7,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use queue::{Queue, QueueError};
 use store::{Store, StoreOptions};
 
+mod crash;
 mod flows;
 mod jobs;
+mod model;
 mod observe;
 mod schedules;
 mod workers;
