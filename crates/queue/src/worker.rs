@@ -235,9 +235,8 @@ impl Worker {
         let slots = Arc::new(Semaphore::new(options.concurrency));
         // Room for a full commit's worth of outcomes, so that finished jobs free their slots
         // while the previous commit is still on its way to disk.
-        let (outcomes, outcome_rx) = mpsc::channel(
-            (options.concurrency * 2).max(worker_limits::COMPLETIONS_PER_COMMIT_MAX),
-        );
+        let (outcomes, outcome_rx) =
+            mpsc::channel((options.concurrency * 2).max(worker_limits::COMPLETIONS_PER_COMMIT_MAX));
         let completer = tokio::spawn(complete_loop(queue.clone(), outcome_rx));
         let (release, _) = watch::channel(false);
         let release = Arc::new(release);

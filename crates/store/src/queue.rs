@@ -114,6 +114,8 @@ pub struct ClaimedJob {
     pub payload: String,
     /// Its priority.
     pub priority: i32,
+    /// When it became due.
+    pub run_at_ms: i64,
     /// Claims so far, this one included.
     pub attempts: u32,
     /// Claims allowed in all.
@@ -340,7 +342,7 @@ pub struct FailureBucket {
 
 const JOB_COLUMNS: &str = "id, queue, kind, payload, priority, state, run_at_ms, attempts, attempts_max, lease, lease_until_ms, worker, dedup_key, progress, result, error_category, error, strategy, created_ms, started_ms, finished_ms, parent_id, children_pending, schedule, schedule_tick_ms";
 const SCHEDULE_COLUMNS: &str = "name, queue, kind, payload, cron, every_ms, next_tick_ms, priority, attempts_max, backoff, backoff_ms, backoff_max_ms, jitter_pct, timeout_ms, keep_completed_ms, keep_failed_ms";
-const CLAIMED_COLUMNS: &str = "id, queue, kind, payload, priority, attempts, attempts_max, backoff, backoff_ms, backoff_max_ms, jitter_pct, timeout_ms, lease, lease_until_ms";
+const CLAIMED_COLUMNS: &str = "id, queue, kind, payload, priority, run_at_ms, attempts, attempts_max, backoff, backoff_ms, backoff_max_ms, jitter_pct, timeout_ms, lease, lease_until_ms";
 
 fn unsigned(value: i64) -> u64 {
     u64::try_from(value).unwrap_or(0)
@@ -358,6 +360,7 @@ where
         kind: row.try_get("kind")?,
         payload: row.try_get("payload")?,
         priority: row.try_get::<i64, _>("priority")? as i32,
+        run_at_ms: row.try_get("run_at_ms")?,
         attempts: row.try_get::<i64, _>("attempts")? as u32,
         attempts_max: row.try_get::<i64, _>("attempts_max")? as u32,
         backoff: row.try_get("backoff")?,
@@ -940,7 +943,8 @@ impl Store {
                     .collect::<Result<Vec<_>, _>>()?
             }
         };
-        jobs.sort_by_key(|job| (job.priority, job.id));
+        // The update returns rows in no particular order: give them in claiming order.
+        jobs.sort_by_key(|job| (job.priority, job.run_at_ms, job.id));
         Ok(jobs)
     }
 
@@ -1104,7 +1108,7 @@ impl Store {
         };
         let sql = "UPDATE jobs SET state = $1, run_at_ms = COALESCE($2, run_at_ms), finished_ms = $3, strategy = $4, error_category = $5, error = $6, lease_until_ms = NULL, \
                    purge_at_ms = $3 + keep_failed_ms WHERE id = $7 AND state = 'active' AND lease = $8 RETURNING queue, kind, attempts, started_ms, parent_id";
-        let history = "INSERT INTO job_failures (job_id, attempt, at_ms, category, message) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (job_id, attempt) DO NOTHING";
+        let history = "INSERT INTO job_failures (job_id, attempt, at_ms, category, message) VALUES ($1, $2, $3, $4, $5)";
         let done = on_writer!(self, pool => {
             let mut tx = pool.begin().await?;
             let row = sqlx::query(sql)
@@ -1189,7 +1193,7 @@ impl Store {
 
     /// A job's failed attempts, oldest first.
     pub async fn job_failures(&self, id: i64) -> Result<Vec<FailureRow>, StoreError> {
-        let sql = "SELECT attempt, at_ms, category, message FROM job_failures WHERE job_id = $1 ORDER BY attempt";
+        let sql = "SELECT attempt, at_ms, category, message FROM job_failures WHERE job_id = $1 ORDER BY id";
         let rows = on_pool!(self, pool => {
             sqlx::query(sql)
                 .bind(id)

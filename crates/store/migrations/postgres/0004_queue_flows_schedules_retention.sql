@@ -50,3 +50,9 @@ CREATE TABLE job_schedules (
     created_ms     BIGINT NOT NULL
 );
 CREATE INDEX job_schedules_due ON job_schedules (next_tick_ms);
+
+-- Failure history keyed by its own id: a re-driven job starts its attempts again, and its new
+-- failures must join the history, not collide with the old ones on (job_id, attempt).
+ALTER TABLE job_failures DROP CONSTRAINT job_failures_pkey;
+ALTER TABLE job_failures ADD COLUMN id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY;
+CREATE INDEX job_failures_by_job ON job_failures (job_id, id);

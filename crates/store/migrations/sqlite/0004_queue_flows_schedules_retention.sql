@@ -50,3 +50,20 @@ CREATE TABLE job_schedules (
     created_ms     INTEGER NOT NULL
 );
 CREATE INDEX job_schedules_due ON job_schedules (next_tick_ms);
+
+-- Failure history keyed by its own id: a re-driven job starts its attempts again, and its new
+-- failures must join the history, not collide with the old ones on (job_id, attempt).
+CREATE TABLE job_failures_v2 (
+    id       INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id   INTEGER NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+    attempt  INTEGER NOT NULL,
+    at_ms    INTEGER NOT NULL,
+    category TEXT    NOT NULL,
+    message  TEXT    NOT NULL
+);
+INSERT INTO job_failures_v2 (job_id, attempt, at_ms, category, message)
+    SELECT job_id, attempt, at_ms, category, message FROM job_failures ORDER BY job_id, attempt;
+DROP TABLE job_failures;
+ALTER TABLE job_failures_v2 RENAME TO job_failures;
+CREATE INDEX job_failures_by_job ON job_failures (job_id, id);
+CREATE INDEX job_failures_by_time ON job_failures (at_ms);
