@@ -106,3 +106,45 @@ pub(crate) fn processing_time(
             .record(elapsed.as_secs_f64());
     }
 }
+
+/// Counts jobs given as `(queue, type)` in runs of equal labels, so that a batch of one queue
+/// and type costs one counter update, not one per job.
+pub(crate) fn count_runs<'a>(jobs: impl Iterator<Item = (&'a str, &'a str)>, status: &'static str) {
+    let mut run: Option<((&str, &str), u64)> = None;
+    for labels in jobs {
+        match &mut run {
+            Some((current, n)) if *current == labels => *n += 1,
+            _ => {
+                if let Some(((queue, kind), n)) = run.take() {
+                    count(queue, kind, status, n);
+                }
+                run = Some((labels, 1));
+            }
+        }
+    }
+    if let Some(((queue, kind), n)) = run {
+        count(queue, kind, status, n);
+    }
+}
+
+/// Records processing times of jobs given as `(queue, type, started)`, one histogram handle
+/// per run of equal labels.
+pub(crate) fn processing_times<'a>(
+    jobs: impl Iterator<Item = (&'a str, &'a str, Option<i64>)>,
+    status: &'static str,
+    now_ms: i64,
+) {
+    let mut current: Option<((&str, &str), metrics::Histogram)> = None;
+    for (queue, kind, started) in jobs {
+        let Some(started) = started else { continue };
+        let handle = match &current {
+            Some((labels, handle)) if *labels == (queue, kind) => handle,
+            _ => {
+                let handle = metrics::histogram!(names::PROCESSING_SECONDS, "queue" => queue.to_string(), "type" => kind.to_string(), "status" => status);
+                &current.insert(((queue, kind), handle)).1
+            }
+        };
+        let elapsed = Duration::from_millis(now_ms.saturating_sub(started).max(0) as u64);
+        handle.record(elapsed.as_secs_f64());
+    }
+}

@@ -993,8 +993,12 @@ impl Queue {
             .claim_jobs(queue, limit, self.now_ms(), lease_ms, worker)
             .await?;
         let jobs: Vec<Job> = claimed.into_iter().map(to_job).collect();
+        events::count_runs(
+            jobs.iter()
+                .map(|job| (job.queue.as_str(), job.kind.as_str())),
+            "started",
+        );
         for job in &jobs {
-            events::count(&job.queue, &job.kind, "started", 1);
             self.publish(
                 job.id,
                 &job.queue,
@@ -1092,19 +1096,24 @@ impl Queue {
         }
         let now = self.now_ms();
         let Settled { jobs, parents } = self.store.complete_jobs(&rows, now).await?;
+        let ended: Vec<&Ended> = jobs.iter().flatten().collect();
+        events::count_runs(
+            ended.iter().map(|e| (e.queue.as_str(), e.kind.as_str())),
+            "completed",
+        );
+        events::processing_times(
+            ended
+                .iter()
+                .map(|e| (e.queue.as_str(), e.kind.as_str(), e.started_ms)),
+            "completed",
+            now,
+        );
         let answers = jobs
-            .into_iter()
+            .iter()
             .zip(completions)
             .map(|(ended, (id, ..))| match ended {
-                Some(Ended {
-                    queue,
-                    kind,
-                    started_ms,
-                    ..
-                }) => {
-                    events::count(&queue, &kind, "completed", 1);
-                    events::processing_time(&queue, &kind, "completed", started_ms, now);
-                    self.publish(*id, &queue, &kind, EventKind::Completed);
+                Some(ended) => {
+                    self.publish(*id, &ended.queue, &ended.kind, EventKind::Completed);
                     Ok(())
                 }
                 None => Err(*id),

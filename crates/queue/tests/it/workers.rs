@@ -81,6 +81,11 @@ async fn idle_workers_wake_on_an_add_not_at_the_next_poll() {
             tokio::time::sleep(Duration::from_millis(100)).await;
             let id = other.add(spec("echo", |_| {})).await.unwrap().id();
             wait_for_state(&queue, id, "completed").await;
+            // Once the queue is known, a single add is one statement carrying its NOTIFY.
+            other.declare("work").await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let id = other.add(spec("echo", |_| {})).await.unwrap().id();
+            wait_for_state(&queue, id, "completed").await;
         }
         worker.shutdown().await.unwrap();
     }
