@@ -1483,8 +1483,9 @@ impl Store {
         let own = "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE purge_at_ms <= $1 AND state IN ('completed', 'dead', 'discarded') ORDER BY purge_at_ms LIMIT $2)";
         let rules = "SELECT name, keep_completed_last, keep_completed_ms, keep_failed_last, keep_failed_ms FROM queues \
                      WHERE keep_completed_last IS NOT NULL OR keep_completed_ms IS NOT NULL OR keep_failed_last IS NOT NULL OR keep_failed_ms IS NOT NULL";
-        let by_age = "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE queue = $1 AND state IN ($2, $3) AND finished_ms < $4 ORDER BY finished_ms LIMIT $5)";
-        let by_count = "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE queue = $1 AND state IN ($2, $3) ORDER BY finished_ms DESC, id DESC LIMIT $4 OFFSET $5)";
+        // The literal state list lets both databases use the partial index `jobs_finished`.
+        let by_age = "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE queue = $1 AND state IN ('completed', 'dead', 'discarded') AND state IN ($2, $3) AND finished_ms < $4 ORDER BY finished_ms LIMIT $5)";
+        let by_count = "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE queue = $1 AND state IN ('completed', 'dead', 'discarded') AND state IN ($2, $3) ORDER BY finished_ms DESC, id DESC LIMIT $4 OFFSET $5)";
         on_writer!(self, pool => {
             let n = sqlx::query(own).bind(now_ms).bind(left).execute(pool).await?.rows_affected();
             deleted += n;

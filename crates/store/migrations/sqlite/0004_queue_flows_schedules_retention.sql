@@ -16,7 +16,7 @@ ALTER TABLE jobs ADD COLUMN keep_completed_ms INTEGER;
 ALTER TABLE jobs ADD COLUMN keep_failed_ms INTEGER;
 ALTER TABLE jobs ADD COLUMN purge_at_ms INTEGER;
 CREATE INDEX jobs_purge ON jobs (purge_at_ms) WHERE purge_at_ms IS NOT NULL;
-CREATE INDEX jobs_finished ON jobs (queue, state, finished_ms);
+CREATE INDEX jobs_finished ON jobs (queue, state, finished_ms) WHERE state IN ('completed', 'dead', 'discarded');
 
 -- A queue's rules: keep the last N and/or the last T of its completed and failed jobs.
 ALTER TABLE queues ADD COLUMN keep_completed_last INTEGER;
