@@ -158,7 +158,7 @@ impl Queue {
             keep_completed_ms: job.keep_completed_ms,
             keep_failed_ms: job.keep_failed_ms,
         };
-        Ok(self.store.upsert_schedule(&row).await?)
+        Ok(self.store.upsert_schedule(&row, now).await?)
     }
 
     /// Removes a schedule (jobs it already enqueued stay).

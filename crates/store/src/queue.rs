@@ -1636,9 +1636,13 @@ impl Store {
     /// Creates or replaces a schedule. Replacing keeps its next tick when the timing (cron
     /// expression or interval) is unchanged, so that every process can declare its schedules
     /// at start without moving them.
-    pub async fn upsert_schedule(&self, schedule: &ScheduleRow) -> Result<(), StoreError> {
+    pub async fn upsert_schedule(
+        &self,
+        schedule: &ScheduleRow,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
         let sql = format!(
-            "INSERT INTO job_schedules ({SCHEDULE_COLUMNS}, created_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $7) \
+            "INSERT INTO job_schedules ({SCHEDULE_COLUMNS}, created_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
              ON CONFLICT (name) DO UPDATE SET queue = excluded.queue, kind = excluded.kind, payload = excluded.payload, cron = excluded.cron, every_ms = excluded.every_ms, \
              next_tick_ms = CASE WHEN COALESCE(job_schedules.cron, '') = COALESCE(excluded.cron, '') AND COALESCE(job_schedules.every_ms, -1) = COALESCE(excluded.every_ms, -1) \
                             THEN job_schedules.next_tick_ms ELSE excluded.next_tick_ms END, \
@@ -1669,6 +1673,7 @@ impl Store {
                 .bind(schedule.timeout_ms as i64)
                 .bind(as_i64(schedule.keep_completed_ms))
                 .bind(as_i64(schedule.keep_failed_ms))
+                .bind(now_ms)
                 .execute(pool)
                 .await?;
         });
