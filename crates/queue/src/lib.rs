@@ -1312,16 +1312,11 @@ impl Queue {
         }
         let now = self.now_ms();
         let redriven = self.store.redrive_jobs(ids, now).await?;
-        if !redriven.is_empty() {
-            for id in &redriven {
-                if let Some(job) = self.store.job(*id).await? {
-                    events::count(&job.queue, &job.kind, "redriven", 1);
-                    let event = EventKind::Waiting { run_at_ms: now };
-                    self.publish(*id, &job.queue, &job.kind, event);
-                }
-            }
+        for (id, queue, kind) in &redriven {
+            events::count(queue, kind, "redriven", 1);
+            self.publish(*id, queue, kind, EventKind::Waiting { run_at_ms: now });
         }
-        Ok(redriven)
+        Ok(redriven.into_iter().map(|(id, ..)| id).collect())
     }
 
     /// Discards a waiting, children-waiting or dead job (a parent waiting for it counts it

@@ -142,21 +142,10 @@ impl Queue {
         }
         let row = ScheduleRow {
             name: spec.name.clone(),
-            queue: job.queue,
-            kind: job.kind,
-            payload: job.payload,
             cron,
             every_ms,
             next_tick_ms,
-            priority: job.priority,
-            attempts_max: job.attempts_max,
-            backoff: job.backoff.to_string(),
-            backoff_ms: job.backoff_ms,
-            backoff_max_ms: job.backoff_max_ms,
-            jitter_pct: job.jitter_pct,
-            timeout_ms: job.timeout_ms,
-            keep_completed_ms: job.keep_completed_ms,
-            keep_failed_ms: job.keep_failed_ms,
+            job,
         };
         Ok(self.store.upsert_schedule(&row, now).await?)
     }
@@ -199,29 +188,9 @@ impl Queue {
                 // not stop the others: it is pushed a day ahead.
                 Err(_) => now + 24 * 3600 * 1000,
             };
-            let job = store::NewJob {
-                queue: schedule.queue.clone(),
-                kind: schedule.kind.clone(),
-                payload: schedule.payload.clone(),
-                priority: schedule.priority,
-                run_at_ms: now,
-                attempts_max: schedule.attempts_max,
-                backoff: if schedule.backoff == "fixed" {
-                    "fixed"
-                } else {
-                    "exponential"
-                },
-                backoff_ms: schedule.backoff_ms,
-                backoff_max_ms: schedule.backoff_max_ms,
-                jitter_pct: schedule.jitter_pct,
-                timeout_ms: schedule.timeout_ms,
-                dedup: None,
-                parent: None,
-                on_child_failure: None,
-                keep_completed_ms: schedule.keep_completed_ms,
-                keep_failed_ms: schedule.keep_failed_ms,
-                schedule: Some((schedule.name.clone(), schedule.next_tick_ms)),
-            };
+            let mut job = schedule.job.clone();
+            job.run_at_ms = now;
+            job.schedule = Some((schedule.name.clone(), schedule.next_tick_ms));
             let mut tx = self.store.begin().await?;
             if !tx
                 .advance_schedule(&schedule.name, schedule.next_tick_ms, next)

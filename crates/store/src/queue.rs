@@ -245,36 +245,15 @@ pub struct QueueKeep {
 pub struct ScheduleRow {
     /// Its unique name.
     pub name: String,
-    /// The queue its jobs go to.
-    pub queue: String,
-    /// Their type.
-    pub kind: String,
-    /// Their payload (JSON).
-    pub payload: String,
-    /// A five-field crontab expression (UTC), or
+    /// A five-field crontab expression (UTC); `None` with an interval.
     pub cron: Option<String>,
-    /// a fixed interval.
+    /// A fixed interval; `None` with a cron expression.
     pub every_ms: Option<u64>,
     /// The next tick to enqueue.
     pub next_tick_ms: i64,
-    /// Job options.
-    pub priority: i32,
-    /// Job options.
-    pub attempts_max: u32,
-    /// Job options: `fixed` or `exponential`.
-    pub backoff: String,
-    /// Job options.
-    pub backoff_ms: u64,
-    /// Job options.
-    pub backoff_max_ms: u64,
-    /// Job options.
-    pub jitter_pct: u8,
-    /// Job options.
-    pub timeout_ms: u64,
-    /// Job options.
-    pub keep_completed_ms: Option<u64>,
-    /// Job options.
-    pub keep_failed_ms: Option<u64>,
+    /// The job each tick enqueues. Stored: its queue, type, payload, priority, attempts,
+    /// backoff, timeout and retention; a firing sets its due time and its tick.
+    pub job: NewJob,
 }
 
 /// One failed attempt.
@@ -419,23 +398,35 @@ where
     for<'r> &'r str: sqlx::ColumnIndex<R>,
 {
     let optional = |value: Option<i64>| value.map(unsigned);
+    let backoff: String = row.try_get("backoff")?;
     Ok(ScheduleRow {
         name: row.try_get("name")?,
-        queue: row.try_get("queue")?,
-        kind: row.try_get("kind")?,
-        payload: row.try_get("payload")?,
         cron: row.try_get("cron")?,
         every_ms: optional(row.try_get("every_ms")?),
         next_tick_ms: row.try_get("next_tick_ms")?,
-        priority: row.try_get::<i64, _>("priority")? as i32,
-        attempts_max: row.try_get::<i64, _>("attempts_max")? as u32,
-        backoff: row.try_get("backoff")?,
-        backoff_ms: unsigned(row.try_get("backoff_ms")?),
-        backoff_max_ms: unsigned(row.try_get("backoff_max_ms")?),
-        jitter_pct: row.try_get::<i64, _>("jitter_pct")?.clamp(0, 100) as u8,
-        timeout_ms: unsigned(row.try_get("timeout_ms")?),
-        keep_completed_ms: optional(row.try_get("keep_completed_ms")?),
-        keep_failed_ms: optional(row.try_get("keep_failed_ms")?),
+        job: NewJob {
+            queue: row.try_get("queue")?,
+            kind: row.try_get("kind")?,
+            payload: row.try_get("payload")?,
+            priority: row.try_get::<i64, _>("priority")? as i32,
+            run_at_ms: 0,
+            attempts_max: row.try_get::<i64, _>("attempts_max")? as u32,
+            backoff: if backoff == "fixed" {
+                "fixed"
+            } else {
+                "exponential"
+            },
+            backoff_ms: unsigned(row.try_get("backoff_ms")?),
+            backoff_max_ms: unsigned(row.try_get("backoff_max_ms")?),
+            jitter_pct: row.try_get::<i64, _>("jitter_pct")?.clamp(0, 100) as u8,
+            timeout_ms: unsigned(row.try_get("timeout_ms")?),
+            dedup: None,
+            parent: None,
+            on_child_failure: None,
+            keep_completed_ms: optional(row.try_get("keep_completed_ms")?),
+            keep_failed_ms: optional(row.try_get("keep_failed_ms")?),
+            schedule: None,
+        },
     })
 }
 
@@ -1362,23 +1353,29 @@ impl Store {
     }
 
     /// Sends dead jobs back to waiting with their attempts reset, due at `now_ms`; returns the
-    /// ids that were dead (others are left alone).
-    pub async fn redrive_jobs(&self, ids: &[i64], now_ms: i64) -> Result<Vec<i64>, StoreError> {
-        let sql = "UPDATE jobs SET state = 'waiting', attempts = 0, run_at_ms = $1, strategy = NULL, finished_ms = NULL, purge_at_ms = NULL WHERE id = $2 AND state = 'dead' RETURNING queue";
-        let mut queues = BTreeSet::new();
+    /// `(id, queue, type)` of those that were dead (others are left alone).
+    pub async fn redrive_jobs(
+        &self,
+        ids: &[i64],
+        now_ms: i64,
+    ) -> Result<Vec<(i64, String, String)>, StoreError> {
+        let sql = "UPDATE jobs SET state = 'waiting', attempts = 0, run_at_ms = $1, strategy = NULL, finished_ms = NULL, purge_at_ms = NULL WHERE id = $2 AND state = 'dead' RETURNING queue, kind";
         let redriven = on_writer!(self, pool => {
             let mut tx = pool.begin().await?;
             let mut redriven = Vec::new();
             for &id in ids {
                 if let Some(row) = sqlx::query(sql).bind(now_ms).bind(id).fetch_optional(&mut *tx).await? {
-                    queues.insert(row.try_get::<String, _>("queue")?);
-                    redriven.push(id);
+                    redriven.push((id, row.try_get::<String, _>("queue")?, row.try_get::<String, _>("kind")?));
                 }
             }
             tx.commit().await?;
             redriven
         });
-        for queue in &queues {
+        let queues: BTreeSet<&str> = redriven
+            .iter()
+            .map(|(_, queue, _)| queue.as_str())
+            .collect();
+        for queue in queues {
             self.wake_workers(queue);
         }
         Ok(redriven)
@@ -1652,27 +1649,28 @@ impl Store {
         );
         let known = "SELECT name FROM queues WHERE name = $1";
         let as_i64 = |value: Option<u64>| value.map(|v| v.min(i64::MAX as u64) as i64);
+        let job = &schedule.job;
         on_writer!(self, pool => {
-            if sqlx::query(known).bind(&schedule.queue).fetch_optional(pool).await?.is_none() {
-                return Err(StoreError::UnknownQueue(schedule.queue.clone()));
+            if sqlx::query(known).bind(&job.queue).fetch_optional(pool).await?.is_none() {
+                return Err(StoreError::UnknownQueue(job.queue.clone()));
             }
             sqlx::query(sqlx::AssertSqlSafe(sql))
                 .bind(&schedule.name)
-                .bind(&schedule.queue)
-                .bind(&schedule.kind)
-                .bind(&schedule.payload)
+                .bind(&job.queue)
+                .bind(&job.kind)
+                .bind(&job.payload)
                 .bind(schedule.cron.as_deref())
                 .bind(as_i64(schedule.every_ms))
                 .bind(schedule.next_tick_ms)
-                .bind(i64::from(schedule.priority))
-                .bind(i64::from(schedule.attempts_max))
-                .bind(&schedule.backoff)
-                .bind(schedule.backoff_ms as i64)
-                .bind(schedule.backoff_max_ms as i64)
-                .bind(i64::from(schedule.jitter_pct))
-                .bind(schedule.timeout_ms as i64)
-                .bind(as_i64(schedule.keep_completed_ms))
-                .bind(as_i64(schedule.keep_failed_ms))
+                .bind(i64::from(job.priority))
+                .bind(i64::from(job.attempts_max))
+                .bind(job.backoff)
+                .bind(job.backoff_ms as i64)
+                .bind(job.backoff_max_ms as i64)
+                .bind(i64::from(job.jitter_pct))
+                .bind(job.timeout_ms as i64)
+                .bind(as_i64(job.keep_completed_ms))
+                .bind(as_i64(job.keep_failed_ms))
                 .bind(now_ms)
                 .execute(pool)
                 .await?;

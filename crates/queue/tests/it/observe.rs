@@ -58,6 +58,7 @@ async fn every_change_of_a_job_is_an_event() {
             .id();
         let job = queue.claim("mail", 1, "w", 1_000).await.unwrap().remove(0);
         queue.complete(job.id, job.lease, None).await.unwrap();
+        assert_eq!(queue.redrive(&[id, second]).await.unwrap(), [id]);
 
         let seen = drain(&mut events);
         let network = "network";
@@ -101,6 +102,12 @@ async fn every_change_of_a_job_is_an_event() {
             ),
             (second, EventKind::Active { attempt: 1 }),
             (second, EventKind::Completed),
+            (
+                id,
+                EventKind::Waiting {
+                    run_at_ms: T0 + 2_001,
+                },
+            ),
         ];
         assert_eq!(seen, expected);
     }
