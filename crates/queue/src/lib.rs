@@ -1052,17 +1052,8 @@ impl Queue {
         progress: &serde_json::Value,
     ) -> Result<(), QueueError> {
         let text = encode_json("progress", progress, limits::RESULT_BYTES_MAX)?;
-        if self.store.job_progress(id, lease, &text).await? {
-            if self.events.receiver_count() > 0
-                && let Some(job) = self.store.job(id).await?
-            {
-                self.publish(
-                    id,
-                    &job.queue,
-                    &job.kind,
-                    EventKind::Progress(progress.clone()),
-                );
-            }
+        if let Some((queue, kind)) = self.store.job_progress(id, lease, &text).await? {
+            self.publish(id, &queue, &kind, EventKind::Progress(progress.clone()));
             Ok(())
         } else {
             Err(QueueError::LeaseLost(id))
@@ -1322,11 +1313,9 @@ impl Queue {
     /// Discards a waiting, children-waiting or dead job (a parent waiting for it counts it
     /// as ended).
     pub async fn discard(&self, id: i64) -> Result<(), QueueError> {
-        if let Some(parents) = self.store.discard_job(id, self.now_ms()).await? {
-            if let Some(job) = self.store.job(id).await? {
-                events::count(&job.queue, &job.kind, "discarded", 1);
-                self.publish(id, &job.queue, &job.kind, EventKind::Discarded);
-            }
+        if let Some((queue, kind, parents)) = self.store.discard_job(id, self.now_ms()).await? {
+            events::count(&queue, &kind, "discarded", 1);
+            self.publish(id, &queue, &kind, EventKind::Discarded);
             self.publish_parents(&parents);
             Ok(())
         } else {

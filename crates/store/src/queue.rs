@@ -1054,24 +1054,26 @@ impl Store {
         Ok(jobs.iter().map(|job| held.contains(job)).collect())
     }
 
-    /// Records an active job's progress (JSON); false under a stale token.
+    /// Records an active job's progress (JSON); its `(queue, type)`, or `None` under a stale
+    /// token.
     pub async fn job_progress(
         &self,
         id: i64,
         lease: i64,
         progress: &str,
-    ) -> Result<bool, StoreError> {
-        let sql = "UPDATE jobs SET progress = $1 WHERE id = $2 AND state = 'active' AND lease = $3";
-        let changed = on_writer!(self, pool => {
+    ) -> Result<Option<(String, String)>, StoreError> {
+        let sql = "UPDATE jobs SET progress = $1 WHERE id = $2 AND state = 'active' AND lease = $3 RETURNING queue, kind";
+        let job = on_writer!(self, pool => {
             sqlx::query(sql)
                 .bind(progress)
                 .bind(id)
                 .bind(lease)
-                .execute(pool)
+                .fetch_optional(pool)
                 .await?
-                .rows_affected()
+                .map(|row| Ok::<_, sqlx::Error>((row.try_get("queue")?, row.try_get("kind")?)))
+                .transpose()?
         });
-        Ok(changed == 1)
+        Ok(job)
     }
 
     /// Completes active jobs, each `(id, lease, result JSON)`, in one transaction; for each,
@@ -1382,14 +1384,15 @@ impl Store {
     }
 
     /// Discards a waiting, dead or children-waiting job (a parent waiting for it counts it
-    /// as ended); `None` when it is in another state.
+    /// as ended): its `(queue, type)` and the parents that changed; `None` when it is in
+    /// another state.
     pub async fn discard_job(
         &self,
         id: i64,
         now_ms: i64,
-    ) -> Result<Option<Vec<ParentChange>>, StoreError> {
+    ) -> Result<Option<(String, String, Vec<ParentChange>)>, StoreError> {
         let sql = "UPDATE jobs SET state = 'discarded', finished_ms = $1, dedup_key = NULL, dedup_until_ms = NULL, purge_at_ms = $1 + keep_failed_ms \
-                   WHERE id = $2 AND state IN ('waiting', 'dead', 'waiting_children') RETURNING parent_id";
+                   WHERE id = $2 AND state IN ('waiting', 'dead', 'waiting_children') RETURNING parent_id, queue, kind";
         let changes = on_writer!(self, pool => {
             let mut tx = pool.begin().await?;
             let row = sqlx::query(sql).bind(now_ms).bind(id).fetch_optional(&mut *tx).await?;
@@ -1401,13 +1404,13 @@ impl Store {
                     if parent.is_some() {
                         child_ended!(&mut *tx, id, parent, None, now_ms, &mut changes)?;
                     }
-                    Some(())
+                    Some((row.try_get::<String, _>("queue")?, row.try_get::<String, _>("kind")?))
                 }
             };
             tx.commit().await?;
-            done.map(|()| changes)
+            done.map(|(queue, kind)| (queue, kind, changes))
         });
-        for parent in changes.iter().flatten() {
+        for parent in changes.iter().flat_map(|(_, _, changes)| changes) {
             if parent.state == "waiting" {
                 self.wake_workers(&parent.queue);
             }

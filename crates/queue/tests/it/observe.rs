@@ -59,6 +59,7 @@ async fn every_change_of_a_job_is_an_event() {
         let job = queue.claim("mail", 1, "w", 1_000).await.unwrap().remove(0);
         queue.complete(job.id, job.lease, None).await.unwrap();
         assert_eq!(queue.redrive(&[id, second]).await.unwrap(), [id]);
+        queue.discard(id).await.unwrap();
 
         let seen = drain(&mut events);
         let network = "network";
@@ -108,6 +109,7 @@ async fn every_change_of_a_job_is_an_event() {
                     run_at_ms: T0 + 2_001,
                 },
             ),
+            (id, EventKind::Discarded),
         ];
         assert_eq!(seen, expected);
     }
