@@ -4,3 +4,4 @@ pub mod bench;
 pub mod bench_queue;
 pub mod journal;
 pub mod replay;
+pub mod serve;

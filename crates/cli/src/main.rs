@@ -17,6 +17,22 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Commands {
+    /// Run the server: the API on the embedded SQLite store in ./agora-data/ unless told
+    /// otherwise (see docs/configuration.md).
+    Serve {
+        /// A TOML configuration file.
+        #[arg(long, env = "AGORA_CONFIG")]
+        config: Option<PathBuf>,
+        /// Address to listen on (overrides the file and AGORA_LISTEN).
+        #[arg(long)]
+        listen: Option<String>,
+        /// `sqlite://PATH` or `postgres://…` (overrides the file and AGORA_DATABASE).
+        #[arg(long)]
+        database: Option<String>,
+        /// Directory for the embedded database and generated secrets.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
     /// The matching engine on its own.
     Book {
         #[command(subcommand)]
@@ -121,6 +137,25 @@ enum BookCommands {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Commands::Serve {
+            config,
+            listen,
+            database,
+            data_dir,
+        } => {
+            let mut config = server::Config::load(config.as_deref(), std::env::vars())?;
+            if let Some(listen) = listen {
+                config.listen = listen;
+            }
+            if let Some(database) = database {
+                config.database = Some(database);
+            }
+            if let Some(data_dir) = data_dir {
+                config.data_dir = data_dir;
+            }
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(cli::serve::run(config))?;
+        }
         Commands::Bench {
             command:
                 BenchCommands::Core {

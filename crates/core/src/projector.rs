@@ -228,6 +228,12 @@ impl Projector {
                                 user,
                                 side: side.as_str(),
                                 order_type: order_type.as_str(),
+                                price: match command {
+                                    CoreCommand::Place(place) if place.id == id => {
+                                        place.price.map(|p| p.0)
+                                    }
+                                    _ => None,
+                                },
                                 qty: qty.0,
                                 filled: 0,
                                 open_qty: qty.0,
@@ -294,9 +300,17 @@ impl Projector {
                     touched.push((market, id));
                 }
                 Event::Modified {
-                    market, id, qty, ..
+                    market,
+                    id,
+                    qty,
+                    price,
+                    ..
                 } => {
                     if let Some(track) = self.orders.get_mut(&(market, id)) {
+                        // A zero price in the event means the order has none.
+                        if price.0 != 0 {
+                            track.row.price = Some(price.0);
+                        }
                         // The committed quantity follows the new open quantity.
                         track.row.qty = track.row.qty - track.row.open_qty + qty.0;
                         track.row.open_qty = qty.0;

@@ -314,6 +314,11 @@ impl Ledger {
         self.assets.get(&asset)
     }
 
+    /// Every registered asset, by id.
+    pub fn assets(&self) -> impl Iterator<Item = (AssetId, &Asset)> {
+        self.assets.iter().map(|(&id, asset)| (id, asset))
+    }
+
     /// Applies one operation, appending its postings, or refuses it and changes nothing.
     pub fn apply(&mut self, op: &Op, postings: &mut Vec<Posting>) -> Result<(), Rejection> {
         let mut undo = std::mem::take(&mut self.undo);

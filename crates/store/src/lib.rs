@@ -21,6 +21,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{ConnectOptions, Row};
 
+pub use accounts::{ApiKeyRow, UserRow};
 pub use queue::{
     Added, ClaimedJob, DeadFilter, Ended, Failure, FailureBucket, FailureRow, JOBS_CHANNEL,
     JobListener, JobRow, NewJob, PARENT_CHAIN_MAX, ParentChange, ParentRef, QueueKeep, ScheduleRow,
@@ -46,6 +47,8 @@ pub mod limits {
     pub const WAL_FRAMES_BEHIND_MAX: u64 = 65_536;
     /// How long acquiring a pooled connection may take.
     pub const ACQUIRE_TIMEOUT_MS: u64 = 10_000;
+    /// Rows one page of a listing returns (users, orders, trades, a user's API keys).
+    pub const PAGE_ROWS_MAX: usize = 1_000;
 }
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -91,6 +94,16 @@ pub enum StoreError {
     /// A job names a queue that was never declared.
     #[error("unknown queue {0:?}")]
     UnknownQueue(String),
+    /// A row would take a unique name or key that is already taken: `what` says which
+    /// (`username`, `api key`).
+    #[error("{what} is already taken")]
+    Duplicate {
+        /// What is taken.
+        what: &'static str,
+    },
+    /// An API key names a user that does not exist.
+    #[error("unknown user {0}")]
+    UnknownUser(u64),
     /// A child job names a parent that is not waiting for children.
     #[error("job {0} is not waiting for children")]
     ParentNotWaiting(i64),
@@ -207,6 +220,8 @@ pub struct OrderRow {
     pub side: &'static str,
     /// Order type name.
     pub order_type: &'static str,
+    /// Limit or protection price in the market's units, when it has one.
+    pub price: Option<i64>,
     /// Quantity committed.
     pub qty: u64,
     /// Quantity filled.
@@ -370,7 +385,8 @@ macro_rules! on_writer {
     };
 }
 
-// After the macros, which it uses.
+// After the macros, which they use.
+mod accounts;
 mod queue;
 
 /// The store. Cheap to share behind an `Arc`; appends must come from one writer at a time.
@@ -884,7 +900,7 @@ impl Store {
             }
             for chunk in batch.orders.chunks(INSERT_ROWS_MAX) {
                 let mut query = sqlx::QueryBuilder::new(
-                    "INSERT INTO orders (market, order_id, accepted_seq, user_id, side, order_type, qty, filled, open_qty, status, updated_seq) ",
+                    "INSERT INTO orders (market, order_id, accepted_seq, user_id, side, order_type, price, qty, filled, open_qty, status, updated_seq) ",
                 );
                 query.push_values(chunk, |mut row, order| {
                     row.push_bind(i64::from(order.market))
@@ -893,6 +909,7 @@ impl Store {
                         .push_bind(order.user as i64)
                         .push_bind(order.side)
                         .push_bind(order.order_type)
+                        .push_bind(order.price)
                         .push_bind(order.qty as i64)
                         .push_bind(order.filled as i64)
                         .push_bind(order.open_qty as i64)
@@ -900,7 +917,7 @@ impl Store {
                         .push_bind(to_db(order.updated_seq));
                 });
                 query.push(
-                    " ON CONFLICT (market, order_id, accepted_seq) DO UPDATE SET qty = excluded.qty, filled = excluded.filled, open_qty = excluded.open_qty, status = excluded.status, updated_seq = excluded.updated_seq",
+                    " ON CONFLICT (market, order_id, accepted_seq) DO UPDATE SET price = excluded.price, qty = excluded.qty, filled = excluded.filled, open_qty = excluded.open_qty, status = excluded.status, updated_seq = excluded.updated_seq",
                 );
                 query.build().execute(&mut *tx).await?;
             }

@@ -4,6 +4,8 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
+mod accounts;
+
 use store::{Durability, Snapshot, Store, StoreError, StoreOptions};
 
 /// A backend under test: how to open it again, and how to reach its tables directly.

@@ -1,0 +1,276 @@
+//! The HTTP surface: one router, its layers in one place, and the OpenAPI document that is
+//! generated from the handlers' own annotations (a route without one is not registered).
+//!
+//! Layers, outermost first: request id and access log, HTTP metrics, load shedding
+//! (`limits.requests_in_flight_max` requests at once, then 503 `OVERLOADED`), the request
+//! timeout (503 `TIMEOUT`), the body limit, then authentication, which puts a [`Caller`] into
+//! the request when it carries valid credentials and refuses it with 401 when it carries
+//! invalid ones.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body as HttpBody;
+use axum::error_handling::HandleErrorLayer;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{HeaderValue, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use tower::ServiceBuilder;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+
+use crate::app::{App, now_ms};
+use crate::auth::{Caller, KEY_HEADER, Method, Role, SIGNATURE_HEADER, TIMESTAMP_HEADER};
+use crate::error::{ApiError, too_large};
+
+mod account;
+mod admin;
+mod market;
+mod ops;
+mod orders;
+
+/// Shared state of the handlers.
+pub type AppState = State<Arc<App>>;
+
+/// The request id header, taken from the request or generated.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Agora",
+        description = "Peer-to-peer exchange and settlement server. Amounts, prices and quantities are decimal strings.",
+    ),
+    components(schemas(crate::error::ErrorBody)),
+    modifiers(&Security),
+)]
+struct ApiDoc;
+
+struct Security;
+
+impl utoipa::Modify for Security {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{
+            ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme,
+        };
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "session",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
+            "api_key",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::with_description(
+                KEY_HEADER,
+                "An API key id; the request also carries x-agora-timestamp and x-agora-signature (HMAC-SHA256 over timestamp, method, path and body)",
+            ))),
+        );
+    }
+}
+
+/// The routes and their OpenAPI document.
+pub fn routes() -> (Router<Arc<App>>, utoipa::openapi::OpenApi) {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(ops::routes())
+        .merge(account::routes())
+        .merge(market::routes())
+        .merge(orders::routes())
+        .merge(admin::routes())
+        .split_for_parts()
+}
+
+/// The whole application with its layers.
+pub fn router(app: Arc<App>) -> Router {
+    let (routes, mut openapi) = routes();
+    openapi.info.version = env!("CARGO_PKG_VERSION").into();
+    let openapi = Arc::new(openapi);
+    let limits = app.config.limits.clone();
+    let doc = openapi.clone();
+    routes
+        .route(
+            "/api/v1/openapi.json",
+            axum::routing::get(move || {
+                let doc = doc.clone();
+                async move { axum::Json((*doc).clone()) }
+            }),
+        )
+        .route(
+            "/api/v1/docs",
+            axum::routing::get(move || {
+                let page = ops::docs_page(&openapi);
+                async move { axum::response::Html(page) }
+            }),
+        )
+        .fallback(|| async { ApiError::not_found("NOT_FOUND", "no such route") })
+        .layer(middleware::from_fn_with_state(app.clone(), authenticate))
+        .layer(DefaultBodyLimit::max(limits.body_bytes_max))
+        .layer(
+            ServiceBuilder::new()
+                .layer(HandleErrorLayer::new(|error: tower::BoxError| async move {
+                    if error.is::<tower::timeout::error::Elapsed>() {
+                        ApiError::unavailable("TIMEOUT", "the request took too long")
+                    } else if error.is::<tower::load_shed::error::Overloaded>() {
+                        ApiError::unavailable(
+                            "OVERLOADED",
+                            "the server is at capacity; retry shortly",
+                        )
+                    } else {
+                        ApiError::internal(error)
+                    }
+                }))
+                .load_shed()
+                .concurrency_limit(limits.requests_in_flight_max)
+                .timeout(Duration::from_millis(limits.request_timeout_ms)),
+        )
+        .layer(middleware::from_fn(observe))
+        .with_state(app)
+}
+
+/// Request id, access log and HTTP metrics.
+async fn observe(mut request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let id = request
+        .headers()
+        .get(REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_string)
+        .unwrap_or_else(|| crate::auth::encode_hex(&crate::auth::random_bytes::<8>()));
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let method = request.method().clone();
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        request.headers_mut().insert(REQUEST_ID_HEADER, value);
+    }
+    let mut response = next.run(request).await;
+    let status = response.status().as_u16();
+    let elapsed = started.elapsed();
+    let labels = [
+        ("route", route.clone()),
+        ("method", method.to_string()),
+        ("status", status.to_string()),
+    ];
+    metrics::counter!("agora_http_requests_total", &labels).increment(1);
+    metrics::histogram!("agora_http_request_duration_seconds", &labels)
+        .record(elapsed.as_secs_f64());
+    tracing::info!(
+        request_id = %id,
+        %method,
+        route,
+        status,
+        micros = elapsed.as_micros() as u64,
+        "request"
+    );
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert(REQUEST_ID_HEADER, value);
+    }
+    response
+}
+
+/// Puts the caller into the request: a session token, or a signed request (whose body is
+/// read here to check the signature, then handed on unchanged).
+async fn authenticate(
+    State(app): AppState,
+    mut request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    // Everything needed from the headers is copied out first: the request is not shared
+    // across the awaits below.
+    let credentials = match credentials(request.headers())? {
+        None => return Ok(next.run(request).await),
+        Some(Credentials::Session(token)) => {
+            let caller = app.auth.verify_token(&token)?;
+            request.extensions_mut().insert(caller);
+            return Ok(next.run(request).await);
+        }
+        Some(Credentials::Signed(signed)) => signed,
+    };
+    let (key_id, timestamp, signature) = credentials;
+    let key = app
+        .store
+        .api_key(&key_id)
+        .await?
+        .filter(|key| !key.revoked)
+        .ok_or_else(|| ApiError::unauthorized("unknown or revoked API key"))?;
+    let user = app
+        .store
+        .user_by_id(key.user_id)
+        .await?
+        .ok_or_else(|| ApiError::unauthorized("the API key's user is gone"))?;
+    let (parts, body) = request.into_parts();
+    let bytes = axum::body::to_bytes(body, app.config.limits.body_bytes_max)
+        .await
+        .map_err(|_| too_large())?;
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or_else(|| parts.uri.path().to_string(), |p| p.as_str().to_string());
+    app.auth.verify_signature(
+        &key.secret,
+        &timestamp,
+        &signature,
+        parts.method.as_str(),
+        &path,
+        &bytes,
+        now_ms(),
+    )?;
+    let mut request = Request::from_parts(parts, HttpBody::from(bytes));
+    request.extensions_mut().insert(Caller {
+        user: key.user_id,
+        role: Role::parse(&user.role).unwrap_or(Role::User),
+        method: Method::ApiKey,
+    });
+    Ok(next.run(request).await)
+}
+
+/// What a request presents.
+enum Credentials {
+    /// A session token.
+    Session(String),
+    /// Key id, timestamp and signature.
+    Signed((String, String, String)),
+}
+
+fn credentials(headers: &axum::http::HeaderMap) -> Result<Option<Credentials>, ApiError> {
+    let text = |name: &str| -> Result<Option<String>, ApiError> {
+        headers
+            .get(name)
+            .map(|v| {
+                v.to_str()
+                    .map(str::to_string)
+                    .map_err(|_| ApiError::unauthorized(format!("the {name} header is not text")))
+            })
+            .transpose()
+    };
+    if let Some(value) = text(header::AUTHORIZATION.as_str())? {
+        let token = value
+            .strip_prefix("Bearer ")
+            .ok_or_else(|| ApiError::unauthorized("Authorization must be Bearer <token>"))?;
+        return Ok(Some(Credentials::Session(token.trim().to_string())));
+    }
+    let Some(key_id) = text(KEY_HEADER)? else {
+        return Ok(None);
+    };
+    let required = |name: &str| {
+        text(name)?.ok_or_else(|| ApiError::unauthorized(format!("a signed request needs {name}")))
+    };
+    Ok(Some(Credentials::Signed((
+        key_id,
+        required(TIMESTAMP_HEADER)?,
+        required(SIGNATURE_HEADER)?,
+    ))))
+}
+
+/// A JSON answer with a status.
+pub fn created<T: serde::Serialize>(value: T) -> Response {
+    (axum::http::StatusCode::CREATED, axum::Json(value)).into_response()
+}

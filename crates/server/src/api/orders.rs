@@ -1,0 +1,624 @@
+//! Orders: place, look up, list, cancel, modify, cancel all; and the caller's trades. Every
+//! order operation goes through [`App::submit`], the one path to the sequencer.
+
+use std::sync::Arc;
+
+use agora_core::CoreCommand;
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::response::Response;
+use book::{Event, MarketId, MarketSpec, ModifyOrder, PaymentMethods, PlaceOrder, TimeInForce};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::created;
+use super::market::{find_market, page_limit};
+use crate::app::App;
+use crate::auth::Caller;
+use crate::error::{ApiError, Body, ErrorBody};
+use crate::wire::{self, OrderTypeName, SideName, StpName, TifName, price_text, qty_text};
+
+/// Payment methods one order may name.
+pub const ORDER_PAYMENT_METHODS_MAX: usize = 16;
+
+pub(super) fn routes() -> OpenApiRouter<Arc<App>> {
+    OpenApiRouter::new()
+        .routes(routes!(place, list, cancel_all))
+        .routes(routes!(get_order, cancel, modify))
+        .routes(routes!(my_trades))
+}
+
+/// A new order.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PlaceRequest {
+    /// Market symbol.
+    pub market: String,
+    /// Side.
+    pub side: SideName,
+    /// Type (default limit).
+    #[serde(rename = "type", default)]
+    pub order_type: OrderTypeName,
+    /// Limit price; for market-like orders the protection price (required for buys on
+    /// instant markets, which hold funds at it).
+    pub price: Option<String>,
+    /// Trigger price of stop and take-profit orders.
+    pub stop_price: Option<String>,
+    /// Quantity.
+    pub qty: String,
+    /// Time in force (default GTC; IOC for market-like orders).
+    pub tif: Option<TifName>,
+    /// Refuse instead of trading on arrival.
+    #[serde(default)]
+    pub post_only: bool,
+    /// Expiry of a GTD order, ms since the epoch.
+    pub expire_at: Option<i64>,
+    /// Payment methods accepted (escrow markets); empty: any.
+    #[serde(default)]
+    pub payment_methods: Vec<String>,
+    /// Smallest counterparty reputation accepted.
+    #[serde(default)]
+    pub min_reputation: u32,
+    /// Smallest single fill.
+    pub min_fill: Option<String>,
+    /// Largest single fill.
+    pub max_fill: Option<String>,
+    /// Self-trade prevention (default: the market's).
+    pub stp: Option<StpName>,
+}
+
+/// An order as the API shows it.
+#[derive(Serialize, ToSchema)]
+pub struct OrderView {
+    /// Id.
+    pub id: u64,
+    /// Market.
+    pub market: String,
+    /// Side.
+    pub side: String,
+    /// Type.
+    #[serde(rename = "type")]
+    pub order_type: String,
+    /// Limit or protection price, when it has one.
+    pub price: Option<String>,
+    /// Quantity committed.
+    pub qty: String,
+    /// Filled so far.
+    pub filled: String,
+    /// Still open.
+    pub remaining: String,
+    /// `open`, `filled`, `cancelled` or `expired`.
+    pub status: String,
+}
+
+/// A trade in an answer.
+#[derive(Serialize, ToSchema)]
+pub struct FillView {
+    /// Price.
+    pub price: String,
+    /// Quantity.
+    pub qty: String,
+    /// The resting order.
+    pub maker_order: u64,
+    /// The incoming order.
+    pub taker_order: u64,
+}
+
+/// What placing did.
+#[derive(Serialize, ToSchema)]
+pub struct Placed {
+    /// The order after the command.
+    pub order: OrderView,
+    /// Its trades in this command.
+    pub fills: Vec<FillView>,
+    /// Journal sequence number of the command.
+    pub seq: u64,
+}
+
+fn opt_qty(
+    spec: &MarketSpec,
+    field: &str,
+    text: &Option<String>,
+) -> Result<Option<book::Qty>, ApiError> {
+    text.as_deref()
+        .map(|t| wire::qty(spec, field, t))
+        .transpose()
+}
+
+fn opt_price(
+    spec: &MarketSpec,
+    field: &str,
+    text: &Option<String>,
+) -> Result<Option<book::Price>, ApiError> {
+    text.as_deref()
+        .map(|t| wire::price(spec, field, t))
+        .transpose()
+}
+
+#[utoipa::path(post, path = "/api/v1/orders", tag = "orders", summary = "Place an order",
+    security(("session" = []), ("api_key" = [])),
+    request_body = PlaceRequest,
+    responses(
+        (status = 201, description = "Accepted and durable", body = Placed),
+        (status = 401, description = "Not signed in", body = ErrorBody),
+        (status = 404, description = "No such market", body = ErrorBody),
+        (status = 422, description = "A field breaks a rule, or funds are short", body = ErrorBody),
+    ))]
+async fn place(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    Body(request): Body<PlaceRequest>,
+) -> Result<Response, ApiError> {
+    let (market, spec) = find_market(&app, &request.market).await?;
+    if request.payment_methods.len() > ORDER_PAYMENT_METHODS_MAX {
+        return Err(ApiError::invalid(
+            "INVALID_FIELD",
+            "payment_methods",
+            format!("at most {ORDER_PAYMENT_METHODS_MAX} payment methods"),
+        ));
+    }
+    let payment_methods = if request.payment_methods.is_empty() {
+        PaymentMethods::ANY
+    } else {
+        spec.payment_method_set(request.payment_methods.iter().map(String::as_str))
+            .ok_or_else(|| {
+                ApiError::invalid(
+                    "UNKNOWN_PAYMENT_METHOD",
+                    "payment_methods",
+                    format!(
+                        "payment methods must be among the market's: {}",
+                        spec.payment_methods.join(", ")
+                    ),
+                )
+            })?
+    };
+    let order_type: book::OrderType = request.order_type.into();
+    let tif = match request.tif {
+        Some(tif) => tif.into(),
+        None if order_type.is_market_like() => TimeInForce::Ioc,
+        None => TimeInForce::Gtc,
+    };
+    let id = app.next_order_id();
+    let place = PlaceOrder {
+        market,
+        id,
+        user: caller.user,
+        side: request.side.into(),
+        order_type,
+        price: opt_price(&spec, "price", &request.price)?,
+        stop_price: opt_price(&spec, "stop_price", &request.stop_price)?,
+        qty: wire::qty(&spec, "qty", &request.qty)?,
+        tif,
+        post_only: request.post_only,
+        expire_at: request.expire_at,
+        payment_methods,
+        min_reputation: request.min_reputation,
+        reputation: 0,
+        min_fill: opt_qty(&spec, "min_fill", &request.min_fill)?,
+        max_fill: opt_qty(&spec, "max_fill", &request.max_fill)?,
+        stp: request.stp.map(Into::into),
+    };
+    let ack = app.submit(CoreCommand::Place(place.clone())).await?;
+    let mut filled = 0u64;
+    let mut fills = Vec::new();
+    let mut status = "open";
+    let mut remaining = place.qty.0;
+    for event in &ack.output.events {
+        match *event {
+            Event::Trade {
+                maker,
+                taker,
+                price,
+                qty,
+                ..
+            } if maker == id || taker == id => {
+                filled += qty.0;
+                remaining = remaining.saturating_sub(qty.0);
+                fills.push(FillView {
+                    price: price_text(&spec, price),
+                    qty: qty_text(&spec, qty),
+                    maker_order: maker,
+                    taker_order: taker,
+                });
+            }
+            Event::Cancelled { id: gone, .. } if gone == id => {
+                status = "cancelled";
+            }
+            Event::Expired { id: gone, .. } if gone == id => status = "expired",
+            _ => {}
+        }
+    }
+    if status == "open" && remaining == 0 {
+        status = "filled";
+    }
+    if status != "open" {
+        remaining = 0;
+    }
+    Ok(created(Placed {
+        order: OrderView {
+            id,
+            market: spec.symbol.clone(),
+            side: place.side.as_str().into(),
+            order_type: place.order_type.as_str().into(),
+            price: place.price.map(|p| price_text(&spec, p)),
+            qty: qty_text(&spec, place.qty),
+            filled: qty_text(&spec, book::Qty(filled)),
+            remaining: qty_text(&spec, book::Qty(remaining)),
+            status: status.into(),
+        },
+        fills,
+        seq: ack.seq,
+    }))
+}
+
+/// The market and spec of one of the caller's orders, from the read models; 404 when the
+/// order does not exist or is another user's.
+async fn own_order(
+    app: &App,
+    caller: &Caller,
+    id: u64,
+) -> Result<(store::OrderRow, MarketSpec), ApiError> {
+    app.caught_up().await?;
+    let row = app
+        .store
+        .order_by_id(id)
+        .await?
+        .filter(|row| row.user == caller.user)
+        .ok_or_else(|| ApiError::not_found("UNKNOWN_ORDER", "no such order"))?;
+    let market = MarketId(row.market);
+    let spec = app
+        .read(move |state| state.engine().market_spec(market).cloned())
+        .await?
+        .ok_or_else(|| ApiError::internal("an order's market is gone"))?;
+    Ok((row, spec))
+}
+
+fn order_view(row: &store::OrderRow, spec: &MarketSpec) -> OrderView {
+    OrderView {
+        id: row.order_id,
+        market: spec.symbol.clone(),
+        side: row.side.into(),
+        order_type: row.order_type.into(),
+        price: row.price.map(|p| price_text(spec, book::Price(p))),
+        qty: qty_text(spec, book::Qty(row.qty)),
+        filled: qty_text(spec, book::Qty(row.filled)),
+        remaining: qty_text(spec, book::Qty(row.open_qty)),
+        status: row.status.into(),
+    }
+}
+
+#[utoipa::path(get, path = "/api/v1/orders/{id}", tag = "orders", summary = "One of the caller's orders",
+    security(("session" = []), ("api_key" = [])),
+    params(("id" = u64, Path, description = "Order id")),
+    responses(
+        (status = 200, description = "The order", body = OrderView),
+        (status = 401, description = "Not signed in", body = ErrorBody),
+        (status = 404, description = "No such order of the caller's", body = ErrorBody),
+    ))]
+async fn get_order(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    Path(id): Path<u64>,
+) -> Result<Json<OrderView>, ApiError> {
+    let (row, spec) = own_order(&app, &caller, id).await?;
+    Ok(Json(order_view(&row, &spec)))
+}
+
+/// Filters of the caller's orders.
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    /// One market.
+    pub market: Option<String>,
+    /// `open`, `filled`, `cancelled` or `expired`.
+    pub status: Option<String>,
+    /// At most this many, 1 to 1000 (default 100).
+    pub limit: Option<usize>,
+}
+
+#[utoipa::path(get, path = "/api/v1/orders", tag = "orders", summary = "The caller's orders, newest first",
+    security(("session" = []), ("api_key" = [])),
+    params(ListQuery),
+    responses(
+        (status = 200, description = "Orders", body = Vec<OrderView>),
+        (status = 401, description = "Not signed in", body = ErrorBody),
+        (status = 422, description = "A filter breaks its rule", body = ErrorBody),
+    ))]
+async fn list(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    Query(query): Query<ListQuery>,
+) -> Result<Json<Vec<OrderView>>, ApiError> {
+    let limit = page_limit(query.limit, 100)?;
+    if let Some(status) = &query.status
+        && !matches!(status.as_str(), "open" | "filled" | "cancelled" | "expired")
+    {
+        return Err(ApiError::invalid(
+            "INVALID_FIELD",
+            "status",
+            "status must be open, filled, cancelled or expired",
+        ));
+    }
+    let market = match &query.market {
+        Some(symbol) => Some(find_market(&app, symbol).await?.0),
+        None => None,
+    };
+    app.caught_up().await?;
+    let rows = app
+        .store
+        .orders_of_user(
+            caller.user,
+            market.map(|m| m.0),
+            query.status.as_deref(),
+            None,
+            limit,
+        )
+        .await?;
+    let specs = app
+        .read(|state| {
+            let engine = state.engine();
+            engine
+                .markets()
+                .filter_map(|m| engine.market_spec(m).cloned())
+                .collect::<Vec<_>>()
+        })
+        .await?;
+    Ok(Json(
+        rows.iter()
+            .filter_map(|row| {
+                specs
+                    .get(row.market as usize)
+                    .map(|spec| order_view(row, spec))
+            })
+            .collect(),
+    ))
+}
+
+/// What a cancel did.
+#[derive(Serialize, ToSchema)]
+pub struct Cancelled {
+    /// Orders cancelled.
+    pub cancelled: Vec<u64>,
+    /// Journal sequence number of the command.
+    pub seq: u64,
+}
+
+#[utoipa::path(delete, path = "/api/v1/orders/{id}", tag = "orders", summary = "Cancel one of the caller's orders",
+    security(("session" = []), ("api_key" = [])),
+    params(("id" = u64, Path, description = "Order id")),
+    responses(
+        (status = 200, description = "Cancelled", body = Cancelled),
+        (status = 401, description = "Not signed in", body = ErrorBody),
+        (status = 404, description = "No such live order of the caller's", body = ErrorBody),
+    ))]
+async fn cancel(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    Path(id): Path<u64>,
+) -> Result<Json<Cancelled>, ApiError> {
+    let (row, _) = own_order(&app, &caller, id).await?;
+    let ack = app
+        .submit(CoreCommand::Cancel {
+            market: MarketId(row.market),
+            id,
+            user: caller.user,
+        })
+        .await?;
+    Ok(Json(Cancelled {
+        cancelled: cancelled_ids(&ack.output.events),
+        seq: ack.seq,
+    }))
+}
+
+fn cancelled_ids(events: &[Event]) -> Vec<u64> {
+    events
+        .iter()
+        .filter_map(|e| match *e {
+            Event::Cancelled { id, .. } => Some(id),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A change to a live order.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ModifyRequest {
+    /// New limit price.
+    pub price: Option<String>,
+    /// New open quantity.
+    pub qty: Option<String>,
+}
+
+/// What a modify did.
+#[derive(Serialize, ToSchema)]
+pub struct Modified {
+    /// Whether the order kept its place in the queue.
+    pub priority_kept: bool,
+    /// Its trades in this command (a new price may cross).
+    pub fills: Vec<FillView>,
+    /// Journal sequence number of the command.
+    pub seq: u64,
+}
+
+#[utoipa::path(patch, path = "/api/v1/orders/{id}", tag = "orders", summary = "Change the price or quantity of a live order",
+    security(("session" = []), ("api_key" = [])),
+    params(("id" = u64, Path, description = "Order id")),
+    request_body = ModifyRequest,
+    responses(
+        (status = 200, description = "Modified", body = Modified),
+        (status = 401, description = "Not signed in", body = ErrorBody),
+        (status = 404, description = "No such live order of the caller's", body = ErrorBody),
+        (status = 422, description = "A field breaks a rule, or funds are short", body = ErrorBody),
+    ))]
+async fn modify(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    Path(id): Path<u64>,
+    Body(request): Body<ModifyRequest>,
+) -> Result<Json<Modified>, ApiError> {
+    if request.price.is_none() && request.qty.is_none() {
+        return Err(ApiError::invalid(
+            "INVALID_MODIFY",
+            "price",
+            "give a new price, a new qty, or both",
+        ));
+    }
+    let (row, spec) = own_order(&app, &caller, id).await?;
+    let modify = ModifyOrder {
+        market: MarketId(row.market),
+        id,
+        user: caller.user,
+        price: opt_price(&spec, "price", &request.price)?,
+        qty: opt_qty(&spec, "qty", &request.qty)?,
+    };
+    let ack = app.submit(CoreCommand::Modify(modify)).await?;
+    let mut priority_kept = false;
+    let mut fills = Vec::new();
+    for event in &ack.output.events {
+        match *event {
+            Event::Modified {
+                id: changed,
+                priority_kept: kept,
+                ..
+            } if changed == id => priority_kept = kept,
+            Event::Trade {
+                maker,
+                taker,
+                price,
+                qty,
+                ..
+            } => fills.push(FillView {
+                price: price_text(&spec, price),
+                qty: qty_text(&spec, qty),
+                maker_order: maker,
+                taker_order: taker,
+            }),
+            _ => {}
+        }
+    }
+    Ok(Json(Modified {
+        priority_kept,
+        fills,
+        seq: ack.seq,
+    }))
+}
+
+/// Which orders to cancel.
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct CancelAllQuery {
+    /// Only this market.
+    pub market: Option<String>,
+}
+
+#[utoipa::path(delete, path = "/api/v1/orders", tag = "orders", summary = "Cancel all of the caller's live orders",
+    security(("session" = []), ("api_key" = [])),
+    params(CancelAllQuery),
+    responses(
+        (status = 200, description = "Cancelled", body = Cancelled),
+        (status = 401, description = "Not signed in", body = ErrorBody),
+        (status = 404, description = "No such market", body = ErrorBody),
+    ))]
+async fn cancel_all(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    Query(query): Query<CancelAllQuery>,
+) -> Result<Json<Cancelled>, ApiError> {
+    let market = match &query.market {
+        Some(symbol) => Some(find_market(&app, symbol).await?.0),
+        None => None,
+    };
+    let ack = app
+        .submit(CoreCommand::CancelAll {
+            market,
+            user: Some(caller.user),
+        })
+        .await?;
+    Ok(Json(Cancelled {
+        cancelled: cancelled_ids(&ack.output.events),
+        seq: ack.seq,
+    }))
+}
+
+/// One of the caller's trades.
+#[derive(Serialize, ToSchema)]
+pub struct MyTrade {
+    /// Market.
+    pub market: String,
+    /// Journal sequence number of the command that caused it.
+    pub seq: u64,
+    /// The caller's order.
+    pub order: u64,
+    /// The caller's side.
+    pub side: String,
+    /// Whether the caller's order was resting.
+    pub maker: bool,
+    /// Price.
+    pub price: String,
+    /// Quantity.
+    pub qty: String,
+}
+
+/// Filters of the caller's trades.
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct MyTradesQuery {
+    /// One market.
+    pub market: Option<String>,
+    /// At most this many, 1 to 1000 (default 100).
+    pub limit: Option<usize>,
+}
+
+#[utoipa::path(get, path = "/api/v1/trades", tag = "orders", summary = "The caller's trades, newest first",
+    security(("session" = []), ("api_key" = [])),
+    params(MyTradesQuery),
+    responses(
+        (status = 200, description = "Trades", body = Vec<MyTrade>),
+        (status = 401, description = "Not signed in", body = ErrorBody),
+    ))]
+async fn my_trades(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    Query(query): Query<MyTradesQuery>,
+) -> Result<Json<Vec<MyTrade>>, ApiError> {
+    let limit = page_limit(query.limit, 100)?;
+    let market = match &query.market {
+        Some(symbol) => Some(find_market(&app, symbol).await?.0),
+        None => None,
+    };
+    app.caught_up().await?;
+    let rows = app
+        .store
+        .trades_of_user(caller.user, market.map(|m| m.0), limit)
+        .await?;
+    let specs = app
+        .read(|state| {
+            let engine = state.engine();
+            engine
+                .markets()
+                .filter_map(|m| engine.market_spec(m).cloned())
+                .collect::<Vec<_>>()
+        })
+        .await?;
+    let mut trades = Vec::new();
+    for t in rows {
+        let Some(spec) = specs.get(t.market as usize) else {
+            continue;
+        };
+        let maker = t.maker_user == caller.user;
+        let taker_buys = t.taker_side == "buy";
+        trades.push(MyTrade {
+            market: spec.symbol.clone(),
+            seq: t.seq,
+            order: if maker { t.maker } else { t.taker },
+            side: if maker == taker_buys { "sell" } else { "buy" }.into(),
+            maker,
+            price: price_text(spec, book::Price(t.price)),
+            qty: qty_text(spec, book::Qty(t.qty)),
+        });
+    }
+    Ok(Json(trades))
+}

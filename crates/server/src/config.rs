@@ -1,0 +1,239 @@
+//! Configuration: defaults, then a TOML file, then `AGORA_*` environment variables, each
+//! overriding the one before. `docs/configuration.md` lists every setting.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Everything `agora serve` can be told.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address to listen on.
+    pub listen: String,
+    /// Directory for the embedded database and generated secrets.
+    pub data_dir: PathBuf,
+    /// `sqlite://PATH` or `postgres://…`; the default is `agora.db` in the data directory.
+    pub database: Option<String>,
+    /// PostgreSQL only: the schema to use (created when missing), so that several servers or
+    /// test runs can share one database.
+    pub database_schema: Option<String>,
+    /// SQLite only: `full` (every commit survives power loss) or `normal` (survives a killed
+    /// process).
+    pub durability: String,
+    /// Sessions, API keys and the first administrator.
+    pub auth: AuthConfig,
+    /// Request and connection limits.
+    pub limits: LimitsConfig,
+    /// How often the server moves the core's clock, in milliseconds (expiries, day cut-offs and
+    /// 24 h statistics follow it).
+    pub clock_tick_ms: u64,
+    /// How long an idempotency key is remembered, in seconds.
+    pub idempotency_ttl_s: u64,
+}
+
+/// Sessions and keys.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Secret that signs session tokens (HS256). When absent, one is generated on first start
+    /// and kept in `jwt.secret` in the data directory.
+    pub jwt_secret: Option<String>,
+    /// The `aud` claim sessions carry and the server requires.
+    pub audience: String,
+    /// How long a session token is valid, in seconds.
+    pub session_ttl_s: u64,
+    /// How far a signed request's timestamp may be from the server's clock, in seconds.
+    pub signature_window_s: u64,
+    /// Name of the administrator created on first start.
+    pub admin_username: String,
+    /// Password of that administrator; when absent one is generated and printed once.
+    pub admin_password: Option<String>,
+}
+
+/// Limits on requests.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest request body, in bytes.
+    pub body_bytes_max: usize,
+    /// Longest time a request may take, in milliseconds.
+    pub request_timeout_ms: u64,
+    /// Requests served at once; beyond it requests are shed with 503.
+    pub requests_in_flight_max: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:8080".into(),
+            data_dir: PathBuf::from("./agora-data"),
+            database: None,
+            database_schema: None,
+            durability: "full".into(),
+            auth: AuthConfig::default(),
+            limits: LimitsConfig::default(),
+            clock_tick_ms: 1_000,
+            idempotency_ttl_s: 24 * 3600,
+        }
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            jwt_secret: None,
+            audience: "agora".into(),
+            session_ttl_s: 12 * 3600,
+            signature_window_s: 30,
+            admin_username: "admin".into(),
+            admin_password: None,
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            body_bytes_max: 64 * 1024,
+            request_timeout_ms: 10_000,
+            requests_in_flight_max: 4_096,
+        }
+    }
+}
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {error}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        error: std::io::Error,
+    },
+    /// The file is not valid TOML for this configuration.
+    #[error("{path}: {error}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, with its position.
+        error: toml::de::Error,
+    },
+    /// A setting has a value outside its rule.
+    #[error("setting {setting}: {rule}")]
+    Invalid {
+        /// The setting, as named in the file or the environment.
+        setting: String,
+        /// The rule it breaks.
+        rule: String,
+    },
+}
+
+impl Config {
+    /// Defaults, then `file` if given, then the `AGORA_*` variables among `env`.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut config = match file {
+            None => Config::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+                    path: path.to_path_buf(),
+                    error,
+                })?;
+                toml::from_str(&text).map_err(|error| ConfigError::Parse {
+                    path: path.to_path_buf(),
+                    error,
+                })?
+            }
+        };
+        for (name, value) in env {
+            config.set_from_env(&name, value)?;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn set_from_env(&mut self, name: &str, value: String) -> Result<(), ConfigError> {
+        fn number<T: std::str::FromStr>(name: &str, value: &str) -> Result<T, ConfigError> {
+            value.parse().map_err(|_| ConfigError::Invalid {
+                setting: name.into(),
+                rule: format!("must be a whole number, not {value:?}"),
+            })
+        }
+        match name {
+            "AGORA_LISTEN" => self.listen = value,
+            "AGORA_DATA_DIR" => self.data_dir = PathBuf::from(value),
+            "AGORA_DATABASE" => self.database = Some(value),
+            "AGORA_DATABASE_SCHEMA" => self.database_schema = Some(value),
+            "AGORA_DURABILITY" => self.durability = value,
+            "AGORA_JWT_SECRET" => self.auth.jwt_secret = Some(value),
+            "AGORA_JWT_AUDIENCE" => self.auth.audience = value,
+            "AGORA_SESSION_TTL_S" => self.auth.session_ttl_s = number(name, &value)?,
+            "AGORA_ADMIN_USERNAME" => self.auth.admin_username = value,
+            "AGORA_ADMIN_PASSWORD" => self.auth.admin_password = Some(value),
+            "AGORA_BODY_BYTES_MAX" => self.limits.body_bytes_max = number(name, &value)?,
+            "AGORA_REQUEST_TIMEOUT_MS" => self.limits.request_timeout_ms = number(name, &value)?,
+            "AGORA_REQUESTS_IN_FLIGHT_MAX" => {
+                self.limits.requests_in_flight_max = number(name, &value)?
+            }
+            "AGORA_CLOCK_TICK_MS" => self.clock_tick_ms = number(name, &value)?,
+            "AGORA_IDEMPOTENCY_TTL_S" => self.idempotency_ttl_s = number(name, &value)?,
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |setting: &str, rule: &str| {
+            Err(ConfigError::Invalid {
+                setting: setting.into(),
+                rule: rule.into(),
+            })
+        };
+        if !matches!(self.durability.as_str(), "full" | "normal") {
+            return invalid("durability", "must be full or normal");
+        }
+        if self.auth.audience.is_empty() {
+            return invalid("auth.audience", "must not be empty");
+        }
+        if !(60..=30 * 24 * 3600).contains(&self.auth.session_ttl_s) {
+            return invalid("auth.session_ttl_s", "must be 60 s to 30 days");
+        }
+        if !(1..=300).contains(&self.auth.signature_window_s) {
+            return invalid("auth.signature_window_s", "must be 1 to 300 s");
+        }
+        if self
+            .auth
+            .jwt_secret
+            .as_ref()
+            .is_some_and(|secret| secret.len() < 32)
+        {
+            return invalid("auth.jwt_secret", "must be at least 32 bytes");
+        }
+        if !(1024..=16 * 1024 * 1024).contains(&self.limits.body_bytes_max) {
+            return invalid("limits.body_bytes_max", "must be 1 KiB to 16 MiB");
+        }
+        if !(100..=600_000).contains(&self.limits.request_timeout_ms) {
+            return invalid("limits.request_timeout_ms", "must be 100 ms to 10 min");
+        }
+        if self.limits.requests_in_flight_max == 0 {
+            return invalid("limits.requests_in_flight_max", "must be at least 1");
+        }
+        if !(10..=60_000).contains(&self.clock_tick_ms) {
+            return invalid("clock_tick_ms", "must be 10 ms to 60 s");
+        }
+        Ok(())
+    }
+
+    /// The database URL in effect.
+    pub fn database_url(&self) -> String {
+        match &self.database {
+            Some(url) => url.clone(),
+            None => format!("sqlite://{}", self.data_dir.join("agora.db").display()),
+        }
+    }
+}

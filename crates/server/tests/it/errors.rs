@@ -1,0 +1,296 @@
+//! Every error path answers with the error body and the right status, and changes nothing.
+
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+use crate::{Harness, balance, harnesses};
+
+async fn raw(
+    h: &Harness,
+    path: &str,
+    token: &str,
+    content_type: Option<&str>,
+    body: Vec<u8>,
+) -> (StatusCode, Value) {
+    let mut request = h
+        .client
+        .post(format!("{}{path}", h.base))
+        .bearer_auth(token)
+        .body(body);
+    if let Some(content_type) = content_type {
+        request = request.header("content-type", content_type);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_4xx_with_the_field_named() {
+    for h in harnesses("errors").await {
+        let admin = h.admin().await;
+        h.market(&admin).await;
+        let (alice, token) = h.user(&admin, "alice").await;
+        h.deposit(&admin, alice, "BTC", "1").await;
+        let order = |extra: Value| {
+            let mut body =
+                json!({"market": "BTC-USDT", "side": "sell", "price": "100", "qty": "0.5"});
+            for (k, v) in extra.as_object().unwrap() {
+                body[k] = v.clone();
+            }
+            body
+        };
+        // (body, status, code, field)
+        let cases: Vec<(Value, StatusCode, &str, Option<&str>)> = vec![
+            (
+                order(json!({"colour": "red"})),
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "INVALID_FIELD",
+                None,
+            ),
+            (
+                order(json!({"side": "up"})),
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "INVALID_FIELD",
+                Some("side"),
+            ),
+            (
+                order(json!({"qty": 5})),
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "INVALID_FIELD",
+                Some("qty"),
+            ),
+            (
+                order(json!({"qty": "-1"})),
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "INVALID_DECIMAL",
+                Some("qty"),
+            ),
+            (
+                order(json!({"qty": "0.00001"})),
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "BAD_LOT",
+                Some("qty"),
+            ),
+            (
+                order(json!({"price": "1.001"})),
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "BAD_TICK",
+                Some("price"),
+            ),
+            (
+                order(json!({"price": "99999999999999999999"})),
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "INVALID_PRICE",
+                Some("price"),
+            ),
+            (
+                order(json!({"min_reputation": -1})),
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "INVALID_FIELD",
+                Some("min_reputation"),
+            ),
+            (
+                order(json!({"min_reputation": 1e40})),
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "INVALID_FIELD",
+                Some("min_reputation"),
+            ),
+            (
+                order(json!({"qty": "5"})),
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "INSUFFICIENT_FUNDS",
+                None,
+            ),
+            (
+                order(json!({"market": "ETH-USDT"})),
+                StatusCode::NOT_FOUND,
+                "UNKNOWN_MARKET",
+                Some("market"),
+            ),
+            (
+                order(json!({"qty": "0"})),
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "INVALID_QUANTITY",
+                Some("qty"),
+            ),
+        ];
+        for (body, status, code, field) in cases {
+            let (got, answer) = h
+                .call(
+                    Method::POST,
+                    "/api/v1/orders",
+                    Some(&token),
+                    Some(body.clone()),
+                )
+                .await;
+            assert_eq!(got, status, "{} {body}: {answer}", h.backend);
+            assert_eq!(answer["error"]["code"], code, "{body}: {answer}");
+            if let Some(field) = field {
+                assert_eq!(answer["error"]["field"], field, "{body}: {answer}");
+            }
+            assert!(
+                answer["error"]["message"]
+                    .as_str()
+                    .is_some_and(|m| !m.is_empty())
+            );
+        }
+        // Nothing was held by any of them.
+        assert_eq!(
+            balance(&h, &token, "BTC").await,
+            ("1.00000000".into(), "0.00000000".into())
+        );
+
+        let (status, answer) = raw(
+            &h,
+            "/api/v1/orders",
+            &token,
+            Some("application/json"),
+            b"{\"market\":".to_vec(),
+        )
+        .await;
+        assert_eq!(
+            (status, answer["error"]["code"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("MALFORMED_JSON"))
+        );
+        let (status, answer) = raw(
+            &h,
+            "/api/v1/orders",
+            &token,
+            Some("application/json"),
+            b"[1,2]".to_vec(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
+        let (status, answer) = raw(&h, "/api/v1/orders", &token, None, b"{}".to_vec()).await;
+        assert_eq!(
+            (status, answer["error"]["code"].as_str()),
+            (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                Some("UNSUPPORTED_MEDIA_TYPE")
+            )
+        );
+        let huge = format!("{{\"market\":\"{}\"}}", "x".repeat(200_000));
+        let (status, answer) = raw(
+            &h,
+            "/api/v1/orders",
+            &token,
+            Some("application/json"),
+            huge.into_bytes(),
+        )
+        .await;
+        assert_eq!(
+            (status, answer["error"]["code"].as_str()),
+            (StatusCode::PAYLOAD_TOO_LARGE, Some("PAYLOAD_TOO_LARGE"))
+        );
+
+        // 401, 403, 404, 409.
+        let (status, answer) = h.call(Method::GET, "/api/v1/balances", None, None).await;
+        assert_eq!(
+            (status, answer["error"]["code"].as_str()),
+            (StatusCode::UNAUTHORIZED, Some("UNAUTHORIZED"))
+        );
+        let (status, answer) = h
+            .call(
+                Method::POST,
+                "/api/v1/admin/assets",
+                Some(&token),
+                Some(json!({"symbol": "ETH", "decimals": 8})),
+            )
+            .await;
+        assert_eq!(
+            (status, answer["error"]["code"].as_str()),
+            (StatusCode::FORBIDDEN, Some("FORBIDDEN"))
+        );
+        let (status, _) = h
+            .call(Method::GET, "/api/v1/orders/987654", Some(&token), None)
+            .await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        let (status, answer) = h.call(Method::GET, "/api/v1/nowhere", None, None).await;
+        assert_eq!(
+            (status, answer["error"]["code"].as_str()),
+            (StatusCode::NOT_FOUND, Some("NOT_FOUND"))
+        );
+        let (status, answer) = h
+            .call(
+                Method::POST,
+                "/api/v1/admin/users",
+                Some(&admin),
+                Some(json!({"username": "alice", "password": "another-password"})),
+            )
+            .await;
+        assert_eq!(
+            (status, answer["error"]["code"].as_str()),
+            (StatusCode::CONFLICT, Some("USERNAME_TAKEN"))
+        );
+        let (status, answer) = h
+            .call(
+                Method::POST,
+                "/api/v1/admin/assets",
+                Some(&admin),
+                Some(json!({"symbol": "BTC", "decimals": 8})),
+            )
+            .await;
+        assert_eq!(
+            (status, answer["error"]["code"].as_str()),
+            (StatusCode::CONFLICT, Some("ASSET_EXISTS"))
+        );
+        let (status, answer) = h
+            .call(
+                Method::GET,
+                "/api/v1/markets/BTC-USDT/depth?levels=0",
+                None,
+                None,
+            )
+            .await;
+        assert_eq!(
+            (status, answer["error"]["field"].as_str()),
+            (StatusCode::UNPROCESSABLE_ENTITY, Some("levels"))
+        );
+        let (status, answer) = h
+            .call(
+                Method::GET,
+                "/api/v1/markets/BTC-USDT/depth?levels=abc",
+                None,
+                None,
+            )
+            .await;
+        assert!(status.is_client_error(), "{status} {answer}");
+        h.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_metrics_answer() {
+    for h in harnesses("health").await {
+        let live = h
+            .expect(StatusCode::OK, Method::GET, "/health/live", None, None)
+            .await;
+        assert_eq!(live["status"], "ok");
+        let ready = h
+            .expect(StatusCode::OK, Method::GET, "/health/ready", None, None)
+            .await;
+        assert_eq!(ready["components"]["sequencer"], "ok", "{ready}");
+        assert_eq!(ready["components"]["store"], "ok");
+        let response = h
+            .client
+            .get(format!("{}/metrics", h.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let text = response.text().await.unwrap();
+        assert!(text.contains("agora_http_requests_total"), "{text}");
+        assert!(text.contains("route=\"/health/ready\""), "{text}");
+        // A request id is echoed, or made up when absent.
+        let response = h
+            .client
+            .get(format!("{}/health/live", h.base))
+            .header("x-request-id", "test-123")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.headers()["x-request-id"], "test-123");
+        h.stop().await;
+    }
+}
