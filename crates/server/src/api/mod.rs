@@ -30,6 +30,7 @@ mod admin;
 mod market;
 mod ops;
 mod orders;
+mod queue;
 
 /// Shared state of the handlers.
 pub type AppState = State<Arc<App>>;
@@ -83,6 +84,7 @@ pub fn routes() -> (Router<Arc<App>>, utoipa::openapi::OpenApi) {
         .merge(market::routes())
         .merge(orders::routes())
         .merge(admin::routes())
+        .merge(queue::routes())
         .split_for_parts()
 }
 

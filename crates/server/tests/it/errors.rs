@@ -294,3 +294,54 @@ async fn health_and_metrics_answer() {
         h.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_is_shed_with_503_not_queued() {
+    let h = Harness::start("sqlite", None, None, |config| {
+        config.limits.requests_in_flight_max = 1;
+    })
+    .await;
+    // Logins hash a password on purpose (tens of milliseconds at least), so twelve sent at once
+    // overlap and all but the first in flight find the server at capacity.
+    let body = json!({"username": "admin", "password": crate::ADMIN_PASSWORD});
+    let sends = (0..12).map(|_| {
+        h.client
+            .post(format!("{}/api/v1/auth/login", h.base))
+            .json(&body)
+            .send()
+    });
+    let mut served = 0;
+    let mut shed = 0;
+    for response in futures_join(sends).await {
+        let response = response.unwrap();
+        match response.status() {
+            StatusCode::OK => served += 1,
+            StatusCode::SERVICE_UNAVAILABLE => {
+                assert_eq!(response.headers()["retry-after"], "1");
+                let answer: Value = response.json().await.unwrap();
+                assert_eq!(answer["error"]["code"], "OVERLOADED", "{answer}");
+                shed += 1;
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert!(served >= 1 && shed >= 1, "served {served}, shed {shed}");
+    // Once the load is gone the server answers again.
+    h.login("admin", crate::ADMIN_PASSWORD).await;
+    h.stop().await;
+}
+
+/// Runs the futures at once and collects their outputs in order.
+async fn futures_join<F: std::future::Future + Send + 'static>(
+    futures: impl Iterator<Item = F>,
+) -> Vec<F::Output>
+where
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futures.map(tokio::spawn).collect();
+    let mut outputs = Vec::new();
+    for handle in handles {
+        outputs.push(handle.await.unwrap());
+    }
+    outputs
+}
