@@ -48,6 +48,8 @@ pub struct App {
     last_acked: AtomicU64,
     projector_wake: Notify,
     projected: watch::Receiver<u64>,
+    /// Rate limits per address and per user.
+    pub rate_limits: crate::limit::RateLimits,
     /// Serializes the admin commands that choose ids from the state (assets).
     pub admin_lock: tokio::sync::Mutex<()>,
 }
@@ -159,6 +161,7 @@ impl App {
         let (stop, stopped) = watch::channel(false);
         let app = Arc::new(App {
             queue: queue::Queue::new(store.clone()),
+            rate_limits: crate::limit::RateLimits::new(&config.limits),
             config,
             store,
             sequencer,

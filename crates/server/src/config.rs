@@ -61,6 +61,14 @@ pub struct LimitsConfig {
     pub request_timeout_ms: u64,
     /// Requests served at once; beyond it requests are shed with 503.
     pub requests_in_flight_max: usize,
+    /// Requests per second one client address may make (0: no limit).
+    pub ip_requests_per_s: u32,
+    /// Requests one client address may make in a burst above its rate.
+    pub ip_burst: u32,
+    /// Requests per second one signed-in user may make (0: no limit).
+    pub user_requests_per_s: u32,
+    /// Requests one user may make in a burst above its rate.
+    pub user_burst: u32,
 }
 
 impl Default for Config {
@@ -98,6 +106,10 @@ impl Default for LimitsConfig {
             body_bytes_max: 64 * 1024,
             request_timeout_ms: 10_000,
             requests_in_flight_max: 4_096,
+            ip_requests_per_s: 2_000,
+            ip_burst: 4_000,
+            user_requests_per_s: 1_000,
+            user_burst: 2_000,
         }
     }
 }
@@ -180,6 +192,10 @@ impl Config {
             "AGORA_REQUESTS_IN_FLIGHT_MAX" => {
                 self.limits.requests_in_flight_max = number(name, &value)?
             }
+            "AGORA_IP_REQUESTS_PER_S" => self.limits.ip_requests_per_s = number(name, &value)?,
+            "AGORA_IP_BURST" => self.limits.ip_burst = number(name, &value)?,
+            "AGORA_USER_REQUESTS_PER_S" => self.limits.user_requests_per_s = number(name, &value)?,
+            "AGORA_USER_BURST" => self.limits.user_burst = number(name, &value)?,
             "AGORA_CLOCK_TICK_MS" => self.clock_tick_ms = number(name, &value)?,
             "AGORA_IDEMPOTENCY_TTL_S" => self.idempotency_ttl_s = number(name, &value)?,
             _ => {}
@@ -222,6 +238,25 @@ impl Config {
         }
         if self.limits.requests_in_flight_max == 0 {
             return invalid("limits.requests_in_flight_max", "must be at least 1");
+        }
+        for (setting, rate, burst) in [
+            (
+                "limits.ip",
+                self.limits.ip_requests_per_s,
+                self.limits.ip_burst,
+            ),
+            (
+                "limits.user",
+                self.limits.user_requests_per_s,
+                self.limits.user_burst,
+            ),
+        ] {
+            if rate > 0 && burst == 0 {
+                return invalid(
+                    &format!("{setting}_burst"),
+                    "must be at least 1 when the rate is set",
+                );
+            }
         }
         if !(10..=60_000).contains(&self.clock_tick_ms) {
             return invalid("clock_tick_ms", "must be 10 ms to 60 s");

@@ -20,6 +20,7 @@ pub mod app;
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod limit;
 pub mod wire;
 
 pub use app::{App, CreatedAdmin};

@@ -3,9 +3,9 @@
 //!
 //! Layers, outermost first: request id and access log, HTTP metrics, load shedding
 //! (`limits.requests_in_flight_max` requests at once, then 503 `OVERLOADED`), the request
-//! timeout (503 `TIMEOUT`), the body limit, then authentication, which puts a [`Caller`] into
-//! the request when it carries valid credentials and refuses it with 401 when it carries
-//! invalid ones.
+//! timeout (503 `TIMEOUT`), the body limit, authentication, which puts a [`Caller`] into the
+//! request when it carries valid credentials and refuses it with 401 when it carries invalid
+//! ones, then the rate limits per address and per user (429 `RATE_LIMITED`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -111,6 +111,10 @@ pub fn router(app: Arc<App>) -> Router {
             }),
         )
         .fallback(|| async { ApiError::not_found("NOT_FOUND", "no such route") })
+        .layer(middleware::from_fn_with_state(
+            app.clone(),
+            crate::limit::rate_limit,
+        ))
         .layer(middleware::from_fn_with_state(app.clone(), authenticate))
         .layer(DefaultBodyLimit::max(limits.body_bytes_max))
         .layer(

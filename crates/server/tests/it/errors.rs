@@ -345,3 +345,73 @@ where
     }
     outputs
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_per_user_and_per_address_answer_429() {
+    let h = Harness::start("sqlite", None, None, |config| {
+        config.limits.user_requests_per_s = 1;
+        config.limits.user_burst = 5;
+    })
+    .await;
+    let admin = h.admin().await;
+    let (_, alice) = h.user(&admin, "alice").await;
+    let (_, bob) = h.user(&admin, "bob").await;
+    let mut statuses = Vec::new();
+    for _ in 0..7 {
+        let response = h
+            .client
+            .get(format!("{}/api/v1/balances", h.base))
+            .bearer_auth(&alice)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            let wait: u64 = response.headers()["retry-after"]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!((1..=2).contains(&wait), "retry after {wait}");
+            let answer: Value = response.json().await.unwrap();
+            assert_eq!(answer["error"]["code"], "RATE_LIMITED");
+        }
+        statuses.push(status);
+    }
+    // A burst of five, then refusals (one more token may have dripped in meanwhile).
+    assert!(
+        statuses[..5].iter().all(|s| *s == StatusCode::OK),
+        "{statuses:?}"
+    );
+    assert_eq!(statuses[6], StatusCode::TOO_MANY_REQUESTS, "{statuses:?}");
+    // Bob has his own bucket, and probes are never limited.
+    h.expect(
+        StatusCode::OK,
+        Method::GET,
+        "/api/v1/balances",
+        Some(&bob),
+        None,
+    )
+    .await;
+    for _ in 0..10 {
+        h.expect(StatusCode::OK, Method::GET, "/health/live", None, None)
+            .await;
+    }
+    h.stop().await;
+
+    let h = Harness::start("sqlite", None, None, |config| {
+        config.limits.ip_requests_per_s = 1;
+        config.limits.ip_burst = 3;
+    })
+    .await;
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        statuses.push(h.call(Method::GET, "/api/v1/markets", None, None).await.0);
+    }
+    assert!(
+        statuses[..3].iter().all(|s| *s == StatusCode::OK),
+        "{statuses:?}"
+    );
+    assert_eq!(statuses[4], StatusCode::TOO_MANY_REQUESTS, "{statuses:?}");
+    h.stop().await;
+}
