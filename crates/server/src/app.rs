@@ -28,6 +28,8 @@ pub mod limits {
     pub const PROJECTOR_IDLE_MS: u64 = 200;
     /// How long the projector waits after a failure before trying again.
     pub const PROJECTOR_RETRY_MS: u64 = 1_000;
+    /// How often expired idempotency keys are deleted.
+    pub const PURGE_EVERY_MS: i64 = 60_000;
 }
 
 /// What every handler shares.
@@ -48,6 +50,8 @@ pub struct App {
     last_acked: AtomicU64,
     projector_wake: Notify,
     projected: watch::Receiver<u64>,
+    /// Idempotency keys and objects with a command in flight.
+    pub in_flight: crate::idempotency::InFlight,
     /// Rate limits per address and per user.
     pub rate_limits: crate::limit::RateLimits,
     /// Serializes the admin commands that choose ids from the state (assets).
@@ -148,7 +152,13 @@ impl App {
                     .unwrap_or(0)
             })
             .await?;
-        let next_order_id = store.max_order_id().await?.max(live_max) + 1;
+        // Above every id in the journal and every id a pending idempotency key holds.
+        let next_order_id = store
+            .max_order_id()
+            .await?
+            .max(live_max)
+            .max(store.max_pending_order_id().await?)
+            + 1;
         let secret = jwt_secret(&config)?;
         let auth = Authenticator::new(
             &secret,
@@ -162,6 +172,7 @@ impl App {
         let app = Arc::new(App {
             queue: queue::Queue::new(store.clone()),
             rate_limits: crate::limit::RateLimits::new(&config.limits),
+            in_flight: Default::default(),
             config,
             store,
             sequencer,
@@ -318,10 +329,21 @@ async fn project_loop(
 async fn clock_loop(app: Arc<App>, mut stopped: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(Duration::from_millis(app.config.clock_tick_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_purge = now_ms();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = stopped.changed() => return,
+        }
+        if now_ms() - last_purge >= limits::PURGE_EVERY_MS {
+            last_purge = now_ms();
+            if let Err(error) = app
+                .store
+                .purge_idempotency(last_purge, crate::idempotency::PURGE_ROWS_MAX)
+                .await
+            {
+                tracing::warn!(%error, "purging expired idempotency keys failed");
+            }
         }
         // A refusal means the core's clock is already later (a clock step back): skip it.
         match app

@@ -20,6 +20,7 @@ pub mod app;
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod idempotency;
 pub mod limit;
 pub mod wire;
 

@@ -22,6 +22,7 @@ use sqlx::sqlite::{
 use sqlx::{ConnectOptions, Row};
 
 pub use accounts::{ApiKeyRow, UserRow};
+pub use idempotency::{IdempotencyBegin, IdempotencyRow};
 pub use queue::{
     Added, ClaimedJob, DeadFilter, Ended, Failure, FailureBucket, FailureRow, JOBS_CHANNEL,
     JobListener, JobRow, NewJob, PARENT_CHAIN_MAX, ParentChange, ParentRef, QueueKeep, ScheduleRow,
@@ -387,6 +388,7 @@ macro_rules! on_writer {
 
 // After the macros, which they use.
 mod accounts;
+mod idempotency;
 mod queue;
 
 /// The store. Cheap to share behind an `Arc`; appends must come from one writer at a time.

@@ -5,7 +5,8 @@
 //! (`limits.requests_in_flight_max` requests at once, then 503 `OVERLOADED`), the request
 //! timeout (503 `TIMEOUT`), the body limit, authentication, which puts a [`Caller`] into the
 //! request when it carries valid credentials and refuses it with 401 when it carries invalid
-//! ones, then the rate limits per address and per user (429 `RATE_LIMITED`).
+//! ones, the rate limits per address and per user (429 `RATE_LIMITED`), then idempotency keys
+//! (`crate::idempotency`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,6 +31,8 @@ mod admin;
 mod market;
 mod ops;
 mod orders;
+
+pub use orders::recovered_placement;
 mod queue;
 
 /// Shared state of the handlers.
@@ -111,6 +114,10 @@ pub fn router(app: Arc<App>) -> Router {
             }),
         )
         .fallback(|| async { ApiError::not_found("NOT_FOUND", "no such route") })
+        .layer(middleware::from_fn_with_state(
+            app.clone(),
+            crate::idempotency::idempotency,
+        ))
         .layer(middleware::from_fn_with_state(
             app.clone(),
             crate::limit::rate_limit,

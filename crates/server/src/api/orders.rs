@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use agora_core::CoreCommand;
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::response::Response;
 use book::{Event, MarketId, MarketSpec, ModifyOrder, PaymentMethods, PlaceOrder, TimeInForce};
 use serde::{Deserialize, Serialize};
@@ -18,6 +18,7 @@ use super::market::{find_market, page_limit};
 use crate::app::App;
 use crate::auth::Caller;
 use crate::error::{ApiError, Body, ErrorBody};
+use crate::idempotency::ChosenOrderId;
 use crate::wire::{self, OrderTypeName, SideName, StpName, TifName, price_text, qty_text};
 
 /// Payment methods one order may name.
@@ -67,6 +68,9 @@ pub struct PlaceRequest {
     pub max_fill: Option<String>,
     /// Self-trade prevention (default: the market's).
     pub stp: Option<StpName>,
+    /// The client's own id for this order: used as the request's idempotency key when no
+    /// `Idempotency-Key` header is sent (1 to 128 printable characters).
+    pub client_order_id: Option<String>,
 }
 
 /// An order as the API shows it.
@@ -115,6 +119,38 @@ pub struct Placed {
     pub fills: Vec<FillView>,
     /// Journal sequence number of the command.
     pub seq: u64,
+    /// The client's id, as sent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_order_id: Option<String>,
+    /// True when this answer was rebuilt after a restart from the journal, for a keyed
+    /// placement whose first answer was lost: the order is as it is now, its fills are not
+    /// repeated.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub recovered: bool,
+}
+
+/// The answer to a keyed placement whose first answer was lost in a crash, rebuilt from the
+/// read models; `None` when the order was never journaled.
+pub async fn recovered_placement(app: &App, order_id: u64) -> Result<Option<Vec<u8>>, ApiError> {
+    app.caught_up().await?;
+    let Some(row) = app.store.order_by_id(order_id).await? else {
+        return Ok(None);
+    };
+    let market = MarketId(row.market);
+    let spec = app
+        .read(move |state| state.engine().market_spec(market).cloned())
+        .await?
+        .ok_or_else(|| ApiError::internal("an order's market is gone"))?;
+    let answer = Placed {
+        order: order_view(&row, &spec),
+        fills: Vec::new(),
+        seq: row.accepted_seq,
+        client_order_id: None,
+        recovered: true,
+    };
+    serde_json::to_vec(&answer)
+        .map(Some)
+        .map_err(ApiError::internal)
 }
 
 fn opt_qty(
@@ -149,6 +185,7 @@ fn opt_price(
 async fn place(
     State(app): State<Arc<App>>,
     caller: Caller,
+    chosen: Option<Extension<ChosenOrderId>>,
     Body(request): Body<PlaceRequest>,
 ) -> Result<Response, ApiError> {
     let (market, spec) = find_market(&app, &request.market).await?;
@@ -180,7 +217,10 @@ async fn place(
         None if order_type.is_market_like() => TimeInForce::Ioc,
         None => TimeInForce::Gtc,
     };
-    let id = app.next_order_id();
+    let id = match chosen {
+        Some(Extension(ChosenOrderId(id))) => id,
+        None => app.next_order_id(),
+    };
     let place = PlaceOrder {
         market,
         id,
@@ -250,6 +290,8 @@ async fn place(
         },
         fills,
         seq: ack.seq,
+        client_order_id: request.client_order_id,
+        recovered: false,
     }))
 }
 
@@ -399,6 +441,7 @@ async fn cancel(
     Path(id): Path<u64>,
 ) -> Result<Json<Cancelled>, ApiError> {
     let (row, _) = own_order(&app, &caller, id).await?;
+    let _busy = app.in_flight.object("order", id)?;
     let ack = app
         .submit(CoreCommand::Cancel {
             market: MarketId(row.market),
@@ -467,6 +510,7 @@ async fn modify(
         ));
     }
     let (row, spec) = own_order(&app, &caller, id).await?;
+    let _busy = app.in_flight.object("order", id)?;
     let modify = ModifyOrder {
         market: MarketId(row.market),
         id,

@@ -280,3 +280,264 @@ async fn state_survives_a_restart() {
     assert!(next["order"]["id"].as_u64().unwrap() > id);
     h.stop().await;
 }
+
+async fn keyed(
+    h: &crate::Harness,
+    token: &str,
+    key: Option<&str>,
+    body: &str,
+) -> (StatusCode, Option<String>, serde_json::Value) {
+    let mut request = h
+        .client
+        .post(format!("{}/api/v1/orders", h.base))
+        .bearer_auth(token)
+        .header("content-type", "application/json")
+        .body(body.to_string());
+    if let Some(key) = key {
+        request = request.header("idempotency-key", key);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status();
+    let replayed = response
+        .headers()
+        .get("idempotent-replayed")
+        .map(|v| v.to_str().unwrap().to_string());
+    (status, replayed, response.json().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_keys_give_one_answer_per_request() {
+    for h in harnesses("idempotency").await {
+        let admin = h.admin().await;
+        h.market(&admin).await;
+        let (alice, token) = h.user(&admin, "alice").await;
+        h.deposit(&admin, alice, "BTC", "1").await;
+        let body = r#"{"market":"BTC-USDT","side":"sell","price":"100","qty":"0.1"}"#;
+
+        let (status, replayed, first) = keyed(&h, &token, Some("k-1"), body).await;
+        assert_eq!((status, replayed), (StatusCode::CREATED, None), "{first}");
+        let (status, replayed, again) = keyed(&h, &token, Some("k-1"), body).await;
+        assert_eq!(
+            (status, replayed.as_deref()),
+            (StatusCode::CREATED, Some("true"))
+        );
+        assert_eq!(again, first, "the stored answer, byte for byte");
+        // Another body under the same key is refused and places nothing.
+        let other = r#"{"market":"BTC-USDT","side":"sell","price":"100","qty":"0.2"}"#;
+        let (status, _, refused) = keyed(&h, &token, Some("k-1"), other).await;
+        assert_eq!(status, StatusCode::CONFLICT);
+        assert_eq!(refused["error"]["code"], "IDEMPOTENCY_KEY_REUSED");
+        // A refusal is an answer too: the same bad request gets the same 422 again.
+        let bad = r#"{"market":"BTC-USDT","side":"sell","price":"100","qty":"7"}"#;
+        let (status, _, first_bad) = keyed(&h, &token, Some("k-2"), bad).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+        let (status, replayed, again_bad) = keyed(&h, &token, Some("k-2"), bad).await;
+        assert_eq!(
+            (status, replayed.as_deref(), &again_bad),
+            (StatusCode::UNPROCESSABLE_ENTITY, Some("true"), &first_bad)
+        );
+        // A client order id is a key of its own.
+        let with_id = r#"{"market":"BTC-USDT","side":"sell","price":"100","qty":"0.1","client_order_id":"bot-7"}"#;
+        let (_, _, placed) = keyed(&h, &token, None, with_id).await;
+        assert_eq!(placed["client_order_id"], "bot-7");
+        let (_, replayed, same) = keyed(&h, &token, None, with_id).await;
+        assert_eq!((replayed.as_deref(), &same), (Some("true"), &placed));
+        // Keys are per user: Bob's "k-1" is his own.
+        let (bob, bob_token) = h.user(&admin, "bob").await;
+        h.deposit(&admin, bob, "BTC", "1").await;
+        let (status, replayed, bobs) = keyed(&h, &bob_token, Some("k-1"), body).await;
+        assert_eq!((status, replayed), (StatusCode::CREATED, None));
+        assert_ne!(bobs["order"]["id"], first["order"]["id"]);
+
+        // Twelve copies at once: every answer is the one order (given or given again) or
+        // "in flight", and exactly one order is placed.
+        let concurrent = r#"{"market":"BTC-USDT","side":"sell","price":"101","qty":"0.1"}"#;
+        let sends: Vec<_> = (0..12)
+            .map(|_| {
+                let request = h
+                    .client
+                    .post(format!("{}/api/v1/orders", h.base))
+                    .bearer_auth(&token)
+                    .header("content-type", "application/json")
+                    .header("idempotency-key", "k-burst")
+                    .body(concurrent);
+                tokio::spawn(async move {
+                    let response = request.send().await.unwrap();
+                    let status = response.status();
+                    (status, response.json::<serde_json::Value>().await.unwrap())
+                })
+            })
+            .collect();
+        let mut ids = std::collections::BTreeSet::new();
+        for send in sends {
+            let (status, answer) = send.await.unwrap();
+            match status {
+                StatusCode::CREATED => {
+                    ids.insert(answer["order"]["id"].as_u64().unwrap());
+                }
+                StatusCode::CONFLICT => {
+                    assert_eq!(answer["error"]["code"], "IDEMPOTENCY_KEY_IN_FLIGHT")
+                }
+                other => panic!("{other}: {answer}"),
+            }
+        }
+        assert_eq!(ids.len(), 1, "{ids:?}");
+        let orders = h
+            .expect(
+                StatusCode::OK,
+                Method::GET,
+                "/api/v1/orders?status=open",
+                Some(&token),
+                None,
+            )
+            .await;
+        // k-1, bot-7 and k-burst: three orders, not fifteen.
+        assert_eq!(orders.as_array().unwrap().len(), 3, "{orders}");
+        assert_eq!(
+            balance(&h, &token, "BTC").await,
+            ("0.70000000".into(), "0.30000000".into())
+        );
+        h.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_placement_cut_short_by_a_crash_is_settled_on_retry() {
+    use sha2::{Digest, Sha256};
+    let h = crate::Harness::start("sqlite", None, None, |_| {}).await;
+    let admin = h.admin().await;
+    h.market(&admin).await;
+    let (alice, token) = h.user(&admin, "alice").await;
+    h.deposit(&admin, alice, "BTC", "1").await;
+    let store = h.server.as_ref().unwrap().app().store.clone();
+    let hash = |body: &str| -> [u8; 32] {
+        let mut hasher = Sha256::new();
+        hasher.update(format!("POST\n/api/v1/orders\n{body}").as_bytes());
+        hasher.finalize().into()
+    };
+    let now = 1_000;
+    let far = i64::MAX / 2;
+
+    // Journaled before the crash: the order exists; its key was left pending.
+    let body = r#"{"market":"BTC-USDT","side":"sell","price":"100","qty":"0.1"}"#;
+    let (_, _, placed) = keyed(&h, &token, None, body).await;
+    let id = placed["order"]["id"].as_u64().unwrap();
+    store
+        .idempotency_begin(alice, "lost-answer", &hash(body), Some(id), now, far)
+        .await
+        .unwrap();
+    let (status, replayed, recovered) = keyed(&h, &token, Some("lost-answer"), body).await;
+    assert_eq!(
+        (status, replayed.as_deref()),
+        (StatusCode::CREATED, Some("true")),
+        "{recovered}"
+    );
+    assert_eq!(recovered["order"]["id"], id);
+    assert_eq!(recovered["recovered"], true);
+
+    // Never journaled: the retry places it, under the id the key holds.
+    let body2 = r#"{"market":"BTC-USDT","side":"sell","price":"100","qty":"0.2"}"#;
+    let reserved = id + 1_000;
+    store
+        .idempotency_begin(
+            alice,
+            "never-sequenced",
+            &hash(body2),
+            Some(reserved),
+            now,
+            far,
+        )
+        .await
+        .unwrap();
+    let (status, replayed, placed2) = keyed(&h, &token, Some("never-sequenced"), body2).await;
+    assert_eq!((status, replayed), (StatusCode::CREATED, None), "{placed2}");
+    assert_eq!(placed2["order"]["id"], reserved);
+
+    // Any other command left pending cannot be settled: said so, nothing done.
+    let path = format!("/api/v1/orders/{id}");
+    let mut hasher = Sha256::new();
+    hasher.update(format!("DELETE\n{path}\n").as_bytes());
+    store
+        .idempotency_begin(
+            alice,
+            "lost-cancel",
+            &hasher.finalize().into(),
+            None,
+            now,
+            far,
+        )
+        .await
+        .unwrap();
+    let response = h
+        .client
+        .delete(format!("{}{path}", h.base))
+        .bearer_auth(&token)
+        .header("idempotency-key", "lost-cancel")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CONFLICT);
+    let answer: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(answer["error"]["code"], "IDEMPOTENCY_KEY_UNRESOLVED");
+    // 0.1 and 0.2 held: two orders, not three.
+    assert_eq!(
+        balance(&h, &token, "BTC").await,
+        ("0.70000000".into(), "0.30000000".into())
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_racing_on_one_order_are_answered_or_refused_with_409() {
+    let h = crate::Harness::start("sqlite", None, None, |_| {}).await;
+    let admin = h.admin().await;
+    h.market(&admin).await;
+    let (alice, token) = h.user(&admin, "alice").await;
+    h.deposit(&admin, alice, "BTC", "1").await;
+    let (_, _, placed) = keyed(
+        &h,
+        &token,
+        None,
+        r#"{"market":"BTC-USDT","side":"sell","price":"100","qty":"0.5"}"#,
+    )
+    .await;
+    let id = placed["order"]["id"].as_u64().unwrap();
+    let sends: Vec<_> = (0..10)
+        .map(|i| {
+            let request = h
+                .client
+                .patch(format!("{}/api/v1/orders/{id}", h.base))
+                .bearer_auth(&token)
+                .json(&json!({"qty": format!("0.{}", 1 + i % 4)}));
+            tokio::spawn(async move {
+                let response = request.send().await.unwrap();
+                let status = response.status();
+                (status, response.json::<serde_json::Value>().await.unwrap())
+            })
+        })
+        .collect();
+    for send in sends {
+        let (status, answer) = send.await.unwrap();
+        match status {
+            StatusCode::OK => {}
+            StatusCode::CONFLICT => assert_eq!(answer["error"]["code"], "CONFLICTING_COMMAND"),
+            other => panic!("{other}: {answer}"),
+        }
+    }
+    // Whatever won, the hold matches the order's open quantity.
+    let order = h
+        .expect(
+            StatusCode::OK,
+            Method::GET,
+            &format!("/api/v1/orders/{id}"),
+            Some(&token),
+            None,
+        )
+        .await;
+    let held = balance(&h, &token, "BTC").await.1;
+    assert_eq!(
+        format!("{}0000", order["remaining"].as_str().unwrap()),
+        held
+    );
+    h.stop().await;
+}
