@@ -31,8 +31,13 @@ struct OrderTrack {
     row: OrderRow,
 }
 
+/// Called with each command the projector writes, in journal order, after its batch's rows
+/// are committed: its sequence number, the command and what it did.
+pub type Listener = Box<dyn FnMut(u64, &CoreCommand, &Output) + Send>;
+
 /// Projects the journal into the read models.
 pub struct Projector {
+    listener: Option<Listener>,
     store: Arc<Store>,
     state: State,
     seq: u64,
@@ -123,6 +128,7 @@ impl Projector {
         let offset = store.projection_offset(PROJECTION).await?;
         let stored_head = store.audit_head().await?;
         let mut projector = Projector {
+            listener: None,
             store,
             state: State::new(),
             seq: 0,
@@ -140,6 +146,12 @@ impl Projector {
             }));
         }
         Ok(projector)
+    }
+
+    /// Tells `listener` about every command projected from now on (the feed of durable events
+    /// that the server's WebSocket subscriptions follow).
+    pub fn set_listener(&mut self, listener: Listener) {
+        self.listener = Some(listener);
     }
 
     /// The last command projected.
@@ -184,22 +196,33 @@ impl Projector {
                     last_seq: batch.last_seq(),
                     ..ProjectionBatch::default()
                 };
+                let tell = silent_until.is_none() && self.listener.is_some();
+                let mut outputs = Vec::with_capacity(if tell { commands.len() } else { 0 });
                 for command in &commands {
-                    self.project(command, &mut rows)?;
+                    let output = self.project(command, &mut rows)?;
+                    if tell {
+                        outputs.push(output);
+                    }
                 }
                 if silent_until.is_none() {
                     self.store.write_projection(PROJECTION, &rows).await?;
+                }
+                if let Some(listener) = self.listener.as_mut().filter(|_| tell) {
+                    for (offset, (command, output)) in commands.iter().zip(&outputs).enumerate() {
+                        listener(batch.first_seq + offset as u64, command, output);
+                    }
                 }
             }
         }
     }
 
-    /// Applies one journaled command to the private state and adds its rows.
+    /// Applies one journaled command to the private state and adds its rows; returns what the
+    /// command did.
     fn project(
         &mut self,
         command: &CoreCommand,
         rows: &mut ProjectionBatch,
-    ) -> Result<(), RecoveryError> {
+    ) -> Result<Output, RecoveryError> {
         self.seq += 1;
         let seq = self.seq;
         let mut out = Output::default();
@@ -362,6 +385,6 @@ impl Projector {
             hash,
         });
         self.audit_head = hash;
-        Ok(())
+        Ok(out)
     }
 }

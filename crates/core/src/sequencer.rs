@@ -250,7 +250,7 @@ pub async fn recover(
 }
 
 type Reply = oneshot::Sender<Result<Ack, SubmitError>>;
-type Query = Box<dyn FnOnce(&State) + Send>;
+type Query = Box<dyn FnOnce(u64, &State) + Send>;
 
 enum Request {
     Submit(CoreCommand, Reply),
@@ -342,9 +342,18 @@ impl Sequencer {
         &self,
         query: impl FnOnce(&State) -> R + Send + 'static,
     ) -> Result<R, SubmitError> {
+        self.read_at(move |_, state| query(state)).await
+    }
+
+    /// Like [`Sequencer::read`], with the sequence number of the last command the state has
+    /// applied (its batch may still be being written).
+    pub async fn read_at<R: Send + 'static>(
+        &self,
+        query: impl FnOnce(u64, &State) -> R + Send + 'static,
+    ) -> Result<R, SubmitError> {
         let (reply, answer) = oneshot::channel();
-        let query: Query = Box::new(move |state| {
-            let _ = reply.send(query(state));
+        let query: Query = Box::new(move |seq, state| {
+            let _ = reply.send(query(seq, state));
         });
         self.requests
             .send(Request::Read(query))
@@ -450,7 +459,7 @@ fn handle(
         // A stopped sequencer's state is ahead of its journal: drop the query unanswered.
         Request::Read(query) => {
             if status.stopped().is_none() {
-                query(state);
+                query(*seq, state);
             }
         }
         Request::Submit(command, reply) => {

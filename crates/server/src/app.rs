@@ -50,6 +50,10 @@ pub struct App {
     last_acked: AtomicU64,
     projector_wake: Notify,
     projected: watch::Receiver<u64>,
+    /// Set when the server begins to shut down: long-lived connections end.
+    pub closing: watch::Sender<bool>,
+    /// Durable events in journal order, for WebSocket subscribers.
+    pub feed: crate::ws::Feed,
     /// Idempotency keys and objects with a command in flight.
     pub in_flight: crate::idempotency::InFlight,
     /// Rate limits per address and per user.
@@ -173,6 +177,8 @@ impl App {
             queue: queue::Queue::new(store.clone()),
             rate_limits: crate::limit::RateLimits::new(&config.limits),
             in_flight: Default::default(),
+            closing: watch::channel(false).0,
+            feed: tokio::sync::broadcast::channel(crate::ws::limits::FEED_BATCHES).0,
             config,
             store,
             sequencer,
@@ -304,6 +310,27 @@ async fn project_loop(
     projected: watch::Sender<u64>,
     mut stopped: watch::Receiver<bool>,
 ) {
+    let feed = app.feed.clone();
+    projector.set_listener(Box::new(move |seq, _command, output| {
+        if feed.receiver_count() == 0 {
+            return;
+        }
+        let mut balance_users: Vec<u64> = output
+            .postings
+            .iter()
+            .filter_map(|p| match p.owner {
+                ledger::Owner::User(user) => Some(user),
+                ledger::Owner::Fees => None,
+            })
+            .collect();
+        balance_users.sort_unstable();
+        balance_users.dedup();
+        let _ = feed.send(Arc::new(crate::ws::Published {
+            seq,
+            events: output.events.clone(),
+            balance_users,
+        }));
+    }));
     loop {
         if *stopped.borrow() {
             return;

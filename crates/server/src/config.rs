@@ -69,6 +69,10 @@ pub struct LimitsConfig {
     pub user_requests_per_s: u32,
     /// Requests one user may make in a burst above its rate.
     pub user_burst: u32,
+    /// Messages queued for one WebSocket client; a client that lets it fill is disconnected.
+    pub ws_send_buffer_messages: usize,
+    /// Messages one WebSocket client may send in a minute.
+    pub ws_messages_per_minute: u32,
 }
 
 impl Default for Config {
@@ -110,6 +114,8 @@ impl Default for LimitsConfig {
             ip_burst: 4_000,
             user_requests_per_s: 1_000,
             user_burst: 2_000,
+            ws_send_buffer_messages: 1_024,
+            ws_messages_per_minute: crate::ws::limits::MESSAGES_PER_MINUTE,
         }
     }
 }
@@ -196,6 +202,12 @@ impl Config {
             "AGORA_IP_BURST" => self.limits.ip_burst = number(name, &value)?,
             "AGORA_USER_REQUESTS_PER_S" => self.limits.user_requests_per_s = number(name, &value)?,
             "AGORA_USER_BURST" => self.limits.user_burst = number(name, &value)?,
+            "AGORA_WS_SEND_BUFFER_MESSAGES" => {
+                self.limits.ws_send_buffer_messages = number(name, &value)?
+            }
+            "AGORA_WS_MESSAGES_PER_MINUTE" => {
+                self.limits.ws_messages_per_minute = number(name, &value)?
+            }
             "AGORA_CLOCK_TICK_MS" => self.clock_tick_ms = number(name, &value)?,
             "AGORA_IDEMPOTENCY_TTL_S" => self.idempotency_ttl_s = number(name, &value)?,
             _ => {}
@@ -257,6 +269,12 @@ impl Config {
                     "must be at least 1 when the rate is set",
                 );
             }
+        }
+        if !(1..=1_000_000).contains(&self.limits.ws_send_buffer_messages) {
+            return invalid("limits.ws_send_buffer_messages", "must be 1 to 1,000,000");
+        }
+        if self.limits.ws_messages_per_minute == 0 {
+            return invalid("limits.ws_messages_per_minute", "must be at least 1");
         }
         if !(10..=60_000).contains(&self.clock_tick_ms) {
             return invalid("clock_tick_ms", "must be 10 ms to 60 s");

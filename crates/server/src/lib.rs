@@ -23,6 +23,7 @@ pub mod error;
 pub mod idempotency;
 pub mod limit;
 pub mod wire;
+pub mod ws;
 
 pub use app::{App, CreatedAdmin};
 pub use config::Config;
@@ -76,6 +77,9 @@ impl Server {
 
     /// Stops listening, waits for requests in flight, then flushes the core.
     pub async fn shutdown(self) -> anyhow::Result<()> {
+        // WebSocket connections close themselves (1001) when told; then the server waits
+        // for the requests in flight.
+        self.app.closing.send_replace(true);
         let _ = self.stop.send(());
         self.serving.await??;
         self.background.stop(self.app).await;

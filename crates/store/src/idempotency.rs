@@ -85,7 +85,8 @@ impl Store {
             "DELETE FROM idempotency_keys WHERE user_id = $1 AND key = $2 AND expires_ms <= $3";
         let insert = "INSERT INTO idempotency_keys (user_id, key, request_hash, order_id, created_ms, expires_ms) \
                       VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (user_id, key) DO NOTHING";
-        let select = format!("SELECT {COLUMNS} FROM idempotency_keys WHERE user_id = $1 AND key = $2");
+        let select =
+            format!("SELECT {COLUMNS} FROM idempotency_keys WHERE user_id = $1 AND key = $2");
         macro_rules! run {
             ($pool:expr) => {{
                 let mut tx = $pool.begin().await?;

@@ -277,24 +277,26 @@ async fn balances(
     State(app): State<Arc<App>>,
     caller: Caller,
 ) -> Result<Json<Vec<BalanceView>>, ApiError> {
-    let user = caller.user;
-    let views = app
-        .read(move |state| {
-            let ledger = state.ledger();
-            ledger
-                .assets()
-                .map(|(id, asset)| {
-                    let balance = ledger.balance(Owner::User(user), id);
-                    BalanceView {
-                        asset: asset.symbol.clone(),
-                        available: from_units(balance.available, asset.decimals),
-                        held: from_units(balance.held, asset.decimals),
-                    }
-                })
-                .collect()
-        })
-        .await?;
-    Ok(Json(views))
+    balances_of(&app, caller.user).await.map(Json)
+}
+
+/// A user's balance in every asset.
+pub async fn balances_of(app: &App, user: u64) -> Result<Vec<BalanceView>, ApiError> {
+    app.read(move |state| {
+        let ledger = state.ledger();
+        ledger
+            .assets()
+            .map(|(id, asset)| {
+                let balance = ledger.balance(Owner::User(user), id);
+                BalanceView {
+                    asset: asset.symbol.clone(),
+                    available: from_units(balance.available, asset.decimals),
+                    held: from_units(balance.held, asset.decimals),
+                }
+            })
+            .collect()
+    })
+    .await
 }
 
 #[cfg(test)]

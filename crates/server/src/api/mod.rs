@@ -32,7 +32,9 @@ mod market;
 mod ops;
 mod orders;
 
-pub use orders::recovered_placement;
+pub use account::balances_of;
+pub use market::find_market;
+pub use orders::{recovered_placement, ws_command};
 mod queue;
 
 /// Shared state of the handlers.
@@ -88,6 +90,7 @@ pub fn routes() -> (Router<Arc<App>>, utoipa::openapi::OpenApi) {
         .merge(orders::routes())
         .merge(admin::routes())
         .merge(queue::routes())
+        .routes(utoipa_axum::routes!(crate::ws::upgrade))
         .split_for_parts()
 }
 
@@ -164,7 +167,7 @@ async fn observe(mut request: Request, next: Next) -> Response {
     if let Ok(value) = HeaderValue::from_str(&id) {
         request.headers_mut().insert(REQUEST_ID_HEADER, value);
     }
-    let mut response = next.run(request).await;
+    let mut response = plain_errors_as_json(next.run(request).await).await;
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
     let labels = [
@@ -187,6 +190,33 @@ async fn observe(mut request: Request, next: Next) -> Response {
         response.headers_mut().insert(REQUEST_ID_HEADER, value);
     }
     response
+}
+
+/// The framework's own refusals (a path or query parameter that does not parse, a method
+/// the route does not have) come as plain text or empty; they get the API's error body too.
+async fn plain_errors_as_json(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !status.is_client_error() || is_json {
+        return response;
+    }
+    let text = axum::body::to_bytes(response.into_body(), 64 * 1024)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let (code, message) = match status {
+        axum::http::StatusCode::METHOD_NOT_ALLOWED => (
+            "METHOD_NOT_ALLOWED",
+            "this route does not take this method".to_string(),
+        ),
+        _ if text.is_empty() => ("BAD_REQUEST", "the request was refused".to_string()),
+        _ => ("INVALID_PARAMETER", text),
+    };
+    ApiError::new(status, code, message).into_response()
 }
 
 /// Puts the caller into the request: a session token, or a signed request (whose body is

@@ -666,3 +666,53 @@ async fn my_trades(
     }
     Ok(Json(trades))
 }
+
+/// An order command arriving over the WebSocket, run by the same handler as its REST twin;
+/// answers the status and body that route would give.
+pub async fn ws_command(
+    app: &Arc<App>,
+    caller: Caller,
+    op: &str,
+    args: serde_json::Value,
+) -> Result<(u16, serde_json::Value), ApiError> {
+    let id = || {
+        args.get("id")
+            .and_then(serde_json::Value::as_u64)
+            .ok_or_else(|| ApiError::invalid("INVALID_FIELD", "id", "id must be an order id"))
+    };
+    let response = match op {
+        "place" => {
+            let bytes = serde_json::to_vec(&args).map_err(ApiError::internal)?;
+            let request = crate::error::parse_json(&bytes)?;
+            place(State(app.clone()), caller, None, Body(request)).await?
+        }
+        "cancel" => {
+            let answer = cancel(State(app.clone()), caller, Path(id()?)).await?;
+            axum::response::IntoResponse::into_response(answer)
+        }
+        "modify" => {
+            let id = id()?;
+            let mut fields = args.clone();
+            if let Some(map) = fields.as_object_mut() {
+                map.remove("id");
+            }
+            let bytes = serde_json::to_vec(&fields).map_err(ApiError::internal)?;
+            let request = crate::error::parse_json(&bytes)?;
+            let answer = modify(State(app.clone()), caller, Path(id), Body(request)).await?;
+            axum::response::IntoResponse::into_response(answer)
+        }
+        _ => {
+            return Err(ApiError::invalid(
+                "INVALID_FIELD",
+                "op",
+                "op must be place, cancel or modify",
+            ));
+        }
+    };
+    let status = response.status().as_u16();
+    let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+        .await
+        .map_err(ApiError::internal)?;
+    let body = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+    Ok((status, body))
+}

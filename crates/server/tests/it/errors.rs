@@ -247,15 +247,22 @@ async fn bad_requests_get_4xx_with_the_field_named() {
             (status, answer["error"]["field"].as_str()),
             (StatusCode::UNPROCESSABLE_ENTITY, Some("levels"))
         );
-        let (status, answer) = h
-            .call(
-                Method::GET,
-                "/api/v1/markets/BTC-USDT/depth?levels=abc",
-                None,
-                None,
-            )
-            .await;
-        assert!(status.is_client_error(), "{status} {answer}");
+        // The framework's own refusals get the error body too.
+        for (method, path) in [
+            (Method::GET, "/api/v1/markets/BTC-USDT/depth?levels=abc"),
+            (Method::GET, "/api/v1/orders/not-a-number"),
+            (Method::PUT, "/api/v1/orders"),
+        ] {
+            let (status, answer) = h.call(method.clone(), path, Some(&token), None).await;
+            assert!(
+                status.is_client_error(),
+                "{method} {path}: {status} {answer}"
+            );
+            assert!(
+                answer["error"]["code"].is_string(),
+                "{method} {path}: {answer}"
+            );
+        }
         h.stop().await;
     }
 }

@@ -11,7 +11,9 @@ use server::{Config, Server};
 mod auth;
 mod errors;
 mod openapi;
+mod queue;
 mod trading;
+mod ws;
 
 /// The session-signing secret of every test server, so that tests can forge tokens.
 pub const JWT_SECRET: &str = "a-session-secret-for-tests-only-0123456789";

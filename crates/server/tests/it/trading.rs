@@ -521,6 +521,10 @@ async fn commands_racing_on_one_order_are_answered_or_refused_with_409() {
         match status {
             StatusCode::OK => {}
             StatusCode::CONFLICT => assert_eq!(answer["error"]["code"], "CONFLICTING_COMMAND"),
+            // A modify to the quantity an earlier one already set changes nothing: refused.
+            StatusCode::UNPROCESSABLE_ENTITY => {
+                assert_eq!(answer["error"]["code"], "INVALID_MODIFY")
+            }
             other => panic!("{other}: {answer}"),
         }
     }
