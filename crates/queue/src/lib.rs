@@ -1180,6 +1180,23 @@ impl Queue {
         Ok(retry)
     }
 
+    /// Like [`Queue::fail`], for a worker that holds only the job's id and lease (a worker in
+    /// another process): the claim is read back from the store. Refused with
+    /// [`QueueError::LeaseLost`] unless the job is active under `lease`.
+    pub async fn fail_leased(
+        &self,
+        id: i64,
+        lease: i64,
+        error: JobError,
+    ) -> Result<bool, QueueError> {
+        let claimed = self
+            .store
+            .leased_job(id, lease)
+            .await?
+            .ok_or(QueueError::LeaseLost(id))?;
+        self.fail(&to_job(claimed), error).await
+    }
+
     /// Gives a claimed job back unfinished, its attempt not counted (a worker shutting down).
     pub async fn release(&self, id: i64, lease: i64) -> Result<(), QueueError> {
         if self.store.release_job(id, lease, self.now_ms()).await? {

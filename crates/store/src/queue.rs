@@ -1205,6 +1205,24 @@ impl Store {
         Ok(done)
     }
 
+    /// An active job as claimed under `lease`, if that is still its lease.
+    pub async fn leased_job(&self, id: i64, lease: i64) -> Result<Option<ClaimedJob>, StoreError> {
+        let sql = format!(
+            "SELECT {CLAIMED_COLUMNS} FROM jobs WHERE id = $1 AND state = 'active' AND lease = $2"
+        );
+        let job = on_pool!(self, pool => {
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(id)
+                .bind(lease)
+                .fetch_optional(pool)
+                .await?
+                .as_ref()
+                .map(decode_claimed)
+                .transpose()?
+        });
+        Ok(job)
+    }
+
     /// Active jobs whose lease ended before `now_ms` (their worker stopped reporting).
     pub async fn expired_leases(
         &self,

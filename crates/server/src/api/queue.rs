@@ -10,25 +10,22 @@
 //! own payload bound (256 KiB encoded) is 422 `payload` and is reached only when the body limit
 //! is raised above it.
 //!
-//! `Queue::fail` needs the claimed `Job` (its backoff and jitter are private to the queue
-//! crate), which a remote worker cannot send back. So this module keeps, per server, the jobs
-//! it handed out (without their payloads) until they are reported; a failure reported for a
-//! lease another server or an earlier run of this one handed out is answered 503
-//! `LEASE_NOT_HELD_HERE`. Fetching also sweeps for stalled jobs now and then
+//! A failure report carries only the job's id and lease; `Queue::fail_leased` reads the claim
+//! back from the store, so any server can record it, before or after a restart. Fetching also
+//! sweeps for stalled jobs now and then
 //! (`Queue::recover_stalled`), since a remote worker that dies leaves its jobs active and no
 //! in-process worker may be running to recover them.
 
-use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, Mutex};
 
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use queue::{
-    Backoff, DeadFilter, Dedup, ErrorCategory, Job, JobError, JobOptions, JobRetention, JobRow,
-    JobSpec, QueueError, Strategy,
+    Backoff, DeadFilter, Dedup, ErrorCategory, JobError, JobOptions, JobRetention, JobRow, JobSpec,
+    QueueError, Strategy,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -54,10 +51,6 @@ pub const SUMMARY_WINDOW_MS_DEFAULT: i64 = 3600 * 1000;
 pub const FETCH_JOBS_DEFAULT: usize = 1;
 /// A lease's length unless a fetch or heartbeat says otherwise: 30 s.
 pub const LEASE_MS_DEFAULT: u64 = 30_000;
-/// Claims this server remembers for failure reports at once. It is checked before each
-/// claim, so concurrent fetches may pass it by at most one claim each; a fetch that finds it
-/// full (after forgetting expired leases) is refused with 503 `OVERLOADED`.
-pub const LEASED_JOBS_MAX: usize = 100_000;
 /// How often fetching sweeps for stalled jobs at most.
 pub const STALLED_CHECK_MS: i64 = 1_000;
 
@@ -79,8 +72,8 @@ pub(super) fn routes() -> OpenApiRouter<Arc<App>> {
         .routes(routes!(complete))
         .routes(routes!(fail))
         .routes(routes!(release))
-        // One table per router, so per server.
-        .layer(Extension(Arc::new(Leases::default())))
+        // One sweep clock per router, so per server.
+        .layer(Extension(Arc::new(Sweep::default())))
 }
 
 /// The HTTP form of a queue refusal: the queue's own code, and the field it names.
@@ -121,58 +114,16 @@ async fn queue_paused(app: &App, name: &str) -> Result<bool, ApiError> {
         .ok_or_else(|| queue_error(QueueError::UnknownQueue(name.to_string())))
 }
 
-/// The jobs this server handed out, by id (each with the lease of its latest claim here), so
-/// that a failure report can be given to `Queue::fail`; and the stalled-job sweep's clock.
+/// When fetching last started the stalled-job sweep.
 #[derive(Default)]
-struct Leases {
-    jobs: Mutex<HashMap<i64, Job>>,
+struct Sweep {
     /// When the last sweep started, ms since the epoch.
     swept_ms: AtomicI64,
     /// A sweep is running.
     sweeping: AtomicBool,
 }
 
-impl Leases {
-    fn table(&self) -> std::sync::MutexGuard<'_, HashMap<i64, Job>> {
-        self.jobs.lock().expect("lease table lock")
-    }
-
-    /// Whether `wanted` more claims fit, after forgetting leases that ended before `now_ms`.
-    fn room_for(&self, wanted: usize, now_ms: i64) -> bool {
-        let mut jobs = self.table();
-        if jobs.len().saturating_add(wanted) > LEASED_JOBS_MAX {
-            jobs.retain(|_, job| job.lease_until_ms >= now_ms);
-        }
-        jobs.len().saturating_add(wanted) <= LEASED_JOBS_MAX
-    }
-
-    /// Remembers a claim; its payload is not needed for a report and is not kept.
-    fn hold(&self, job: Job) {
-        self.table().insert(job.id, job);
-    }
-
-    /// The job as claimed under `lease`, if this server handed that lease out.
-    fn get(&self, id: i64, lease: i64) -> Option<Job> {
-        self.table()
-            .get(&id)
-            .filter(|job| job.lease == lease)
-            .cloned()
-    }
-
-    fn extend(&self, id: i64, lease: i64, until_ms: i64) {
-        if let Some(job) = self.table().get_mut(&id).filter(|job| job.lease == lease) {
-            job.lease_until_ms = until_ms;
-        }
-    }
-
-    /// Forgets a claim that ended (or whose lease turned out stale).
-    fn forget(&self, id: i64, lease: i64) {
-        let mut jobs = self.table();
-        if jobs.get(&id).is_some_and(|job| job.lease == lease) {
-            jobs.remove(&id);
-        }
-    }
-
+impl Sweep {
     /// Starts a sweep for stalled jobs when none ran for [`STALLED_CHECK_MS`]. It runs beside
     /// the request, so a fetch never waits for it.
     fn sweep_if_due(self: &Arc<Self>, queue: &queue::Queue) {
@@ -183,17 +134,14 @@ impl Leases {
             return;
         }
         self.swept_ms.store(now, Ordering::Relaxed);
-        let (leases, queue) = (self.clone(), queue.clone());
+        let (sweep, queue) = (self.clone(), queue.clone());
         tokio::spawn(async move {
             match queue.recover_stalled().await {
                 Ok(0) => {}
                 Ok(recovered) => tracing::info!(recovered, "stalled jobs recovered"),
                 Err(error) => tracing::warn!(%error, "recovering stalled jobs failed"),
             }
-            leases
-                .table()
-                .retain(|_, job| job.lease_until_ms >= queue.now_ms());
-            leases.sweeping.store(false, Ordering::Release);
+            sweep.sweeping.store(false, Ordering::Release);
         });
     }
 }
@@ -915,30 +863,21 @@ pub struct Fetched {
         (status = 403, description = "Not an operator", body = ErrorBody),
         (status = 404, description = "No such queue", body = ErrorBody),
         (status = 422, description = "A field breaks its rule", body = ErrorBody),
-        (status = 503, description = "The server holds too many leases (OVERLOADED)", body = ErrorBody),
     ))]
 async fn fetch(
     State(app): State<Arc<App>>,
-    Extension(leases): Extension<Arc<Leases>>,
+    Extension(sweep): Extension<Arc<Sweep>>,
     caller: Caller,
     Path(queue): Path<String>,
     Body(request): Body<FetchRequest>,
 ) -> Result<Json<Fetched>, ApiError> {
     caller.require(Role::Operator)?;
-    leases.sweep_if_due(&app.queue);
+    sweep.sweep_if_due(&app.queue);
     let max_jobs = request.max_jobs.unwrap_or(FETCH_JOBS_DEFAULT);
     let lease_ms = request.lease_ms.unwrap_or(LEASE_MS_DEFAULT);
     let worker = request
         .worker
         .unwrap_or_else(|| format!("user:{}", caller.user));
-    // A count the queue will refuse is not counted against the table: the queue names it.
-    let wanted = max_jobs.min(queue::limits::CLAIM_JOBS_MAX);
-    if !leases.room_for(wanted, app.queue.now_ms()) {
-        return Err(ApiError::unavailable(
-            "OVERLOADED",
-            "the server holds too many unreported leases; retry shortly",
-        ));
-    }
     let claimed = app
         .queue
         .claim(&queue, max_jobs, &worker, lease_ms)
@@ -973,7 +912,6 @@ async fn fetch(
             timeout_ms: job.timeout_ms,
             lease_until_ms: job.lease_until_ms,
         });
-        leases.hold(job);
     }
     Ok(Json(Fetched { jobs, paused }))
 }
@@ -1002,19 +940,14 @@ pub struct HeartbeatRequest {
     ))]
 async fn heartbeat(
     State(app): State<Arc<App>>,
-    Extension(leases): Extension<Arc<Leases>>,
     caller: Caller,
     Path(id): Path<i64>,
     Body(report): Body<HeartbeatRequest>,
 ) -> Result<StatusCode, ApiError> {
     caller.require(Role::Operator)?;
     let lease_ms = report.lease_ms.unwrap_or(LEASE_MS_DEFAULT);
-    let now = app.queue.now_ms();
     match app.queue.heartbeat(id, report.lease, lease_ms).await {
-        Ok(()) => {
-            leases.extend(id, report.lease, now.saturating_add(lease_ms as i64));
-            Ok(StatusCode::NO_CONTENT)
-        }
+        Ok(()) => Ok(StatusCode::NO_CONTENT),
         Err(error) => Err(refused(&app, id, error).await),
     }
 }
@@ -1078,7 +1011,6 @@ pub struct CompleteRequest {
     ))]
 async fn complete(
     State(app): State<Arc<App>>,
-    Extension(leases): Extension<Arc<Leases>>,
     caller: Caller,
     Path(id): Path<i64>,
     Body(report): Body<CompleteRequest>,
@@ -1089,16 +1021,8 @@ async fn complete(
         .complete(id, report.lease, report.result.as_ref())
         .await
     {
-        Ok(()) => {
-            leases.forget(id, report.lease);
-            Ok(StatusCode::NO_CONTENT)
-        }
-        Err(error) => {
-            if matches!(error, QueueError::LeaseLost(_)) {
-                leases.forget(id, report.lease);
-            }
-            Err(refused(&app, id, error).await)
-        }
+        Ok(()) => Ok(StatusCode::NO_CONTENT),
+        Err(error) => Err(refused(&app, id, error).await),
     }
 }
 
@@ -1190,54 +1114,22 @@ pub struct Failed {
         (status = 404, description = "No such job", body = ErrorBody),
         (status = 409, description = "The job is not held under this lease (LEASE_LOST): nothing changed", body = ErrorBody),
         (status = 422, description = "A field breaks its rule", body = ErrorBody),
-        (status = 503, description = "Another server, or this one before a restart, handed out this lease (LEASE_NOT_HELD_HERE): nothing changed", body = ErrorBody),
     ))]
 async fn fail(
     State(app): State<Arc<App>>,
-    Extension(leases): Extension<Arc<Leases>>,
     caller: Caller,
     Path(id): Path<i64>,
     Body(report): Body<FailRequest>,
 ) -> Result<Json<Failed>, ApiError> {
     caller.require(Role::Operator)?;
-    let Some(job) = leases.get(id, report.lease) else {
-        return Err(not_held(&app, id, report.lease).await);
-    };
     let error = JobError {
         category: report.category.into(),
         message: report.message,
         strategy: report.strategy.map(Into::into),
     };
-    match app.queue.fail(&job, error).await {
-        Ok(will_retry) => {
-            leases.forget(id, report.lease);
-            Ok(Json(Failed { will_retry }))
-        }
-        Err(error) => {
-            if matches!(error, QueueError::LeaseLost(_)) {
-                leases.forget(id, report.lease);
-            }
-            Err(refused(&app, id, error).await)
-        }
-    }
-}
-
-/// Why a failure under a lease this server did not hand out cannot be recorded: no such job
-/// (404), a stale lease (409), or a live lease of another server or an earlier run (503).
-async fn not_held(app: &App, id: i64, lease: i64) -> ApiError {
-    match app.queue.job(id).await {
-        Err(error) => queue_error(error),
-        Ok(row) if row.state == "active" && row.lease == lease => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "LEASE_NOT_HELD_HERE",
-            format!(
-                "job {id}'s lease was handed out by another server or before this one restarted, \
-                 so its failure cannot be recorded here; complete or release it, or let the lease \
-                 end and it is retried as a timeout"
-            ),
-        )
-        .field("lease"),
-        Ok(_) => queue_error(QueueError::LeaseLost(id)),
+    match app.queue.fail_leased(id, report.lease, error).await {
+        Ok(will_retry) => Ok(Json(Failed { will_retry })),
+        Err(error) => Err(refused(&app, id, error).await),
     }
 }
 
@@ -1262,22 +1154,13 @@ pub struct ReleaseRequest {
     ))]
 async fn release(
     State(app): State<Arc<App>>,
-    Extension(leases): Extension<Arc<Leases>>,
     caller: Caller,
     Path(id): Path<i64>,
     Body(report): Body<ReleaseRequest>,
 ) -> Result<StatusCode, ApiError> {
     caller.require(Role::Operator)?;
     match app.queue.release(id, report.lease).await {
-        Ok(()) => {
-            leases.forget(id, report.lease);
-            Ok(StatusCode::NO_CONTENT)
-        }
-        Err(error) => {
-            if matches!(error, QueueError::LeaseLost(_)) {
-                leases.forget(id, report.lease);
-            }
-            Err(refused(&app, id, error).await)
-        }
+        Ok(()) => Ok(StatusCode::NO_CONTENT),
+        Err(error) => Err(refused(&app, id, error).await),
     }
 }
