@@ -74,6 +74,19 @@ enum BenchCommands {
         #[arg(long, env = "AGORA_BENCH_POSTGRES_URL")]
         postgres: Option<String>,
     },
+    /// Orders placed and cancelled over REST by many keep-alive connections, with latency
+    /// percentiles (see docs/performance.md).
+    Api {
+        /// Concurrent keep-alive connections.
+        #[arg(long, default_value_t = 256)]
+        connections: usize,
+        /// Seconds to run.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// SQLite durability: full or normal.
+        #[arg(long, default_value = "full")]
+        durability: String,
+    },
     /// The job queue end to end, adds and add-to-start latency on each backend, against
     /// BullMQ and graphile-worker in the same run (see docs/performance.md).
     Queue {
@@ -175,6 +188,21 @@ fn main() -> anyhow::Result<()> {
                 latency_run: std::time::Duration::from_secs(latency_seconds.max(1)),
                 snapshot_orders,
                 postgres_url: postgres,
+            }))?;
+        }
+        Commands::Bench {
+            command:
+                BenchCommands::Api {
+                    connections,
+                    seconds,
+                    durability,
+                },
+        } => {
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(cli::bench_api::run(cli::bench_api::ApiBenchOptions {
+                connections: connections.max(1),
+                duration: std::time::Duration::from_secs(seconds.max(1)),
+                durability,
             }))?;
         }
         Commands::Bench {

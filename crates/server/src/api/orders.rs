@@ -317,6 +317,27 @@ async fn own_order(
     Ok((row, spec))
 }
 
+/// The market and spec of one of the caller's live orders, from the core's state (no wait for
+/// the read models); 404 when the order is not live or is another user's.
+async fn own_live_order(
+    app: &App,
+    caller: &Caller,
+    id: u64,
+) -> Result<(MarketId, MarketSpec), ApiError> {
+    let user = caller.user;
+    app.read(move |state| {
+        let engine = state.engine();
+        engine.markets().find_map(|market| {
+            engine
+                .order(market, id)
+                .filter(|order| order.user == user)
+                .and_then(|_| Some((market, engine.market_spec(market)?.clone())))
+        })
+    })
+    .await?
+    .ok_or_else(|| ApiError::not_found("UNKNOWN_ORDER", "no such live order"))
+}
+
 fn order_view(row: &store::OrderRow, spec: &MarketSpec) -> OrderView {
     OrderView {
         id: row.order_id,
@@ -440,11 +461,11 @@ async fn cancel(
     caller: Caller,
     Path(id): Path<u64>,
 ) -> Result<Json<Cancelled>, ApiError> {
-    let (row, _) = own_order(&app, &caller, id).await?;
+    let (market, _) = own_live_order(&app, &caller, id).await?;
     let _busy = app.in_flight.object("order", id)?;
     let ack = app
         .submit(CoreCommand::Cancel {
-            market: MarketId(row.market),
+            market,
             id,
             user: caller.user,
         })
@@ -509,10 +530,10 @@ async fn modify(
             "give a new price, a new qty, or both",
         ));
     }
-    let (row, spec) = own_order(&app, &caller, id).await?;
+    let (market, spec) = own_live_order(&app, &caller, id).await?;
     let _busy = app.in_flight.object("order", id)?;
     let modify = ModifyOrder {
-        market: MarketId(row.market),
+        market,
         id,
         user: caller.user,
         price: opt_price(&spec, "price", &request.price)?,
