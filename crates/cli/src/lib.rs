@@ -6,3 +6,4 @@ pub mod bench_queue;
 pub mod journal;
 pub mod replay;
 pub mod serve;
+pub mod watch;

@@ -33,6 +33,22 @@ enum Commands {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
+    /// Print the messages of WebSocket channels of a running server, one JSON line each.
+    Watch {
+        /// Channels: book.MARKET, trades.MARKET, ticker.MARKET; with --token also orders,
+        /// fills and balances.
+        #[arg(required = true)]
+        channels: Vec<String>,
+        /// The server.
+        #[arg(long, env = "AGORA_SERVER", default_value = "http://127.0.0.1:8080")]
+        server: String,
+        /// A session token (from POST /api/v1/auth/login), for the private channels.
+        #[arg(long, env = "AGORA_TOKEN")]
+        token: Option<String>,
+        /// Stop after this many messages (0: until the server closes).
+        #[arg(long, default_value_t = 0)]
+        count: u64,
+    },
     /// The matching engine on its own.
     Book {
         #[command(subcommand)]
@@ -150,6 +166,23 @@ enum BookCommands {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Commands::Watch {
+            channels,
+            server,
+            token,
+            count,
+        } => {
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(cli::watch::run(
+                cli::watch::WatchOptions {
+                    server,
+                    token,
+                    channels,
+                    count,
+                },
+                io::stdout().lock(),
+            ))?;
+        }
         Commands::Serve {
             config,
             listen,

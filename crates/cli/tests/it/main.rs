@@ -306,3 +306,73 @@ fn the_core_benchmark_runs_end_to_end_on_a_small_load() {
         "{report}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_prints_a_books_snapshot_from_a_running_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = server::Config {
+        listen: "127.0.0.1:0".into(),
+        data_dir: dir.path().join("agora-data"),
+        durability: "normal".into(),
+        ..server::Config::default()
+    };
+    config.auth.admin_password = Some("watch-test-password".into());
+    let running = server::Server::start(config).await.unwrap();
+    let base = format!("http://{}", running.addr);
+    let client = reqwest::Client::new();
+    let login: Value = client
+        .post(format!("{base}/api/v1/auth/login"))
+        .json(&serde_json::json!({"username": "admin", "password": "watch-test-password"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = login["token"].as_str().unwrap();
+    for (path, body) in [
+        (
+            "assets",
+            serde_json::json!({"symbol": "BTC", "decimals": 8}),
+        ),
+        (
+            "assets",
+            serde_json::json!({"symbol": "USDT", "decimals": 6}),
+        ),
+        (
+            "markets",
+            serde_json::json!({"symbol": "BTC-USDT", "tick": "0.01", "lot": "0.0001"}),
+        ),
+    ] {
+        let response = client
+            .post(format!("{base}/api/v1/admin/{path}"))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201);
+    }
+    let mut out = Vec::new();
+    let printed = cli::watch::run(
+        cli::watch::WatchOptions {
+            server: base,
+            token: None,
+            channels: vec!["book.BTC-USDT".into()],
+            count: 2,
+        },
+        &mut out,
+    )
+    .await
+    .unwrap();
+    assert_eq!(printed, 2);
+    let lines: Vec<Value> = String::from_utf8(out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines[0]["type"], "subscribed");
+    assert_eq!(lines[1]["type"], "snapshot");
+    assert_eq!(lines[1]["channel"], "book.BTC-USDT");
+    running.shutdown().await.unwrap();
+}
