@@ -58,6 +58,9 @@ pub struct App {
     pub in_flight: crate::idempotency::InFlight,
     /// Rate limits per address and per user.
     pub rate_limits: crate::limit::RateLimits,
+    /// Every market's spec, by id. Specs never change once created, so this is filled from
+    /// the state on a miss and never invalidated.
+    markets: std::sync::RwLock<Vec<book::MarketSpec>>,
     /// Serializes the admin commands that choose ids from the state (assets).
     pub admin_lock: tokio::sync::Mutex<()>,
 }
@@ -189,6 +192,7 @@ impl App {
             projector_wake: Notify::new(),
             projected,
             admin_lock: tokio::sync::Mutex::new(()),
+            markets: std::sync::RwLock::new(Vec::new()),
         });
         let handles = vec![
             tokio::spawn(project_loop(
@@ -219,8 +223,7 @@ impl App {
     pub async fn submit(&self, command: CoreCommand) -> Result<Ack, ApiError> {
         match self.sequencer.submit(command).await {
             Ok(ack) => {
-                self.last_acked.fetch_max(ack.seq, Ordering::Relaxed);
-                self.projector_wake.notify_one();
+                self.acknowledged(ack.seq);
                 Ok(ack)
             }
             Err(SubmitError::Rejected(reason)) => Err(rejection(reason)),
@@ -231,6 +234,13 @@ impl App {
         }
     }
 
+    /// Notes an acknowledged command: reads wait for the read models to reach it, and the
+    /// projector is woken to get there.
+    fn acknowledged(&self, seq: u64) {
+        self.last_acked.fetch_max(seq, Ordering::Relaxed);
+        self.projector_wake.notify_one();
+    }
+
     /// Runs a query on the core's state.
     pub async fn read<R: Send + 'static>(
         &self,
@@ -239,6 +249,61 @@ impl App {
         self.sequencer.read(query).await.map_err(|e| {
             ApiError::unavailable("SEQUENCER_STOPPED", format!("the core is not running: {e}"))
         })
+    }
+
+    /// Reads every market's spec from the state into the cache.
+    async fn refresh_markets(&self) -> Result<Vec<book::MarketSpec>, ApiError> {
+        let specs = self
+            .read(|state| {
+                let engine = state.engine();
+                engine
+                    .markets()
+                    .filter_map(|m| engine.market_spec(m).cloned())
+                    .collect::<Vec<_>>()
+            })
+            .await?;
+        *self.markets.write().expect("market cache lock") = specs.clone();
+        Ok(specs)
+    }
+
+    /// The market with this symbol; 404 `UNKNOWN_MARKET` naming the field `market`.
+    pub async fn market_by_symbol(
+        &self,
+        symbol: &str,
+    ) -> Result<(book::MarketId, book::MarketSpec), ApiError> {
+        let find = |specs: &[book::MarketSpec]| {
+            specs
+                .iter()
+                .position(|s| s.symbol == symbol)
+                .map(|i| (book::MarketId(i as u32), specs[i].clone()))
+        };
+        if let Some(found) = find(&self.markets.read().expect("market cache lock")) {
+            return Ok(found);
+        }
+        find(&self.refresh_markets().await?)
+            .ok_or_else(|| ApiError::not_found("UNKNOWN_MARKET", "no such market").field("market"))
+    }
+
+    /// Every market's spec, by id, including at least the markets `ids` names.
+    pub async fn market_specs(
+        &self,
+        ids: impl IntoIterator<Item = u32>,
+    ) -> Result<Vec<book::MarketSpec>, ApiError> {
+        let needed = ids.into_iter().max().map_or(0, |id| id as usize + 1);
+        let cached = self.markets.read().expect("market cache lock").clone();
+        if cached.len() >= needed {
+            return Ok(cached);
+        }
+        self.refresh_markets().await
+    }
+
+    /// One market's spec by id.
+    pub async fn market_spec(&self, id: book::MarketId) -> Result<book::MarketSpec, ApiError> {
+        self.market_specs([id.0])
+            .await?
+            .get(id.0 as usize)
+            .cloned()
+            .ok_or_else(|| ApiError::not_found("UNKNOWN_MARKET", "no such market"))
     }
 
     /// Waits until the read models include every command acknowledged so far, so a caller
@@ -378,10 +443,7 @@ async fn clock_loop(app: Arc<App>, mut stopped: watch::Receiver<bool>) {
             .submit(CoreCommand::AdvanceTime { now: now_ms() })
             .await
         {
-            Ok(ack) => {
-                app.last_acked.fetch_max(ack.seq, Ordering::Relaxed);
-                app.projector_wake.notify_one();
-            }
+            Ok(ack) => app.acknowledged(ack.seq),
             Err(SubmitError::Rejected(_)) => {}
             Err(SubmitError::Stopped(_)) => return,
         }

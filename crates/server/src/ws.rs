@@ -20,6 +20,7 @@ use axum::extract::State;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
 use book::{Event, MarketId, MarketSpec, Side};
+use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio::sync::{broadcast, mpsc};
 
@@ -125,7 +126,7 @@ enum End {
 async fn connection(app: Arc<App>, caller: Option<Caller>, socket: WebSocket) {
     metrics::gauge!("agora_ws_connections").increment(1.0);
     let (out, mut queued) = mpsc::channel::<Message>(app.config.limits.ws_send_buffer_messages);
-    let (mut sink, mut stream) = futures_split(socket);
+    let (mut sink, mut stream) = socket.split();
     // The writer: sends what is queued, in order; a close frame queued last ends it.
     let writer = tokio::spawn(async move {
         while let Some(message) = queued.recv().await {
@@ -258,18 +259,6 @@ async fn connection(app: Arc<App>, caller: Option<Caller>, socket: WebSocket) {
     .await;
     metrics::gauge!("agora_ws_connections").decrement(1.0);
 }
-
-fn futures_split(
-    socket: WebSocket,
-) -> (
-    futures_util::stream::SplitSink<WebSocket, Message>,
-    futures_util::stream::SplitStream<WebSocket>,
-) {
-    use futures_util::StreamExt;
-    socket.split()
-}
-
-use futures_util::{SinkExt, StreamExt};
 
 impl Connection {
     /// Queues a message; false when the buffer is full (a slow consumer).
@@ -434,11 +423,7 @@ impl Connection {
             .filter(|m| !self.specs.contains_key(m))
             .collect();
         for market in unknown {
-            if let Ok(Some(spec)) = self
-                .app
-                .read(move |state| state.engine().market_spec(market).cloned())
-                .await
-            {
+            if let Ok(spec) = self.app.market_spec(market).await {
                 self.specs.insert(market, spec);
             }
         }

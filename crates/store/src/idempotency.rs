@@ -30,41 +30,30 @@ pub enum IdempotencyBegin {
     Existing(IdempotencyRow),
 }
 
-fn decode(row: &impl RowLike) -> Result<IdempotencyRow, StoreError> {
-    row.decode()
+fn decode<R: Row>(row: &R) -> Result<IdempotencyRow, StoreError>
+where
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> &'r str: sqlx::ColumnIndex<R>,
+{
+    let hash: Vec<u8> = row.try_get("request_hash")?;
+    let request_hash = hash.try_into().map_err(|_| StoreError::Corrupt {
+        what: "idempotency key",
+        position: 0,
+        problem: "its request hash is not 32 bytes".into(),
+    })?;
+    Ok(IdempotencyRow {
+        request_hash,
+        order_id: row
+            .try_get::<Option<i64>, _>("order_id")?
+            .map(|id| id as u64),
+        status: row
+            .try_get::<Option<i64>, _>("status")?
+            .map(|s| s.clamp(0, 999) as u16),
+        response: row.try_get("response")?,
+        expires_ms: row.try_get("expires_ms")?,
+    })
 }
-
-trait RowLike {
-    fn decode(&self) -> Result<IdempotencyRow, StoreError>;
-}
-
-macro_rules! row_like {
-    ($row:ty) => {
-        impl RowLike for $row {
-            fn decode(&self) -> Result<IdempotencyRow, StoreError> {
-                let hash: Vec<u8> = self.try_get("request_hash")?;
-                let request_hash = hash.try_into().map_err(|_| StoreError::Corrupt {
-                    what: "idempotency key",
-                    position: 0,
-                    problem: "its request hash is not 32 bytes".into(),
-                })?;
-                Ok(IdempotencyRow {
-                    request_hash,
-                    order_id: self
-                        .try_get::<Option<i64>, _>("order_id")?
-                        .map(|id| id as u64),
-                    status: self
-                        .try_get::<Option<i64>, _>("status")?
-                        .map(|s| s.clamp(0, 999) as u16),
-                    response: self.try_get("response")?,
-                    expires_ms: self.try_get("expires_ms")?,
-                })
-            }
-        }
-    };
-}
-row_like!(sqlx::sqlite::SqliteRow);
-row_like!(sqlx::postgres::PgRow);
 
 const COLUMNS: &str = "request_hash, order_id, status, response, expires_ms";
 

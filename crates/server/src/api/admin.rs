@@ -219,6 +219,20 @@ async fn create_asset(
     }))
 }
 
+/// The id and decimals of the asset with this symbol; 422 `UNKNOWN_ASSET` on `field`.
+async fn asset_by_symbol(app: &App, symbol: &str, field: &str) -> Result<(u32, u32), ApiError> {
+    let wanted = symbol.to_string();
+    app.read(move |state| {
+        state
+            .ledger()
+            .assets()
+            .find(|(_, a)| a.symbol == wanted)
+            .map(|(id, a)| (id, a.decimals))
+    })
+    .await?
+    .ok_or_else(|| ApiError::invalid("UNKNOWN_ASSET", field, format!("no asset {symbol}")))
+}
+
 /// A new market.
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -335,30 +349,8 @@ async fn create_market(
             format!("{field}: {}", e.rule),
         ));
     }
-    let (base, quote) = {
-        let (b, q) = (base_symbol.to_string(), quote_symbol.to_string());
-        app.read(move |state| {
-            let find = |symbol: &str| {
-                state
-                    .ledger()
-                    .assets()
-                    .find(|(_, a)| a.symbol == symbol)
-                    .map(|(id, _)| id)
-            };
-            (find(&b), find(&q))
-        })
-        .await?
-    };
-    let base = base.ok_or_else(|| {
-        ApiError::invalid("UNKNOWN_ASSET", "symbol", format!("no asset {base_symbol}"))
-    })?;
-    let quote = quote.ok_or_else(|| {
-        ApiError::invalid(
-            "UNKNOWN_ASSET",
-            "symbol",
-            format!("no asset {quote_symbol}"),
-        )
-    })?;
+    let (base, _) = asset_by_symbol(&app, base_symbol, "symbol").await?;
+    let (quote, _) = asset_by_symbol(&app, quote_symbol, "symbol").await?;
     app.submit(CoreCommand::CreateMarket {
         spec,
         base,
@@ -421,17 +413,7 @@ async fn deposit(
     if app.store.user_by_id(new.user_id).await?.is_none() {
         return Err(ApiError::not_found("UNKNOWN_USER", "no such user").field("user_id"));
     }
-    let symbol = new.asset.clone();
-    let asset = app
-        .read(move |state| {
-            state
-                .ledger()
-                .assets()
-                .find(|(_, a)| a.symbol == symbol)
-                .map(|(id, a)| (id, a.decimals))
-        })
-        .await?
-        .ok_or_else(|| ApiError::invalid("UNKNOWN_ASSET", "asset", "no such asset"))?;
+    let asset = asset_by_symbol(&app, &new.asset, "asset").await?;
     let amount = wire::amount("amount", &new.amount, asset.1)?;
     if amount == 0 {
         return Err(ApiError::invalid(

@@ -99,15 +99,18 @@ pub fn market_view(state: &agora_core::State, market: MarketId) -> Option<Market
 
 /// Looks a market up by symbol, with its spec; 404 when unknown.
 pub async fn find_market(app: &App, symbol: &str) -> Result<(MarketId, MarketSpec), ApiError> {
-    let symbol = symbol.to_string();
-    let found = app
-        .read(move |state| {
-            let engine = state.engine();
-            let id = engine.market_id(&symbol)?;
-            Some((id, engine.market_spec(id)?.clone()))
-        })
-        .await?;
-    found.ok_or_else(|| ApiError::not_found("UNKNOWN_MARKET", "no such market").field("market"))
+    app.market_by_symbol(symbol).await
+}
+
+/// The market a filter names, if it names one.
+pub async fn optional_market(
+    app: &App,
+    symbol: Option<&str>,
+) -> Result<Option<MarketId>, ApiError> {
+    match symbol {
+        Some(symbol) => Ok(Some(find_market(app, symbol).await?.0)),
+        None => Ok(None),
+    }
 }
 
 #[utoipa::path(get, path = "/api/v1/assets", tag = "market data", summary = "Every asset",

@@ -14,7 +14,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::created;
-use super::market::{find_market, page_limit};
+use super::market::{find_market, optional_market, page_limit};
 use crate::app::App;
 use crate::auth::Caller;
 use crate::error::{ApiError, Body, ErrorBody};
@@ -137,10 +137,7 @@ pub async fn recovered_placement(app: &App, order_id: u64) -> Result<Option<Vec<
         return Ok(None);
     };
     let market = MarketId(row.market);
-    let spec = app
-        .read(move |state| state.engine().market_spec(market).cloned())
-        .await?
-        .ok_or_else(|| ApiError::internal("an order's market is gone"))?;
+    let spec = app.market_spec(market).await?;
     let answer = Placed {
         order: order_view(&row, &spec),
         fills: Vec::new(),
@@ -310,10 +307,7 @@ async fn own_order(
         .filter(|row| row.user == caller.user)
         .ok_or_else(|| ApiError::not_found("UNKNOWN_ORDER", "no such order"))?;
     let market = MarketId(row.market);
-    let spec = app
-        .read(move |state| state.engine().market_spec(market).cloned())
-        .await?
-        .ok_or_else(|| ApiError::internal("an order's market is gone"))?;
+    let spec = app.market_spec(market).await?;
     Ok((row, spec))
 }
 
@@ -404,10 +398,7 @@ async fn list(
             "status must be open, filled, cancelled or expired",
         ));
     }
-    let market = match &query.market {
-        Some(symbol) => Some(find_market(&app, symbol).await?.0),
-        None => None,
-    };
+    let market = optional_market(&app, query.market.as_deref()).await?;
     app.caught_up().await?;
     let rows = app
         .store
@@ -419,15 +410,7 @@ async fn list(
             limit,
         )
         .await?;
-    let specs = app
-        .read(|state| {
-            let engine = state.engine();
-            engine
-                .markets()
-                .filter_map(|m| engine.market_spec(m).cloned())
-                .collect::<Vec<_>>()
-        })
-        .await?;
+    let specs = app.market_specs(rows.iter().map(|row| row.market)).await?;
     Ok(Json(
         rows.iter()
             .filter_map(|row| {
@@ -592,10 +575,7 @@ async fn cancel_all(
     caller: Caller,
     Query(query): Query<CancelAllQuery>,
 ) -> Result<Json<Cancelled>, ApiError> {
-    let market = match &query.market {
-        Some(symbol) => Some(find_market(&app, symbol).await?.0),
-        None => None,
-    };
+    let market = optional_market(&app, query.market.as_deref()).await?;
     let ack = app
         .submit(CoreCommand::CancelAll {
             market,
@@ -650,24 +630,13 @@ async fn my_trades(
     Query(query): Query<MyTradesQuery>,
 ) -> Result<Json<Vec<MyTrade>>, ApiError> {
     let limit = page_limit(query.limit, 100)?;
-    let market = match &query.market {
-        Some(symbol) => Some(find_market(&app, symbol).await?.0),
-        None => None,
-    };
+    let market = optional_market(&app, query.market.as_deref()).await?;
     app.caught_up().await?;
     let rows = app
         .store
         .trades_of_user(caller.user, market.map(|m| m.0), limit)
         .await?;
-    let specs = app
-        .read(|state| {
-            let engine = state.engine();
-            engine
-                .markets()
-                .filter_map(|m| engine.market_spec(m).cloned())
-                .collect::<Vec<_>>()
-        })
-        .await?;
+    let specs = app.market_specs(rows.iter().map(|row| row.market)).await?;
     let mut trades = Vec::new();
     for t in rows {
         let Some(spec) = specs.get(t.market as usize) else {
