@@ -49,6 +49,10 @@ enum Commands {
         #[arg(long, default_value_t = 0)]
         count: u64,
     },
+    /// Sign in to a running server and print a session token (for AGORA_TOKEN).
+    Login(cli::admin::LoginArgs),
+    /// Administer a running server: users, API keys, assets, markets, deposits, queues.
+    Admin(cli::admin::AdminArgs),
     /// The matching engine on its own.
     Book {
         #[command(subcommand)]
@@ -102,6 +106,32 @@ enum BenchCommands {
         /// SQLite durability: full or normal.
         #[arg(long, default_value = "full")]
         durability: String,
+    },
+    /// The WebSocket API against `agora serve` in a child process: order commands with many
+    /// in flight per connection, then thousands of book subscribers while orders flow (delivery
+    /// lag, server memory; see docs/performance.md).
+    Ws {
+        /// Orders run: signed-in connections.
+        #[arg(long, default_value_t = 64)]
+        connections: usize,
+        /// Orders run: place/cancel commands each connection keeps in flight.
+        #[arg(long, default_value_t = 32)]
+        in_flight: usize,
+        /// Subscribers run: clients subscribed to the book channel.
+        #[arg(long, default_value_t = 10_000)]
+        subscribers: usize,
+        /// Subscribers run: the driver's order commands per second (over REST).
+        #[arg(long, default_value_t = 200)]
+        driver_rate: u64,
+        /// Seconds of load in each run.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// SQLite durability: full or normal.
+        #[arg(long, default_value = "full")]
+        durability: String,
+        /// Only one run: orders or subscribers.
+        #[arg(long)]
+        only: Option<String>,
     },
     /// The job queue end to end, adds and add-to-start latency on each backend, against
     /// BullMQ and graphile-worker in the same run (see docs/performance.md).
@@ -166,6 +196,14 @@ enum BookCommands {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Commands::Login(args) => {
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(cli::admin::login(args, io::stdout().lock()))?;
+        }
+        Commands::Admin(args) => {
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(cli::admin::run(args, io::stdout().lock()))?;
+        }
         Commands::Watch {
             channels,
             server,
@@ -236,6 +274,34 @@ fn main() -> anyhow::Result<()> {
                 connections: connections.max(1),
                 duration: std::time::Duration::from_secs(seconds.max(1)),
                 durability,
+            }))?;
+        }
+        Commands::Bench {
+            command:
+                BenchCommands::Ws {
+                    connections,
+                    in_flight,
+                    subscribers,
+                    driver_rate,
+                    seconds,
+                    durability,
+                    only,
+                },
+        } => {
+            anyhow::ensure!(
+                matches!(only.as_deref(), None | Some("orders" | "subscribers")),
+                "--only takes orders or subscribers"
+            );
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(cli::bench_ws::run(cli::bench_ws::WsBenchOptions {
+                connections: connections.max(1),
+                in_flight: in_flight.max(1),
+                subscribers: subscribers.max(1),
+                driver_rate: driver_rate.max(1),
+                duration: std::time::Duration::from_secs(seconds.max(1)),
+                durability,
+                orders: only.as_deref() != Some("subscribers"),
+                subscribers_run: only.as_deref() != Some("orders"),
             }))?;
         }
         Commands::Bench {

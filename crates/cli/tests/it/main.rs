@@ -1,6 +1,7 @@
 //! End-to-end tests of the `agora` binary: the replay format, streaming through a pipe, and
 //! malformed input.
 
+mod admin;
 mod journal;
 
 use std::io::{BufRead, BufReader, Write};
