@@ -48,6 +48,10 @@ mod tag {
     pub const MODIFY: u8 = 10;
     pub const CANCEL_ALL: u8 = 11;
     pub const ADVANCE_TIME: u8 = 12;
+    // 13 to 19 are left for withdrawal and settlement commands.
+    pub const HALT_MARKET: u8 = 20;
+    pub const RESUME_MARKET: u8 = 21;
+    pub const SET_MARKET_FEES: u8 = 22;
 }
 
 /// Appends the encoding of `command` to `out`.
@@ -180,6 +184,24 @@ pub fn encode(command: &CoreCommand, out: &mut Vec<u8>) {
         CoreCommand::AdvanceTime { now } => {
             w.u8(tag::ADVANCE_TIME);
             w.i64(*now);
+        }
+        CoreCommand::HaltMarket { market } => {
+            w.u8(tag::HALT_MARKET);
+            w.u32(market.0);
+        }
+        CoreCommand::ResumeMarket { market } => {
+            w.u8(tag::RESUME_MARKET);
+            w.u32(market.0);
+        }
+        CoreCommand::SetMarketFees {
+            market,
+            maker_fee_bps,
+            taker_fee_bps,
+        } => {
+            w.u8(tag::SET_MARKET_FEES);
+            w.u32(market.0);
+            w.u32(*maker_fee_bps);
+            w.u32(*taker_fee_bps);
         }
     }
 }
@@ -472,6 +494,17 @@ impl<'a> Reader<'a> {
                 user: self.opt_u64()?,
             },
             tag::ADVANCE_TIME => CoreCommand::AdvanceTime { now: self.i64()? },
+            tag::HALT_MARKET => CoreCommand::HaltMarket {
+                market: MarketId(self.u32()?),
+            },
+            tag::RESUME_MARKET => CoreCommand::ResumeMarket {
+                market: MarketId(self.u32()?),
+            },
+            tag::SET_MARKET_FEES => CoreCommand::SetMarketFees {
+                market: MarketId(self.u32()?),
+                maker_fee_bps: self.u32()?,
+                taker_fee_bps: self.u32()?,
+            },
             _ => {
                 self.at = start;
                 return Err(self.error("unknown command tag"));

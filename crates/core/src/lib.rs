@@ -134,6 +134,27 @@ pub enum CoreCommand {
         /// New time, ms since the epoch.
         now: Timestamp,
     },
+    /// Stop trading on a market: placements and modifications are refused with
+    /// [`CoreRejection::MarketHalted`] until it resumes; cancels still work, and resting orders
+    /// stay (and still expire). Halting a halted market changes nothing.
+    HaltMarket {
+        /// Market.
+        market: MarketId,
+    },
+    /// Let a halted market trade again. Resuming an active market changes nothing.
+    ResumeMarket {
+        /// Market.
+        market: MarketId,
+    },
+    /// Change a market's fees, for trades from the next command on.
+    SetMarketFees {
+        /// Market.
+        market: MarketId,
+        /// Fee of the resting side, in basis points.
+        maker_fee_bps: u32,
+        /// Fee of the incoming side.
+        taker_fee_bps: u32,
+    },
 }
 
 /// Why the core refused a command. A refusal changes nothing.
@@ -159,6 +180,8 @@ pub enum CoreRejection {
     TooManyWithdrawals,
     /// The user holds [`limits::OPEN_ORDERS_PER_USER_MAX`] live orders.
     TooManyOpenOrders,
+    /// The market is halted: it takes no placements or modifications.
+    MarketHalted,
 }
 
 impl CoreRejection {
@@ -175,6 +198,7 @@ impl CoreRejection {
             CoreRejection::DuplicateWithdrawal => "DUPLICATE_WITHDRAWAL",
             CoreRejection::TooManyWithdrawals => "TOO_MANY_WITHDRAWALS",
             CoreRejection::TooManyOpenOrders => "TOO_MANY_OPEN_ORDERS",
+            CoreRejection::MarketHalted => "MARKET_HALTED",
         }
     }
 }
@@ -196,6 +220,8 @@ pub struct MarketConfig {
     pub quote_per_notional: u128,
     /// How trades settle.
     pub settlement: Settlement,
+    /// Whether trading is halted ([`CoreCommand::HaltMarket`]).
+    pub halted: bool,
 }
 
 impl MarketConfig {
@@ -238,6 +264,7 @@ impl MarketConfig {
             base_per_qty,
             quote_per_notional,
             settlement: spec.settlement,
+            halted: false,
         })
     }
 }
@@ -450,6 +477,30 @@ impl State {
                 self.engine.advance_time(*now, &mut out.events);
                 self.after_engine(start, out)
             }
+            CoreCommand::HaltMarket { market } | CoreCommand::ResumeMarket { market } => {
+                let config = self
+                    .markets
+                    .get_mut(market.0 as usize)
+                    .ok_or(CoreRejection::Book(RejectReason::UnknownMarket))?;
+                config.halted = matches!(command, CoreCommand::HaltMarket { .. });
+                Ok(())
+            }
+            CoreCommand::SetMarketFees {
+                market,
+                maker_fee_bps,
+                taker_fee_bps,
+            } => {
+                if *maker_fee_bps > limits::FEE_BPS_MAX || *taker_fee_bps > limits::FEE_BPS_MAX {
+                    return Err(CoreRejection::InvalidFee);
+                }
+                let config = self
+                    .markets
+                    .get_mut(market.0 as usize)
+                    .ok_or(CoreRejection::Book(RejectReason::UnknownMarket))?;
+                config.maker_fee_bps = *maker_fee_bps;
+                config.taker_fee_bps = *taker_fee_bps;
+                Ok(())
+            }
         }
     }
 
@@ -533,6 +584,9 @@ impl State {
         let Some(config) = self.markets.get(place.market.0 as usize) else {
             return Err(CoreRejection::Book(RejectReason::UnknownMarket));
         };
+        if config.halted {
+            return Err(CoreRejection::MarketHalted);
+        }
         let price = place.price.map_or(0, |p| p.0);
         // The funds check reads only the ledger. When it fails, the engine's own verdict still
         // comes first, so a malformed order is reported as such rather than as unfunded; when
@@ -609,6 +663,9 @@ impl State {
             .order(modify.market, modify.id)
             .expect("a modify that passes its checks names a live order");
         let config = &self.markets[modify.market.0 as usize];
+        if config.halted {
+            return Err(CoreRejection::MarketHalted);
+        }
         let price = modify.price.map_or(order.price.0, |p| p.0);
         let qty = modify.qty.map_or(order.remaining.0, |q| q.0);
         let need = State::requirement(config, order.side, price, qty)?;
@@ -911,6 +968,10 @@ impl State {
             hasher.update(config.quote.to_le_bytes());
             hasher.update(config.maker_fee_bps.to_le_bytes());
             hasher.update(config.taker_fee_bps.to_le_bytes());
+            // Only when set, so that the hash of a state without halts is what it always was.
+            if config.halted {
+                hasher.update(b"halted");
+            }
         }
         let mut reputations: Vec<_> = self.reputations.iter().collect();
         reputations.sort_unstable();

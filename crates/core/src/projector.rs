@@ -59,6 +59,9 @@ fn command_kind(command: &CoreCommand) -> &'static str {
         CoreCommand::Modify(_) => "modify",
         CoreCommand::CancelAll { .. } => "cancel_all",
         CoreCommand::AdvanceTime { .. } => "time",
+        CoreCommand::HaltMarket { .. } => "halt_market",
+        CoreCommand::ResumeMarket { .. } => "resume_market",
+        CoreCommand::SetMarketFees { .. } => "set_market_fees",
     }
 }
 
@@ -111,6 +114,17 @@ fn command_detail(command: &CoreCommand) -> String {
             format!("market {:?} user {:?}", market.map(|m| m.0), user)
         }
         CoreCommand::AdvanceTime { now } => format!("now {now}"),
+        CoreCommand::HaltMarket { market } | CoreCommand::ResumeMarket { market } => {
+            format!("market {}", market.0)
+        }
+        CoreCommand::SetMarketFees {
+            market,
+            maker_fee_bps,
+            taker_fee_bps,
+        } => format!(
+            "market {} maker {maker_fee_bps} bps taker {taker_fee_bps} bps",
+            market.0
+        ),
     }
 }
 

@@ -8,7 +8,9 @@ use crate::codec::{DecodeError, Reader, Writer};
 use crate::{EscrowTrade, MarketConfig, State, Tracked};
 
 const MAGIC: &[u8; 4] = b"AGCR";
-const VERSION: u32 = 2;
+const VERSION: u32 = 3;
+/// The version before markets could be halted: read as if none were.
+const VERSION_UNHALTED: u32 = 2;
 
 /// Why a core snapshot could not be restored.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,6 +47,7 @@ impl State {
             w.u32(config.quote);
             w.u32(config.maker_fee_bps);
             w.u32(config.taker_fee_bps);
+            w.u8(u8::from(config.halted));
         }
         let mut reputations: Vec<_> = self.reputations.iter().collect();
         reputations.sort_unstable();
@@ -87,8 +90,14 @@ impl State {
     /// Rebuilds a core from [`State::snapshot`] bytes; refuses anything inconsistent.
     pub fn restore(bytes: &[u8]) -> Result<State, SnapshotError> {
         let mut r = Reader { bytes, at: 0 };
-        if r.take(4)? != MAGIC || r.u32()? != VERSION {
-            return Err(SnapshotError("not a version-2 core snapshot".into()));
+        if r.take(4)? != MAGIC {
+            return Err(SnapshotError("not a core snapshot".into()));
+        }
+        let version = r.u32()?;
+        if version != VERSION && version != VERSION_UNHALTED {
+            return Err(SnapshotError(format!(
+                "core snapshot version {version}; this build reads {VERSION_UNHALTED} and {VERSION}"
+            )));
         }
         let engine_len = r.u64()? as usize;
         let engine =
@@ -114,8 +123,15 @@ impl State {
                 .market_spec(MarketId(index as u32))
                 .expect("counted above")
                 .clone();
-            let config = MarketConfig::new(&state.ledger, &spec, base, quote, maker, taker)
+            let mut config = MarketConfig::new(&state.ledger, &spec, base, quote, maker, taker)
                 .map_err(|reason| SnapshotError(format!("market {index}: {}", reason.code())))?;
+            if version >= VERSION {
+                config.halted = match r.u8()? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(SnapshotError(format!("market {index}: bad halted flag"))),
+                };
+            }
             state.markets.push(config);
         }
         let left = |r: &Reader<'_>| (r.bytes.len() - r.at) as u64;

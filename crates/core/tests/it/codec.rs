@@ -194,6 +194,19 @@ fn command() -> impl Strategy<Value = CoreCommand> {
             user
         }),
         any::<i64>().prop_map(|now| CoreCommand::AdvanceTime { now }),
+        any::<u32>().prop_map(|m| CoreCommand::HaltMarket {
+            market: MarketId(m)
+        }),
+        any::<u32>().prop_map(|m| CoreCommand::ResumeMarket {
+            market: MarketId(m)
+        }),
+        (any::<u32>(), any::<u32>(), any::<u32>()).prop_map(|(m, maker, taker)| {
+            CoreCommand::SetMarketFees {
+                market: MarketId(m),
+                maker_fee_bps: maker,
+                taker_fee_bps: taker,
+            }
+        }),
     ]
 }
 

@@ -354,6 +354,8 @@ enum RandomCommand {
     CancelAll(Option<u64>),
     Time(u32),
     Withdraw(u64, bool, u16),
+    Halt(bool),
+    Fees(u16, u16),
 }
 
 fn random_command() -> impl Strategy<Value = RandomCommand> {
@@ -367,6 +369,8 @@ fn random_command() -> impl Strategy<Value = RandomCommand> {
         1 => prop::option::of(1u64..5).prop_map(RandomCommand::CancelAll),
         1 => (0u32..100_000).prop_map(RandomCommand::Time),
         1 => (1u64..5, any::<bool>(), 1u16..500).prop_map(|(u, b, a)| RandomCommand::Withdraw(u, b, a)),
+        1 => any::<bool>().prop_map(RandomCommand::Halt),
+        1 => (0u16..1_200, 0u16..1_200).prop_map(|(maker, taker)| RandomCommand::Fees(maker, taker)),
     ]
 }
 
@@ -432,6 +436,13 @@ proptest! {
                     now += i64::from(advance) * 1_000;
                     CoreCommand::AdvanceTime { now }
                 }
+                RandomCommand::Halt(true) => CoreCommand::HaltMarket { market: MARKET },
+                RandomCommand::Halt(false) => CoreCommand::ResumeMarket { market: MARKET },
+                RandomCommand::Fees(maker, taker) => CoreCommand::SetMarketFees {
+                    market: MARKET,
+                    maker_fee_bps: u32::from(maker),
+                    taker_fee_bps: u32::from(taker),
+                },
                 RandomCommand::Withdraw(user, btc, amount) => {
                     next_withdrawal += 1;
                     CoreCommand::RequestWithdrawal {
@@ -586,5 +597,137 @@ fn a_user_holds_at_most_the_open_order_limit() {
     // Filled orders stop counting too.
     run(&mut state, limit(max + 3, 2, Side::Buy, 100, 10)).unwrap();
     assert_eq!(state.open_orders(1), max as u32 - 10);
+    state.verify().unwrap();
+}
+
+#[test]
+fn a_halted_market_refuses_orders_but_lets_them_be_cancelled() {
+    let mut state = setup(Settlement::Instant);
+    for (user, asset) in [(1, BTC), (2, USD)] {
+        run(
+            &mut state,
+            CoreCommand::Deposit {
+                user,
+                asset,
+                amount: 10_000_000_000_000,
+            },
+        )
+        .unwrap();
+    }
+    run(&mut state, limit(1, 1, Side::Sell, 5_000_000, 5_000)).unwrap();
+    run(&mut state, CoreCommand::HaltMarket { market: MARKET }).unwrap();
+    assert!(state.market(MARKET).unwrap().halted);
+    // Halting again changes nothing.
+    let before = state.state_hash();
+    run(&mut state, CoreCommand::HaltMarket { market: MARKET }).unwrap();
+    assert_eq!(state.state_hash(), before);
+
+    // A crossing buy and a modification are refused, and change nothing.
+    for command in [
+        limit(2, 2, Side::Buy, 5_000_000, 1_000),
+        CoreCommand::Modify(ModifyOrder {
+            market: MARKET,
+            id: 1,
+            user: 1,
+            price: Some(Price(4_900_000)),
+            qty: None,
+        }),
+    ] {
+        assert_eq!(
+            run(&mut state, command).unwrap_err(),
+            CoreRejection::MarketHalted
+        );
+        assert_eq!(state.state_hash(), before);
+    }
+    assert_eq!(CoreRejection::MarketHalted.code(), "MARKET_HALTED");
+    // The halt and the book survive a snapshot.
+    let restored = State::restore(&state.snapshot()).unwrap();
+    assert!(restored.market(MARKET).unwrap().halted);
+    assert_eq!(restored.state_hash(), state.state_hash());
+
+    // The resting order can still be pulled; after a resume, orders trade again.
+    run(
+        &mut state,
+        CoreCommand::Cancel {
+            market: MARKET,
+            id: 1,
+            user: 1,
+        },
+    )
+    .unwrap();
+    run(&mut state, limit(3, 1, Side::Sell, 5_000_000, 5_000)).unwrap_err();
+    run(&mut state, CoreCommand::ResumeMarket { market: MARKET }).unwrap();
+    run(&mut state, limit(3, 1, Side::Sell, 5_000_000, 5_000)).unwrap();
+    let out = run(&mut state, limit(4, 2, Side::Buy, 5_000_000, 1_000)).unwrap();
+    assert!(
+        out.events
+            .iter()
+            .any(|e| matches!(e, book::Event::Trade { .. })),
+        "{:?}",
+        out.events
+    );
+    for command in [
+        CoreCommand::HaltMarket {
+            market: MarketId(7),
+        },
+        CoreCommand::ResumeMarket {
+            market: MarketId(7),
+        },
+    ] {
+        assert_eq!(
+            run(&mut state, command).unwrap_err(),
+            CoreRejection::Book(RejectReason::UnknownMarket)
+        );
+    }
+    state.verify().unwrap();
+}
+
+#[test]
+fn new_fees_apply_to_the_next_trade_and_are_bounded() {
+    let mut state = setup(Settlement::Instant);
+    for (user, asset) in [(1, BTC), (2, USD)] {
+        run(
+            &mut state,
+            CoreCommand::Deposit {
+                user,
+                asset,
+                amount: 10_000_000_000_000,
+            },
+        )
+        .unwrap();
+    }
+    let before = state.state_hash();
+    for (maker, taker) in [(1_001, 0), (0, 1_001)] {
+        assert_eq!(
+            run(
+                &mut state,
+                CoreCommand::SetMarketFees {
+                    market: MARKET,
+                    maker_fee_bps: maker,
+                    taker_fee_bps: taker,
+                },
+            )
+            .unwrap_err(),
+            CoreRejection::InvalidFee
+        );
+    }
+    assert_eq!(state.state_hash(), before);
+    run(
+        &mut state,
+        CoreCommand::SetMarketFees {
+            market: MARKET,
+            maker_fee_bps: 0,
+            taker_fee_bps: 100,
+        },
+    )
+    .unwrap();
+    let fees = |state: &State| state.ledger().balance(Owner::Fees, BTC).available;
+    run(&mut state, limit(1, 1, Side::Sell, 5_000_000, 10_000)).unwrap();
+    run(&mut state, limit(2, 2, Side::Buy, 5_000_000, 10_000)).unwrap();
+    // 1% of the 1 BTC the taker receives.
+    assert_eq!(fees(&state), 1_000_000);
+    assert_eq!(state.ledger().balance(Owner::Fees, USD).available, 0);
+    let restored = State::restore(&state.snapshot()).unwrap();
+    assert_eq!(restored.market(MARKET).unwrap().taker_fee_bps, 100);
     state.verify().unwrap();
 }
