@@ -227,7 +227,15 @@ pub async fn idempotency(
     }
     let response = next.run(request).await;
     let status = response.status();
-    if status.is_server_error() {
+    // A handler's answer is JSON or empty; anything else is the framework refusing the path
+    // or the method before a handler ran (rendered as an error body by an outer layer). Those,
+    // like server errors, are not kept: the key stays free and the request is refused again.
+    let from_handler = status.is_success()
+        || response
+            .headers()
+            .get(axum::http::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if status.is_server_error() || !from_handler {
         app.store.idempotency_forget(caller.user, &key).await?;
         return Ok(response);
     }
@@ -243,12 +251,17 @@ pub async fn idempotency(
 
 fn replayed(status: u16, body: Vec<u8>) -> Response {
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
-    let mut response = (
-        status,
-        [(axum::http::header::CONTENT_TYPE, "application/json")],
-        body,
-    )
-        .into_response();
+    // Kept bodies are JSON, or empty (a 204), which is given again without a content type.
+    let mut response = if body.is_empty() {
+        status.into_response()
+    } else {
+        (
+            status,
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            body,
+        )
+            .into_response()
+    };
     response
         .headers_mut()
         .insert(REPLAYED_HEADER, HeaderValue::from_static("true"));

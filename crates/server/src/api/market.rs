@@ -1,4 +1,5 @@
-//! Public market data: assets, markets, depth, ticker, 24 h statistics and recent trades.
+//! Public market data: assets, markets, depth, ticker, 24 h statistics, recent trades, candles,
+//! liquidity near the mid price and the price impact of a hypothetical sweep.
 
 use std::sync::Arc;
 
@@ -12,12 +13,16 @@ use utoipa_axum::routes;
 
 use crate::app::App;
 use crate::error::{ApiError, ErrorBody};
-use crate::wire::{from_units, price_text, qty_text};
+use crate::wire::{self, SideName, from_units, price_text, qty_text};
 
 /// Most depth levels per side one request returns.
 pub const DEPTH_LEVELS_MAX: usize = 500;
 /// Most trades one request returns.
 pub const TRADES_PAGE_MAX: usize = 1_000;
+/// Most candles one request returns (what the engine keeps per interval).
+pub const CANDLES_MAX: usize = book::limits::CANDLES_KEPT_MAX;
+/// Widest liquidity band, in basis points (the whole of one side).
+pub const LIQUIDITY_BAND_BPS_MAX: u32 = 10_000;
 
 pub(super) fn routes() -> OpenApiRouter<Arc<App>> {
     OpenApiRouter::new()
@@ -27,6 +32,9 @@ pub(super) fn routes() -> OpenApiRouter<Arc<App>> {
         .routes(routes!(depth))
         .routes(routes!(ticker))
         .routes(routes!(market_trades))
+        .routes(routes!(candles))
+        .routes(routes!(liquidity))
+        .routes(routes!(price_impact))
 }
 
 /// An asset.
@@ -365,4 +373,246 @@ async fn market_trades(
             })
             .collect(),
     ))
+}
+
+/// Which candles.
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct CandlesQuery {
+    /// `1m` (default), `5m`, `1h` or `1d`.
+    pub interval: Option<String>,
+    /// The last this many intervals that had trades, 1 to 1440 (default 100).
+    #[param(minimum = 1, maximum = 1440)]
+    pub limit: Option<usize>,
+}
+
+/// Open, high, low and close of one interval.
+#[derive(Serialize, ToSchema)]
+pub struct CandleView {
+    /// Start of the interval, ms since the epoch.
+    pub open_time: i64,
+    /// First trade price.
+    pub open: String,
+    /// Highest trade price.
+    pub high: String,
+    /// Lowest trade price.
+    pub low: String,
+    /// Last trade price.
+    pub close: String,
+    /// Base traded.
+    pub volume: String,
+    /// Quote traded.
+    pub quote_volume: String,
+    /// Trades.
+    pub trades: u64,
+}
+
+#[utoipa::path(get, path = "/api/v1/markets/{market}/candles", tag = "market data", summary = "Candles of one interval, oldest first",
+    params(("market" = String, Path, description = "Symbol"), CandlesQuery),
+    responses(
+        (status = 200, description = "Candles, oldest first; intervals without trades are absent", body = Vec<CandleView>),
+        (status = 404, description = "No such market", body = ErrorBody),
+        (status = 422, description = "interval or limit out of range", body = ErrorBody),
+    ))]
+async fn candles(
+    State(app): State<Arc<App>>,
+    Path(symbol): Path<String>,
+    Query(query): Query<CandlesQuery>,
+) -> Result<Json<Vec<CandleView>>, ApiError> {
+    let wanted = query.interval.as_deref().unwrap_or("1m");
+    let interval = book::Interval::ALL
+        .into_iter()
+        .find(|i| i.as_str() == wanted)
+        .ok_or_else(|| {
+            ApiError::invalid(
+                "INVALID_FIELD",
+                "interval",
+                "interval must be 1m, 5m, 1h or 1d",
+            )
+        })?;
+    let limit = query.limit.unwrap_or(100);
+    if !(1..=CANDLES_MAX).contains(&limit) {
+        return Err(ApiError::invalid(
+            "INVALID_FIELD",
+            "limit",
+            format!("limit must be 1 to {CANDLES_MAX}"),
+        ));
+    }
+    let (id, spec) = find_market(&app, &symbol).await?;
+    let candles = app
+        .read(move |state| state.engine().candles(id, interval, limit))
+        .await?;
+    Ok(Json(
+        candles
+            .into_iter()
+            .map(|c| CandleView {
+                open_time: c.open_time,
+                open: price_text(&spec, c.open),
+                high: price_text(&spec, c.high),
+                low: price_text(&spec, c.low),
+                close: price_text(&spec, c.close),
+                volume: from_units(c.volume, spec.qty_decimals),
+                quote_volume: from_units(c.quote_volume, spec.price_decimals + spec.qty_decimals),
+                trades: c.trades,
+            })
+            .collect(),
+    ))
+}
+
+/// How wide a band.
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct LiquidityQuery {
+    /// Band around the mid price in basis points, 1 to 10000 (default 100, 1%).
+    #[param(minimum = 1, maximum = 10000)]
+    pub band_bps: Option<u32>,
+}
+
+/// Resting quantity and notional near the mid price.
+#[derive(Serialize, ToSchema)]
+pub struct LiquidityView {
+    /// Market.
+    pub market: String,
+    /// Band around the mid price, basis points.
+    pub band_bps: u32,
+    /// Mid price, `(best bid + best ask) / 2`; absent unless both sides have orders.
+    pub mid: Option<String>,
+    /// Bid quantity priced within the band.
+    pub bid_qty: String,
+    /// Bid notional (quote) within the band.
+    pub bid_notional: String,
+    /// Ask quantity within the band.
+    pub ask_qty: String,
+    /// Ask notional within the band.
+    pub ask_notional: String,
+}
+
+#[utoipa::path(get, path = "/api/v1/markets/{market}/liquidity", tag = "market data", summary = "Resting liquidity within a band around the mid price",
+    params(("market" = String, Path, description = "Symbol"), LiquidityQuery),
+    responses(
+        (status = 200, description = "Liquidity; zero on both sides unless both sides have orders", body = LiquidityView),
+        (status = 404, description = "No such market", body = ErrorBody),
+        (status = 422, description = "band_bps out of range", body = ErrorBody),
+    ))]
+async fn liquidity(
+    State(app): State<Arc<App>>,
+    Path(symbol): Path<String>,
+    Query(query): Query<LiquidityQuery>,
+) -> Result<Json<LiquidityView>, ApiError> {
+    let band_bps = query.band_bps.unwrap_or(100);
+    if !(1..=LIQUIDITY_BAND_BPS_MAX).contains(&band_bps) {
+        return Err(ApiError::invalid(
+            "INVALID_FIELD",
+            "band_bps",
+            format!("band_bps must be 1 to {LIQUIDITY_BAND_BPS_MAX}"),
+        ));
+    }
+    let (id, spec) = find_market(&app, &symbol).await?;
+    let (liquidity, best) = app
+        .read(move |state| {
+            let engine = state.engine();
+            (engine.liquidity(id, band_bps), engine.best_bid_ask(id))
+        })
+        .await?;
+    // The mid price has at most one more decimal place than the prices: half a tick.
+    let mid = match best {
+        Some((Some(bid), Some(ask))) => {
+            let twice = i128::from(bid.price.0) + i128::from(ask.price.0);
+            u128::try_from(twice)
+                .ok()
+                .map(|twice| from_units(twice * 5, spec.price_decimals + 1))
+        }
+        _ => None,
+    };
+    let notional_decimals = spec.price_decimals + spec.qty_decimals;
+    let l = liquidity.unwrap_or(book::Liquidity {
+        band_bps,
+        bid_qty: 0,
+        bid_notional: 0,
+        ask_qty: 0,
+        ask_notional: 0,
+    });
+    Ok(Json(LiquidityView {
+        market: symbol,
+        band_bps,
+        mid,
+        bid_qty: from_units(l.bid_qty, spec.qty_decimals),
+        bid_notional: from_units(l.bid_notional, notional_decimals),
+        ask_qty: from_units(l.ask_qty, spec.qty_decimals),
+        ask_notional: from_units(l.ask_notional, notional_decimals),
+    }))
+}
+
+/// A hypothetical taker.
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ImpactQuery {
+    /// `buy` (spend the notional on asks) or `sell` (raise it from bids).
+    pub side: SideName,
+    /// Quote amount, a positive decimal string.
+    pub notional: String,
+}
+
+/// What sweeping the book for a notional would do; nothing is placed.
+#[derive(Serialize, ToSchema)]
+pub struct ImpactView {
+    /// Market.
+    pub market: String,
+    /// The taker's side.
+    pub side: String,
+    /// Quantity that would fill, in whole lots.
+    pub filled_qty: String,
+    /// Quote that would be spent or raised (at most the notional asked).
+    pub filled_notional: String,
+    /// Best opposite price before the sweep.
+    pub best_price: Option<String>,
+    /// Worst price reached.
+    pub worst_price: Option<String>,
+    /// Whether the book holds enough for the whole notional.
+    pub complete: bool,
+    /// Distance of the average fill price from the best price, basis points, rounded down.
+    pub impact_bps: Option<String>,
+}
+
+#[utoipa::path(get, path = "/api/v1/markets/{market}/price-impact", tag = "market data", summary = "What a market order for a notional would fill, and at what cost",
+    params(("market" = String, Path, description = "Symbol"), ImpactQuery),
+    responses(
+        (status = 200, description = "The sweep, computed on the current book", body = ImpactView),
+        (status = 400, description = "side or notional missing", body = ErrorBody),
+        (status = 404, description = "No such market", body = ErrorBody),
+        (status = 422, description = "notional not a positive decimal", body = ErrorBody),
+    ))]
+async fn price_impact(
+    State(app): State<Arc<App>>,
+    Path(symbol): Path<String>,
+    Query(query): Query<ImpactQuery>,
+) -> Result<Json<ImpactView>, ApiError> {
+    let (id, spec) = find_market(&app, &symbol).await?;
+    let notional_decimals = spec.price_decimals + spec.qty_decimals;
+    let notional = wire::amount("notional", &query.notional, notional_decimals)?;
+    if notional == 0 {
+        return Err(ApiError::invalid(
+            "INVALID_FIELD",
+            "notional",
+            "notional must be positive",
+        ));
+    }
+    let side: book::Side = query.side.into();
+    let impact = app
+        .read(move |state| state.engine().price_impact(id, side, notional))
+        .await?
+        .ok_or_else(|| ApiError::not_found("UNKNOWN_MARKET", "no such market"))?;
+    Ok(Json(ImpactView {
+        market: symbol,
+        side: match side {
+            book::Side::Buy => "buy".into(),
+            book::Side::Sell => "sell".into(),
+        },
+        filled_qty: from_units(impact.filled_qty, spec.qty_decimals),
+        filled_notional: from_units(impact.filled_notional, notional_decimals),
+        best_price: impact.best_price.map(|p| price_text(&spec, p)),
+        worst_price: impact.worst_price.map(|p| price_text(&spec, p)),
+        complete: impact.complete,
+        impact_bps: impact.impact_bps.map(|b| b.to_string()),
+    }))
 }

@@ -175,8 +175,10 @@ fn opt_price(
     request_body = PlaceRequest,
     responses(
         (status = 201, description = "Accepted and durable", body = Placed),
+        (status = 400, description = "The body is not JSON", body = ErrorBody),
         (status = 401, description = "Not signed in", body = ErrorBody),
         (status = 404, description = "No such market", body = ErrorBody),
+        (status = 409, description = "The idempotency key or client_order_id was used with another request, or its first request is still running", body = ErrorBody),
         (status = 422, description = "A field breaks a rule, or funds are short", body = ErrorBody),
     ))]
 async fn place(
@@ -351,6 +353,7 @@ fn order_view(row: &store::OrderRow, spec: &MarketSpec) -> OrderView {
     params(("id" = u64, Path, description = "Order id")),
     responses(
         (status = 200, description = "The order", body = OrderView),
+        (status = 400, description = "The id is not an order id", body = ErrorBody),
         (status = 401, description = "Not signed in", body = ErrorBody),
         (status = 404, description = "No such order of the caller's", body = ErrorBody),
     ))]
@@ -372,6 +375,7 @@ pub struct ListQuery {
     /// `open`, `filled`, `cancelled` or `expired`.
     pub status: Option<String>,
     /// At most this many, 1 to 1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<usize>,
 }
 
@@ -380,7 +384,9 @@ pub struct ListQuery {
     params(ListQuery),
     responses(
         (status = 200, description = "Orders", body = Vec<OrderView>),
+        (status = 400, description = "A parameter does not parse", body = ErrorBody),
         (status = 401, description = "Not signed in", body = ErrorBody),
+        (status = 404, description = "No such market", body = ErrorBody),
         (status = 422, description = "A filter breaks its rule", body = ErrorBody),
     ))]
 async fn list(
@@ -436,8 +442,10 @@ pub struct Cancelled {
     params(("id" = u64, Path, description = "Order id")),
     responses(
         (status = 200, description = "Cancelled", body = Cancelled),
+        (status = 400, description = "The id is not an order id", body = ErrorBody),
         (status = 401, description = "Not signed in", body = ErrorBody),
         (status = 404, description = "No such live order of the caller's", body = ErrorBody),
+        (status = 409, description = "Another command on this order is running (CONFLICTING_COMMAND)", body = ErrorBody),
     ))]
 async fn cancel(
     State(app): State<Arc<App>>,
@@ -496,8 +504,10 @@ pub struct Modified {
     request_body = ModifyRequest,
     responses(
         (status = 200, description = "Modified", body = Modified),
+        (status = 400, description = "The id is not an order id", body = ErrorBody),
         (status = 401, description = "Not signed in", body = ErrorBody),
         (status = 404, description = "No such live order of the caller's", body = ErrorBody),
+        (status = 409, description = "Another command on this order is running (CONFLICTING_COMMAND)", body = ErrorBody),
         (status = 422, description = "A field breaks a rule, or funds are short", body = ErrorBody),
     ))]
 async fn modify(
@@ -614,6 +624,7 @@ pub struct MyTradesQuery {
     /// One market.
     pub market: Option<String>,
     /// At most this many, 1 to 1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<usize>,
 }
 
@@ -622,7 +633,10 @@ pub struct MyTradesQuery {
     params(MyTradesQuery),
     responses(
         (status = 200, description = "Trades", body = Vec<MyTrade>),
+        (status = 400, description = "A parameter does not parse", body = ErrorBody),
         (status = 401, description = "Not signed in", body = ErrorBody),
+        (status = 404, description = "No such market", body = ErrorBody),
+        (status = 422, description = "A filter breaks its rule", body = ErrorBody),
     ))]
 async fn my_trades(
     State(app): State<Arc<App>>,

@@ -368,6 +368,7 @@ async fn list_queues(
     params(("queue" = String, Path, description = "Name: letters, digits, _ - . :, at most 64 bytes")),
     responses(
         (status = 204, description = "Declared"),
+        (status = 400, description = "A parameter does not parse", body = ErrorBody),
         (status = 401, description = "Not signed in", body = ErrorBody),
         (status = 403, description = "Not an operator", body = ErrorBody),
         (status = 422, description = "The name breaks its rule", body = ErrorBody),
@@ -392,6 +393,7 @@ pub struct JobsQuery {
     /// Jobs with a larger id than this.
     pub after: Option<i64>,
     /// At most this many, 1 to 1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<usize>,
 }
 
@@ -400,6 +402,7 @@ pub struct JobsQuery {
     params(("queue" = String, Path, description = "Queue"), JobsQuery),
     responses(
         (status = 200, description = "Jobs", body = Vec<JobView>),
+        (status = 400, description = "A parameter does not parse", body = ErrorBody),
         (status = 401, description = "Not signed in", body = ErrorBody),
         (status = 403, description = "Not an operator", body = ErrorBody),
         (status = 404, description = "No such queue", body = ErrorBody),
@@ -558,6 +561,7 @@ pub struct AddedJob {
     responses(
         (status = 201, description = "Added", body = AddedJob),
         (status = 200, description = "A job holding the deduplication key exists; nothing was added", body = AddedJob),
+        (status = 400, description = "A parameter or the body does not parse", body = ErrorBody),
         (status = 401, description = "Not signed in", body = ErrorBody),
         (status = 403, description = "Not an operator", body = ErrorBody),
         (status = 404, description = "No such queue", body = ErrorBody),
@@ -592,6 +596,7 @@ async fn add_job(
     params(("id" = i64, Path, description = "Job id")),
     responses(
         (status = 200, description = "The job", body = JobDetail),
+        (status = 400, description = "A parameter does not parse", body = ErrorBody),
         (status = 401, description = "Not signed in", body = ErrorBody),
         (status = 403, description = "Not an operator", body = ErrorBody),
         (status = 404, description = "No such job", body = ErrorBody),
@@ -623,6 +628,7 @@ async fn job(
     params(("id" = i64, Path, description = "Job id")),
     responses(
         (status = 204, description = "Re-driven"),
+        (status = 400, description = "A parameter does not parse", body = ErrorBody),
         (status = 401, description = "Not signed in", body = ErrorBody),
         (status = 403, description = "Not an operator", body = ErrorBody),
         (status = 404, description = "No such job", body = ErrorBody),
@@ -652,6 +658,7 @@ async fn retry(
     params(("id" = i64, Path, description = "Job id")),
     responses(
         (status = 204, description = "Discarded"),
+        (status = 400, description = "A parameter does not parse", body = ErrorBody),
         (status = 401, description = "Not signed in", body = ErrorBody),
         (status = 403, description = "Not an operator", body = ErrorBody),
         (status = 404, description = "No such job", body = ErrorBody),
@@ -678,6 +685,7 @@ pub struct DeadQuery {
     /// Only jobs that died at or after this time, ms since the epoch.
     pub since_ms: Option<i64>,
     /// At most this many, 1 to 1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<usize>,
 }
 
@@ -686,6 +694,7 @@ pub struct DeadQuery {
     params(("queue" = String, Path, description = "Queue"), DeadQuery),
     responses(
         (status = 200, description = "Dead jobs", body = Vec<JobView>),
+        (status = 400, description = "A parameter does not parse", body = ErrorBody),
         (status = 401, description = "Not signed in", body = ErrorBody),
         (status = 403, description = "Not an operator", body = ErrorBody),
         (status = 404, description = "No such queue", body = ErrorBody),
@@ -736,6 +745,7 @@ pub struct SummaryQuery {
     params(SummaryQuery),
     responses(
         (status = 200, description = "At most 1000 buckets, by window", body = Vec<FailureBucketView>),
+        (status = 400, description = "A parameter does not parse", body = ErrorBody),
         (status = 401, description = "Not signed in", body = ErrorBody),
         (status = 403, description = "Not an operator", body = ErrorBody),
         (status = 422, description = "A parameter breaks its rule", body = ErrorBody),
@@ -773,6 +783,7 @@ async fn failure_summary(
     params(("queue" = String, Path, description = "Queue")),
     responses(
         (status = 204, description = "Paused"),
+        (status = 400, description = "A parameter does not parse", body = ErrorBody),
         (status = 401, description = "Not signed in", body = ErrorBody),
         (status = 403, description = "Not an operator", body = ErrorBody),
         (status = 404, description = "No such queue", body = ErrorBody),
@@ -792,6 +803,7 @@ async fn pause(
     params(("queue" = String, Path, description = "Queue")),
     responses(
         (status = 204, description = "Resumed"),
+        (status = 400, description = "A parameter does not parse", body = ErrorBody),
         (status = 401, description = "Not signed in", body = ErrorBody),
         (status = 403, description = "Not an operator", body = ErrorBody),
         (status = 404, description = "No such queue", body = ErrorBody),
@@ -859,6 +871,7 @@ pub struct Fetched {
     request_body = FetchRequest,
     responses(
         (status = 200, description = "Claimed jobs, maybe none", body = Fetched),
+        (status = 400, description = "A parameter or the body does not parse", body = ErrorBody),
         (status = 401, description = "Not signed in", body = ErrorBody),
         (status = 403, description = "Not an operator", body = ErrorBody),
         (status = 404, description = "No such queue", body = ErrorBody),
@@ -932,6 +945,7 @@ pub struct HeartbeatRequest {
     request_body = HeartbeatRequest,
     responses(
         (status = 204, description = "Extended"),
+        (status = 400, description = "A parameter or the body does not parse", body = ErrorBody),
         (status = 401, description = "Not signed in", body = ErrorBody),
         (status = 403, description = "Not an operator", body = ErrorBody),
         (status = 404, description = "No such job", body = ErrorBody),
@@ -968,6 +982,7 @@ pub struct ProgressRequest {
     request_body = ProgressRequest,
     responses(
         (status = 204, description = "Recorded"),
+        (status = 400, description = "A parameter or the body does not parse", body = ErrorBody),
         (status = 401, description = "Not signed in", body = ErrorBody),
         (status = 403, description = "Not an operator", body = ErrorBody),
         (status = 404, description = "No such job", body = ErrorBody),
@@ -1003,6 +1018,7 @@ pub struct CompleteRequest {
     request_body = CompleteRequest,
     responses(
         (status = 204, description = "Completed"),
+        (status = 400, description = "A parameter or the body does not parse", body = ErrorBody),
         (status = 401, description = "Not signed in", body = ErrorBody),
         (status = 403, description = "Not an operator", body = ErrorBody),
         (status = 404, description = "No such job", body = ErrorBody),
@@ -1109,6 +1125,7 @@ pub struct Failed {
     request_body = FailRequest,
     responses(
         (status = 200, description = "Recorded", body = Failed),
+        (status = 400, description = "A parameter or the body does not parse", body = ErrorBody),
         (status = 401, description = "Not signed in", body = ErrorBody),
         (status = 403, description = "Not an operator", body = ErrorBody),
         (status = 404, description = "No such job", body = ErrorBody),
@@ -1147,10 +1164,12 @@ pub struct ReleaseRequest {
     request_body = ReleaseRequest,
     responses(
         (status = 204, description = "Waiting again"),
+        (status = 400, description = "A parameter or the body does not parse", body = ErrorBody),
         (status = 401, description = "Not signed in", body = ErrorBody),
         (status = 403, description = "Not an operator", body = ErrorBody),
         (status = 404, description = "No such job", body = ErrorBody),
         (status = 409, description = "The job is not held under this lease (LEASE_LOST)", body = ErrorBody),
+        (status = 422, description = "A field breaks its rule", body = ErrorBody),
     ))]
 async fn release(
     State(app): State<Arc<App>>,

@@ -402,6 +402,81 @@ async fn idempotency_keys_give_one_answer_per_request() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_request_is_answered_again_as_it_was_first() {
+    for h in harnesses("idempotency_replay").await {
+        let admin = h.admin().await;
+        // (method, path, status, given again from the store). A 204 came back labelled JSON,
+        // and the framework's own refusals of a path or a method (whose first answer an outer
+        // layer renders as the error body) came back as plain text or nothing, labelled JSON.
+        let cases = [
+            (
+                "PUT",
+                "/api/v1/queues/replayed",
+                StatusCode::NO_CONTENT,
+                true,
+            ),
+            ("DELETE", "/api/v1/orders/999", StatusCode::NOT_FOUND, true),
+            // Refused before any handler ran: not kept, and refused the same way again.
+            (
+                "DELETE",
+                "/api/v1/orders/abc",
+                StatusCode::BAD_REQUEST,
+                false,
+            ),
+            (
+                "PUT",
+                "/api/v1/orders/5",
+                StatusCode::METHOD_NOT_ALLOWED,
+                false,
+            ),
+        ];
+        for (i, (method, path, status, kept)) in cases.into_iter().enumerate() {
+            let key = format!("replay-{i}");
+            let mut answers = Vec::new();
+            for _ in 0..2 {
+                let response = h
+                    .client
+                    .request(
+                        Method::from_bytes(method.as_bytes()).unwrap(),
+                        format!("{}{path}", h.base),
+                    )
+                    .bearer_auth(&admin)
+                    .header("idempotency-key", &key)
+                    .send()
+                    .await
+                    .unwrap();
+                let header = |name: &str| {
+                    response
+                        .headers()
+                        .get(name)
+                        .map(|v| v.to_str().unwrap().to_string())
+                };
+                let (content_type, replayed) =
+                    (header("content-type"), header("idempotent-replayed"));
+                let code = response.status();
+                let body = response.bytes().await.unwrap();
+                answers.push((code, content_type, replayed, body));
+            }
+            let (first, again) = (&answers[0], &answers[1]);
+            let context = format!("{} {method} {path}: {answers:?}", h.backend);
+            assert_eq!((first.0, again.0), (status, status), "{context}");
+            assert_eq!(first.2, None, "{context}");
+            assert_eq!(again.2.is_some(), kept, "{context}");
+            assert_eq!(again.1, first.1, "the same content type: {context}");
+            assert_eq!(again.3, first.3, "the same body, byte for byte: {context}");
+            if status == StatusCode::NO_CONTENT {
+                assert_eq!((&first.1, first.3.is_empty()), (&None, true), "{context}");
+            } else {
+                let error: serde_json::Value = serde_json::from_slice(&again.3)
+                    .unwrap_or_else(|e| panic!("not JSON ({e}): {context}"));
+                assert!(error["error"]["code"].is_string(), "{context}");
+            }
+        }
+        h.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_keyed_placement_cut_short_by_a_crash_is_settled_on_retry() {
     use sha2::{Digest, Sha256};
     let h = crate::Harness::start("sqlite", None, None, |_| {}).await;
@@ -544,4 +619,135 @@ async fn commands_racing_on_one_order_are_answered_or_refused_with_409() {
         held
     );
     h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn candles_liquidity_and_price_impact_describe_the_book() {
+    for h in harnesses("market_data").await {
+        let admin = h.admin().await;
+        h.market(&admin).await;
+        let (alice, alice_token) = h.user(&admin, "alice").await;
+        let (bob, bob_token) = h.user(&admin, "bob").await;
+        h.deposit(&admin, alice, "BTC", "1").await;
+        h.deposit(&admin, bob, "USDT", "100000").await;
+        for (token, side, price, qty, tif) in [
+            (&alice_token, "sell", "50000.00", "0.5", "GTC"),
+            (&alice_token, "sell", "50100.00", "0.5", "GTC"),
+            (&bob_token, "buy", "49000.00", "0.1", "GTC"),
+            (&bob_token, "buy", "50000.00", "0.2", "IOC"),
+        ] {
+            h.expect(
+                StatusCode::CREATED,
+                Method::POST,
+                "/api/v1/orders",
+                Some(token),
+                Some(json!({"market": "BTC-USDT", "side": side, "price": price, "qty": qty, "tif": tif})),
+            )
+            .await;
+        }
+        let harness = &h;
+        let get = |path: String| async move {
+            harness
+                .expect(StatusCode::OK, Method::GET, &path, None, None)
+                .await
+        };
+
+        let candles = get("/api/v1/markets/BTC-USDT/candles?interval=1m".into()).await;
+        assert_eq!(candles.as_array().unwrap().len(), 1, "{candles}");
+        let candle = &candles[0];
+        for field in ["open", "high", "low", "close"] {
+            assert_eq!(candle[field], "50000.00", "{field}: {candle}");
+        }
+        assert_eq!(
+            (
+                &candle["volume"],
+                &candle["quote_volume"],
+                &candle["trades"]
+            ),
+            (&json!("0.2000"), &json!("10000.000000"), &json!(1))
+        );
+        assert_eq!(candle["open_time"].as_i64().unwrap() % 60_000, 0);
+        let daily = get("/api/v1/markets/BTC-USDT/candles?interval=1d&limit=5".into()).await;
+        assert_eq!(daily[0]["trades"], 1);
+
+        // Mid 49,500: within 1% there is nothing (the best bid and ask are just outside),
+        // within 5% there is everything.
+        let narrow = get("/api/v1/markets/BTC-USDT/liquidity".into()).await;
+        assert_eq!(
+            narrow,
+            json!({"market": "BTC-USDT", "band_bps": 100, "mid": "49500.000",
+                   "bid_qty": "0.0000", "bid_notional": "0.000000",
+                   "ask_qty": "0.0000", "ask_notional": "0.000000"})
+        );
+        let wide = get("/api/v1/markets/BTC-USDT/liquidity?band_bps=500".into()).await;
+        assert_eq!(
+            (&wide["bid_qty"], &wide["bid_notional"]),
+            (&json!("0.1000"), &json!("4900.000000"))
+        );
+        assert_eq!(
+            (&wide["ask_qty"], &wide["ask_notional"]),
+            (&json!("0.8000"), &json!("40050.000000"))
+        );
+
+        // 20,000 USDT buys the 0.3 left at 50,000 and 998 lots at 50,100.
+        let impact =
+            get("/api/v1/markets/BTC-USDT/price-impact?side=buy&notional=20000".into()).await;
+        assert_eq!(
+            impact,
+            json!({"market": "BTC-USDT", "side": "buy", "filled_qty": "0.3998",
+                   "filled_notional": "19999.980000", "best_price": "50000.00",
+                   "worst_price": "50100.00", "complete": true, "impact_bps": "4"})
+        );
+        let thin =
+            get("/api/v1/markets/BTC-USDT/price-impact?side=sell&notional=1000000".into()).await;
+        assert_eq!(
+            (&thin["filled_qty"], &thin["complete"]),
+            (&json!("0.1000"), &json!(false))
+        );
+
+        // Each parameter's rule, with its field; an unknown market is 404.
+        for (path, field) in [
+            ("/candles?interval=2m", "interval"),
+            ("/candles?limit=0", "limit"),
+            ("/candles?limit=1441", "limit"),
+            ("/liquidity?band_bps=0", "band_bps"),
+            ("/liquidity?band_bps=10001", "band_bps"),
+            ("/price-impact?side=buy&notional=0", "notional"),
+            ("/price-impact?side=buy&notional=-5", "notional"),
+            ("/price-impact?side=buy&notional=1.0000001", "notional"),
+        ] {
+            let (status, body) = h
+                .call(
+                    Method::GET,
+                    &format!("/api/v1/markets/BTC-USDT{path}"),
+                    None,
+                    None,
+                )
+                .await;
+            assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{path}: {body}");
+            assert_eq!(body["error"]["field"], field, "{path}: {body}");
+        }
+        let (status, _) = h
+            .call(
+                Method::GET,
+                "/api/v1/markets/BTC-USDT/price-impact?side=up&notional=1",
+                None,
+                None,
+            )
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        for path in ["candles", "liquidity", "price-impact?side=buy&notional=1"] {
+            let (status, body) = h
+                .call(
+                    Method::GET,
+                    &format!("/api/v1/markets/NO-PE/{path}"),
+                    None,
+                    None,
+                )
+                .await;
+            assert_eq!(status, StatusCode::NOT_FOUND, "{path}: {body}");
+            assert_eq!(body["error"]["code"], "UNKNOWN_MARKET");
+        }
+        h.stop().await;
+    }
 }
