@@ -352,6 +352,21 @@ pub fn rejection(reason: CoreRejection) -> ApiError {
             ),
             None,
         ),
+        CoreRejection::MarketHalted => (
+            StatusCode::CONFLICT,
+            "the market is halted: it takes cancels but no new or modified orders until an operator resumes it".to_string(),
+            None,
+        ),
+        CoreRejection::UnknownWithdrawal => (
+            StatusCode::NOT_FOUND,
+            "unknown withdrawal".to_string(),
+            None,
+        ),
+        CoreRejection::DuplicateWithdrawal => (
+            StatusCode::CONFLICT,
+            "duplicate withdrawal".to_string(),
+            None,
+        ),
         other => (
             StatusCode::UNPROCESSABLE_ENTITY,
             other.code().to_lowercase().replace('_', " "),

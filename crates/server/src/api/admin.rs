@@ -1,5 +1,5 @@
 //! Administration: users, assets, markets, deposits and reputation. Every route needs the
-//! admin role.
+//! admin role, except halting and resuming a market, which operators may do.
 
 use std::sync::Arc;
 
@@ -33,6 +33,9 @@ pub(super) fn routes() -> OpenApiRouter<Arc<App>> {
         .routes(routes!(create_user, list_users))
         .routes(routes!(create_asset))
         .routes(routes!(create_market))
+        .routes(routes!(update_market))
+        .routes(routes!(halt_market))
+        .routes(routes!(resume_market))
         .routes(routes!(deposit))
         .routes(routes!(set_reputation))
 }
@@ -371,6 +374,124 @@ async fn create_market(
     Ok(created(view.ok_or_else(|| {
         ApiError::internal("a created market is missing")
     })?))
+}
+
+/// A change to a market's terms; fields left out stay as they are.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MarketUpdate {
+    /// Resting side's fee, basis points (at most 1000).
+    #[schema(maximum = 1000)]
+    pub maker_fee_bps: Option<u32>,
+    /// Incoming side's fee, basis points.
+    #[schema(maximum = 1000)]
+    pub taker_fee_bps: Option<u32>,
+}
+
+#[utoipa::path(patch, path = "/api/v1/admin/markets/{market}", tag = "admin",
+    summary = "Change a market's fees (they apply from the next trade)",
+    security(("session" = []), ("api_key" = [])),
+    params(("market" = String, Path, description = "Market symbol, BASE-QUOTE")),
+    request_body = MarketUpdate,
+    responses(
+        (status = 200, description = "Changed and durable", body = MarketView),
+        (status = 401, description = "Not signed in", body = ErrorBody),
+        (status = 403, description = "Not an admin", body = ErrorBody),
+        (status = 404, description = "No such market", body = ErrorBody),
+        (status = 422, description = "A field breaks its rule", body = ErrorBody),
+    ))]
+async fn update_market(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    Path(symbol): Path<String>,
+    Body(update): Body<MarketUpdate>,
+) -> Result<Json<MarketView>, ApiError> {
+    caller.require(Role::Admin)?;
+    let (id, _) = find_market(&app, &symbol).await?;
+    if update.maker_fee_bps.is_none() && update.taker_fee_bps.is_none() {
+        return Err(ApiError::invalid(
+            "NOTHING_TO_CHANGE",
+            "maker_fee_bps",
+            "name at least one of maker_fee_bps and taker_fee_bps",
+        ));
+    }
+    for (field, value) in [
+        ("maker_fee_bps", update.maker_fee_bps),
+        ("taker_fee_bps", update.taker_fee_bps),
+    ] {
+        if value.is_some_and(|v| v > agora_core::limits::FEE_BPS_MAX) {
+            return Err(ApiError::invalid(
+                "INVALID_FEE",
+                field,
+                format!(
+                    "{field} must be at most {}",
+                    agora_core::limits::FEE_BPS_MAX
+                ),
+            ));
+        }
+    }
+    let current = app
+        .read(move |state| state.market(id).map(|c| (c.maker_fee_bps, c.taker_fee_bps)))
+        .await?
+        .ok_or_else(|| ApiError::not_found("UNKNOWN_MARKET", "no such market"))?;
+    app.submit(CoreCommand::SetMarketFees {
+        market: id,
+        maker_fee_bps: update.maker_fee_bps.unwrap_or(current.0),
+        taker_fee_bps: update.taker_fee_bps.unwrap_or(current.1),
+    })
+    .await?;
+    market_answer(&app, id).await
+}
+
+async fn market_answer(app: &App, id: book::MarketId) -> Result<Json<MarketView>, ApiError> {
+    app.read(move |state| market_view(state, id))
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::internal("a known market is missing"))
+}
+
+#[utoipa::path(post, path = "/api/v1/admin/markets/{market}/halt", tag = "admin",
+    summary = "Halt a market: no new or modified orders, cancels still taken",
+    description = "Needs the operator role. Halting a halted market changes nothing.",
+    security(("session" = []), ("api_key" = [])),
+    params(("market" = String, Path, description = "Market symbol, BASE-QUOTE")),
+    responses(
+        (status = 200, description = "Halted and durable", body = MarketView),
+        (status = 401, description = "Not signed in", body = ErrorBody),
+        (status = 403, description = "Not an operator", body = ErrorBody),
+        (status = 404, description = "No such market", body = ErrorBody),
+    ))]
+async fn halt_market(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    Path(symbol): Path<String>,
+) -> Result<Json<MarketView>, ApiError> {
+    caller.require(Role::Operator)?;
+    let (id, _) = find_market(&app, &symbol).await?;
+    app.submit(CoreCommand::HaltMarket { market: id }).await?;
+    market_answer(&app, id).await
+}
+
+#[utoipa::path(post, path = "/api/v1/admin/markets/{market}/resume", tag = "admin",
+    summary = "Resume a halted market",
+    description = "Needs the operator role. Resuming an active market changes nothing.",
+    security(("session" = []), ("api_key" = [])),
+    params(("market" = String, Path, description = "Market symbol, BASE-QUOTE")),
+    responses(
+        (status = 200, description = "Resumed and durable", body = MarketView),
+        (status = 401, description = "Not signed in", body = ErrorBody),
+        (status = 403, description = "Not an operator", body = ErrorBody),
+        (status = 404, description = "No such market", body = ErrorBody),
+    ))]
+async fn resume_market(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    Path(symbol): Path<String>,
+) -> Result<Json<MarketView>, ApiError> {
+    caller.require(Role::Operator)?;
+    let (id, _) = find_market(&app, &symbol).await?;
+    app.submit(CoreCommand::ResumeMarket { market: id }).await?;
+    market_answer(&app, id).await
 }
 
 /// Funds arriving for a user.

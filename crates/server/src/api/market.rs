@@ -75,6 +75,8 @@ pub struct MarketView {
     pub max_qty: Option<String>,
     /// Payment methods orders may name.
     pub payment_methods: Vec<String>,
+    /// `active`, or `halted`: no new or modified orders, cancels still taken.
+    pub status: String,
 }
 
 /// The market an id names, as the API shows it.
@@ -102,6 +104,7 @@ pub fn market_view(state: &agora_core::State, market: MarketId) -> Option<Market
         min_qty: spec.min_qty.map(|q| qty_text(spec, q)),
         max_qty: spec.max_qty.map(|q| qty_text(spec, q)),
         payment_methods: spec.payment_methods.clone(),
+        status: if config.halted { "halted" } else { "active" }.into(),
     })
 }
 

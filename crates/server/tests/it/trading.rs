@@ -751,3 +751,207 @@ async fn candles_liquidity_and_price_impact_describe_the_book() {
         h.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_halted_market_takes_cancels_but_no_orders_until_resumed() {
+    for h in harnesses("halt_resume").await {
+        let admin = h.admin().await;
+        h.market(&admin).await;
+        let (alice, alice_token) = h.user(&admin, "alice").await;
+        let (bob, bob_token) = h.user(&admin, "bob").await;
+        h.deposit(&admin, alice, "BTC", "1").await;
+        h.deposit(&admin, bob, "USDT", "100000").await;
+        h.expect(
+            StatusCode::CREATED,
+            Method::POST,
+            "/api/v1/admin/users",
+            Some(&admin),
+            Some(json!({"username": "olga", "password": "olga-password", "role": "operator"})),
+        )
+        .await;
+        let olga = h.login("olga", "olga-password").await;
+        let sell = |price: &str| json!({"market": "BTC-USDT", "side": "sell", "price": price, "qty": "0.1"});
+        let resting = h
+            .expect(
+                StatusCode::CREATED,
+                Method::POST,
+                "/api/v1/orders",
+                Some(&alice_token),
+                Some(sell("50000")),
+            )
+            .await["order"]["id"]
+            .as_u64()
+            .unwrap();
+        let second = h
+            .expect(
+                StatusCode::CREATED,
+                Method::POST,
+                "/api/v1/orders",
+                Some(&alice_token),
+                Some(sell("50001")),
+            )
+            .await["order"]["id"]
+            .as_u64()
+            .unwrap();
+
+        // Users cannot halt; unknown markets are 404; an operator can, twice over.
+        let (status, body) = h
+            .call(
+                Method::POST,
+                "/api/v1/admin/markets/BTC-USDT/halt",
+                Some(&alice_token),
+                None,
+            )
+            .await;
+        assert_eq!(
+            (status, &body["error"]["code"]),
+            (StatusCode::FORBIDDEN, &json!("FORBIDDEN")),
+            "{body}"
+        );
+        let (status, body) = h
+            .call(
+                Method::POST,
+                "/api/v1/admin/markets/ETH-USDT/halt",
+                Some(&olga),
+                None,
+            )
+            .await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+        for _ in 0..2 {
+            let view = h
+                .expect(
+                    StatusCode::OK,
+                    Method::POST,
+                    "/api/v1/admin/markets/BTC-USDT/halt",
+                    Some(&olga),
+                    None,
+                )
+                .await;
+            assert_eq!(view["status"], "halted", "{view}");
+        }
+        let listed = h
+            .expect(
+                StatusCode::OK,
+                Method::GET,
+                "/api/v1/markets/BTC-USDT",
+                None,
+                None,
+            )
+            .await;
+        assert_eq!(listed["status"], "halted", "{}", h.backend);
+
+        // Halted: placements and modifications are 409 MARKET_HALTED and hold nothing.
+        let before = balance(&h, &bob_token, "USDT").await;
+        let buy = json!({"market": "BTC-USDT", "side": "buy", "price": "50000", "qty": "0.1", "tif": "IOC"});
+        let (status, body) = h
+            .call(
+                Method::POST,
+                "/api/v1/orders",
+                Some(&bob_token),
+                Some(buy.clone()),
+            )
+            .await;
+        assert_eq!(
+            (status, &body["error"]["code"]),
+            (StatusCode::CONFLICT, &json!("MARKET_HALTED")),
+            "{body}"
+        );
+        assert_eq!(balance(&h, &bob_token, "USDT").await, before);
+        let (status, body) = h
+            .call(
+                Method::PATCH,
+                &format!("/api/v1/orders/{resting}"),
+                Some(&alice_token),
+                Some(json!({"qty": "0.05"})),
+            )
+            .await;
+        assert_eq!(
+            (status, &body["error"]["code"]),
+            (StatusCode::CONFLICT, &json!("MARKET_HALTED")),
+            "{body}"
+        );
+        // A cancel still goes through and releases its hold.
+        h.expect(
+            StatusCode::OK,
+            Method::DELETE,
+            &format!("/api/v1/orders/{second}"),
+            Some(&alice_token),
+            None,
+        )
+        .await;
+        assert_eq!(
+            balance(&h, &alice_token, "BTC").await,
+            ("0.90000000".into(), "0.10000000".into())
+        );
+
+        // Fees change (admins only, bounded, field named), then the market resumes and the
+        // next trade pays the new taker fee: 0.1 BTC less 50 bps.
+        let fees = json!({"taker_fee_bps": 50});
+        let (status, _) = h
+            .call(
+                Method::PATCH,
+                "/api/v1/admin/markets/BTC-USDT",
+                Some(&olga),
+                Some(fees.clone()),
+            )
+            .await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        for (body, field) in [
+            (json!({"maker_fee_bps": 1_000_000}), "maker_fee_bps"),
+            (json!({}), "maker_fee_bps"),
+        ] {
+            let (status, error) = h
+                .call(
+                    Method::PATCH,
+                    "/api/v1/admin/markets/BTC-USDT",
+                    Some(&admin),
+                    Some(body),
+                )
+                .await;
+            assert_eq!(
+                (status, &error["error"]["field"]),
+                (StatusCode::UNPROCESSABLE_ENTITY, &json!(field)),
+                "{error}"
+            );
+        }
+        let view = h
+            .expect(
+                StatusCode::OK,
+                Method::PATCH,
+                "/api/v1/admin/markets/BTC-USDT",
+                Some(&admin),
+                Some(fees),
+            )
+            .await;
+        assert_eq!(
+            (
+                view["maker_fee_bps"].as_u64(),
+                view["taker_fee_bps"].as_u64()
+            ),
+            (Some(10), Some(50)),
+            "{view}"
+        );
+        let view = h
+            .expect(
+                StatusCode::OK,
+                Method::POST,
+                "/api/v1/admin/markets/BTC-USDT/resume",
+                Some(&olga),
+                None,
+            )
+            .await;
+        assert_eq!(view["status"], "active");
+        let bought = h
+            .expect(
+                StatusCode::CREATED,
+                Method::POST,
+                "/api/v1/orders",
+                Some(&bob_token),
+                Some(buy),
+            )
+            .await;
+        assert_eq!(bought["order"]["status"], "filled", "{bought}");
+        assert_eq!(balance(&h, &bob_token, "BTC").await.0, "0.09950000");
+        h.stop().await;
+    }
+}
