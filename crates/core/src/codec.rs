@@ -48,7 +48,9 @@ mod tag {
     pub const MODIFY: u8 = 10;
     pub const CANCEL_ALL: u8 = 11;
     pub const ADVANCE_TIME: u8 = 12;
-    // 13 to 19 are left for withdrawal and settlement commands.
+    /// A withdrawal request with its destination; tag 4 (without one) is still read.
+    pub const REQUEST_WITHDRAWAL_TO: u8 = 13;
+    // 14 to 19 are left for withdrawal and settlement commands.
     pub const HALT_MARKET: u8 = 20;
     pub const RESUME_MARKET: u8 = 21;
     pub const SET_MARKET_FEES: u8 = 22;
@@ -119,12 +121,23 @@ pub fn encode(command: &CoreCommand, out: &mut Vec<u8>) {
             user,
             asset,
             amount,
+            destination,
         } => {
-            w.u8(tag::REQUEST_WITHDRAWAL);
+            // Without a destination, the older tag: every command encodes back to the bytes
+            // it was read from, so the audit chain's digests of old journals still match.
+            let with_destination = !destination.is_empty();
+            w.u8(if with_destination {
+                tag::REQUEST_WITHDRAWAL_TO
+            } else {
+                tag::REQUEST_WITHDRAWAL
+            });
             w.u64(*id);
             w.u64(*user);
             w.u32(*asset);
             w.u128(*amount);
+            if with_destination {
+                w.str(destination);
+            }
         }
         CoreCommand::CompleteWithdrawal { id } => {
             w.u8(tag::COMPLETE_WITHDRAWAL);
@@ -439,6 +452,14 @@ impl<'a> Reader<'a> {
                 user: self.u64()?,
                 asset: self.u32()?,
                 amount: self.u128()?,
+                destination: String::new(),
+            },
+            tag::REQUEST_WITHDRAWAL_TO => CoreCommand::RequestWithdrawal {
+                id: self.u64()?,
+                user: self.u64()?,
+                asset: self.u32()?,
+                amount: self.u128()?,
+                destination: self.str()?,
             },
             tag::COMPLETE_WITHDRAWAL => CoreCommand::CompleteWithdrawal { id: self.u64()? },
             tag::CANCEL_WITHDRAWAL => CoreCommand::CancelWithdrawal { id: self.u64()? },

@@ -42,6 +42,9 @@ pub mod limits {
     pub const FEE_BPS_MAX: u32 = 1_000;
     /// Pending withdrawals in the whole system.
     pub const WITHDRAWALS_PENDING_MAX: usize = 1_000_000;
+    /// Longest withdrawal destination (an account or address), in bytes; the journal codec
+    /// reads no longer string.
+    pub const DESTINATION_BYTES_MAX: usize = 256;
     /// Live orders (resting or armed) of one user across all markets.
     pub const OPEN_ORDERS_PER_USER_MAX: u32 = 50_000;
 }
@@ -91,6 +94,10 @@ pub enum CoreCommand {
         asset: AssetId,
         /// Amount.
         amount: Amount,
+        /// Where the funds go (an account or address), as the user gave it; at most
+        /// [`limits::DESTINATION_BYTES_MAX`] bytes. Empty in journals written before it was
+        /// recorded.
+        destination: String,
     },
     /// The withdrawal was paid out: the held funds leave the ledger.
     CompleteWithdrawal {
@@ -182,6 +189,8 @@ pub enum CoreRejection {
     TooManyOpenOrders,
     /// The market is halted: it takes no placements or modifications.
     MarketHalted,
+    /// A withdrawal destination over [`limits::DESTINATION_BYTES_MAX`] bytes.
+    InvalidDestination,
 }
 
 impl CoreRejection {
@@ -199,6 +208,7 @@ impl CoreRejection {
             CoreRejection::TooManyWithdrawals => "TOO_MANY_WITHDRAWALS",
             CoreRejection::TooManyOpenOrders => "TOO_MANY_OPEN_ORDERS",
             CoreRejection::MarketHalted => "MARKET_HALTED",
+            CoreRejection::InvalidDestination => "INVALID_DESTINATION",
         }
     }
 }
@@ -416,7 +426,11 @@ impl State {
                 user,
                 asset,
                 amount,
+                destination,
             } => {
+                if destination.len() > limits::DESTINATION_BYTES_MAX {
+                    return Err(CoreRejection::InvalidDestination);
+                }
                 if self.withdrawals.contains_key(id) {
                     return Err(CoreRejection::DuplicateWithdrawal);
                 }

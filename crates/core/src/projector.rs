@@ -1,5 +1,5 @@
-//! The projector: turns the journal into read models (orders, trades, balance changes) and
-//! the hash-chained audit trail, exactly once.
+//! The projector: turns the journal into read models (orders, trades, balance changes,
+//! withdrawals) and the hash-chained audit trail, exactly once.
 //!
 //! It keeps its own copy of the state, replaying the journal as the sequencer did, so it needs
 //! nothing from the sequencer and can run behind it, after it, or alone to rebuild the tables.
@@ -13,7 +13,9 @@ use book::{Event, MarketId, OrderId, Side};
 use ledger::{Bucket, Owner};
 use rustc_hash::FxHashMap;
 use sha2::{Digest, Sha256};
-use store::{AuditRow, BalanceRow, OrderRow, ProjectionBatch, Store, TradeRow, audit_hash};
+use store::{
+    AuditRow, BalanceRow, OrderRow, ProjectionBatch, Store, TradeRow, WithdrawalRow, audit_hash,
+};
 
 use crate::codec;
 use crate::sequencer::RecoveryError;
@@ -42,6 +44,8 @@ pub struct Projector {
     state: State,
     seq: u64,
     orders: FxHashMap<(MarketId, OrderId), OrderTrack>,
+    /// Pending withdrawals' rows, to write again when they complete or are cancelled.
+    withdrawals: FxHashMap<u64, WithdrawalRow>,
     audit_head: [u8; 32],
 }
 
@@ -85,6 +89,7 @@ fn command_detail(command: &CoreCommand) -> String {
             user,
             asset,
             amount,
+            ..
         } => {
             format!("withdrawal {id} user {user} asset {asset} amount {amount}")
         }
@@ -147,6 +152,7 @@ impl Projector {
             state: State::new(),
             seq: 0,
             orders: FxHashMap::default(),
+            withdrawals: FxHashMap::default(),
             audit_head: [0; 32],
         };
         // Replays the already-projected commands to rebuild the state, the live orders and the
@@ -385,6 +391,40 @@ impl Projector {
                 },
                 delta: posting.delta,
             });
+        }
+        match command {
+            CoreCommand::RequestWithdrawal {
+                id,
+                user,
+                asset,
+                amount,
+                destination,
+            } => {
+                let row = WithdrawalRow {
+                    id: *id,
+                    user: *user,
+                    asset: *asset,
+                    amount: *amount,
+                    destination: destination.clone(),
+                    status: "pending",
+                    requested_seq: seq,
+                    updated_seq: seq,
+                };
+                rows.withdrawals.push(row.clone());
+                self.withdrawals.insert(*id, row);
+            }
+            CoreCommand::CompleteWithdrawal { id } | CoreCommand::CancelWithdrawal { id } => {
+                // The core accepted it, so the withdrawal was pending.
+                if let Some(mut row) = self.withdrawals.remove(id) {
+                    row.status = match command {
+                        CoreCommand::CompleteWithdrawal { .. } => "completed",
+                        _ => "cancelled",
+                    };
+                    row.updated_seq = seq;
+                    rows.withdrawals.push(row);
+                }
+            }
+            _ => {}
         }
         let kind = command_kind(command);
         let detail = command_detail(command);

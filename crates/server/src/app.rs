@@ -47,6 +47,7 @@ pub struct App {
     /// Prometheus rendering of every metric of the process.
     pub metrics: PrometheusHandle,
     next_order_id: AtomicU64,
+    next_withdrawal_id: AtomicU64,
     last_acked: AtomicU64,
     projector_wake: Notify,
     projected: watch::Receiver<u64>,
@@ -166,6 +167,8 @@ impl App {
             .max(live_max)
             .max(store.max_pending_order_id().await?)
             + 1;
+        // The projector has caught up, so the read model holds every journaled withdrawal.
+        let next_withdrawal_id = store.max_withdrawal_id().await? + 1;
         let secret = jwt_secret(&config)?;
         let auth = Authenticator::new(
             &secret,
@@ -188,6 +191,7 @@ impl App {
             auth,
             metrics: metrics_handle(),
             next_order_id: AtomicU64::new(next_order_id),
+            next_withdrawal_id: AtomicU64::new(next_withdrawal_id),
             last_acked: AtomicU64::new(recovery.seq),
             projector_wake: Notify::new(),
             projected,
@@ -217,6 +221,11 @@ impl App {
     /// A fresh order id, never used before.
     pub fn next_order_id(&self) -> u64 {
         self.next_order_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// A fresh withdrawal id, never used before.
+    pub fn next_withdrawal_id(&self) -> u64 {
+        self.next_withdrawal_id.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Sequences a command: durable when this returns `Ok`.

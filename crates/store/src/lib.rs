@@ -28,6 +28,7 @@ pub use queue::{
     JobListener, JobRow, NewJob, PARENT_CHAIN_MAX, ParentChange, ParentRef, QueueKeep, ScheduleRow,
     Settled, StateCount, Tx,
 };
+pub use withdrawals::{WITHDRAWAL_STATUSES, WithdrawalFilter, WithdrawalRow};
 
 /// Named bounds.
 pub mod limits {
@@ -328,6 +329,8 @@ pub struct ProjectionBatch {
     pub balances: Vec<BalanceRow>,
     /// New audit entries.
     pub audit: Vec<AuditRow>,
+    /// Withdrawals requested or changed (upserted).
+    pub withdrawals: Vec<WithdrawalRow>,
 }
 
 /// The outcome of checking the audit chain.
@@ -390,6 +393,7 @@ macro_rules! on_writer {
 mod accounts;
 mod idempotency;
 mod queue;
+mod withdrawals;
 
 /// The store. Cheap to share behind an `Arc`; appends must come from one writer at a time.
 pub struct Store {
@@ -969,6 +973,27 @@ impl Store {
                 });
                 query.build().execute(&mut *tx).await?;
             }
+            for chunk in batch.withdrawals.chunks(INSERT_ROWS_MAX) {
+                let mut query = sqlx::QueryBuilder::new(
+                    "INSERT INTO withdrawals (id, user_id, asset, amount, destination, status, requested_seq, updated_seq) ",
+                );
+                query.push_values(chunk, |mut row, withdrawal| {
+                    row.push_bind(withdrawal.id as i64)
+                        .push_bind(withdrawal.user as i64)
+                        .push_bind(i64::from(withdrawal.asset))
+                        .push_bind(withdrawal.amount.to_string())
+                        .push_bind(withdrawal.destination.clone())
+                        .push_bind(withdrawal.status)
+                        .push_bind(to_db(withdrawal.requested_seq))
+                        .push_bind(to_db(withdrawal.updated_seq));
+                });
+                query.push(
+                    // The server never uses an id twice, but the core only needs it unique among
+                    // pending withdrawals: a reused id's row describes its latest use.
+                    " ON CONFLICT (id) DO UPDATE SET user_id = excluded.user_id, asset = excluded.asset, amount = excluded.amount, destination = excluded.destination, status = excluded.status, requested_seq = excluded.requested_seq, updated_seq = excluded.updated_seq",
+                );
+                query.build().execute(&mut *tx).await?;
+            }
             sqlx::query("INSERT INTO projection_offsets (name, seq) VALUES ($1, $2) ON CONFLICT (name) DO UPDATE SET seq = excluded.seq")
                 .bind(name)
                 .bind(to_db(batch.last_seq))
@@ -983,7 +1008,7 @@ impl Store {
     pub async fn reset_projection(&self, name: &str) -> Result<(), StoreError> {
         on_writer!(self, pool => {
             let mut tx = pool.begin().await?;
-            for sql in ["DELETE FROM orders", "DELETE FROM trades", "DELETE FROM balance_changes", "DELETE FROM audit"] {
+            for sql in ["DELETE FROM orders", "DELETE FROM trades", "DELETE FROM balance_changes", "DELETE FROM audit", "DELETE FROM withdrawals"] {
                 sqlx::query(sql).execute(&mut *tx).await?;
             }
             sqlx::query("DELETE FROM projection_offsets WHERE name = $1").bind(name).execute(&mut *tx).await?;

@@ -155,14 +155,23 @@ fn command() -> impl Strategy<Value = CoreCommand> {
                 amount,
             }
         }),
-        (any::<u64>(), any::<u64>(), any::<u32>(), any::<u128>()).prop_map(
-            |(id, user, asset, amount)| CoreCommand::RequestWithdrawal {
-                id,
-                user,
-                asset,
-                amount
-            }
-        ),
+        (
+            any::<u64>(),
+            any::<u64>(),
+            any::<u32>(),
+            any::<u128>(),
+            // Empty (journals before destinations were kept) and up to the longest.
+            "[ -~]{0,256}"
+        )
+            .prop_map(|(id, user, asset, amount, destination)| {
+                CoreCommand::RequestWithdrawal {
+                    id,
+                    user,
+                    asset,
+                    amount,
+                    destination,
+                }
+            }),
         any::<u64>().prop_map(|id| CoreCommand::CompleteWithdrawal { id }),
         any::<u64>().prop_map(|id| CoreCommand::CancelWithdrawal { id }),
         (any::<u64>(), any::<u32>())

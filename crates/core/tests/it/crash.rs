@@ -96,6 +96,7 @@ fn crash_child() {
                             user,
                             asset: 1,
                             amount: 1 + n as u128 % 100,
+                            destination: "bank:DE00 1234".into(),
                         },
                         2 => CoreCommand::CompleteWithdrawal { id: id - 1 },
                         // Cancels the order placed four commands earlier.

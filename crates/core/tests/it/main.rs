@@ -193,6 +193,7 @@ fn refusals_change_nothing() {
                 user: 1,
                 asset: USD,
                 amount: 1_000_000_000,
+                destination: "bank:DE00 1234".into(),
             },
             CoreRejection::Ledger(Rejection::InsufficientFunds),
         ),
@@ -305,6 +306,7 @@ fn withdrawals_hold_then_leave_or_return() {
             user: 1,
             asset: BTC,
             amount: 600,
+            destination: "bank:DE00 1234".into(),
         },
     )
     .unwrap();
@@ -315,12 +317,30 @@ fn withdrawals_hold_then_leave_or_return() {
                 id: 1,
                 user: 1,
                 asset: BTC,
-                amount: 1
+                amount: 1,
+                destination: "bank:DE00 1234".into(),
             }
         )
         .unwrap_err(),
         CoreRejection::DuplicateWithdrawal
     );
+    // A destination longer than the journal keeps is refused, holding nothing.
+    let before = state.state_hash();
+    assert_eq!(
+        run(
+            &mut state,
+            CoreCommand::RequestWithdrawal {
+                id: 3,
+                user: 1,
+                asset: BTC,
+                amount: 1,
+                destination: "x".repeat(agora_core::limits::DESTINATION_BYTES_MAX + 1),
+            }
+        )
+        .unwrap_err(),
+        CoreRejection::InvalidDestination
+    );
+    assert_eq!(state.state_hash(), before);
     run(
         &mut state,
         CoreCommand::RequestWithdrawal {
@@ -328,6 +348,7 @@ fn withdrawals_hold_then_leave_or_return() {
             user: 1,
             asset: BTC,
             amount: 400,
+            destination: "bank:DE00 1234".into(),
         },
     )
     .unwrap();
@@ -450,6 +471,7 @@ proptest! {
                         user,
                         asset: if btc { BTC } else { USD },
                         amount: u128::from(amount) * 1_000_000,
+                        destination: format!("bank:{user}"),
                     }
                 }
             };
@@ -526,6 +548,7 @@ fn damaged_core_snapshots_are_errors() {
             user: 1,
             asset: BTC,
             amount: 5,
+            destination: "bank:DE00 1234".into(),
         },
     )
     .unwrap();

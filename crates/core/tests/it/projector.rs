@@ -69,9 +69,37 @@ fn commands() -> Vec<CoreCommand> {
         user: 1,
         asset: 1,
         amount: 5,
+        destination: "bank:DE00 1234".into(),
     });
     commands.push(CoreCommand::CompleteWithdrawal { id: 1 });
+    commands.push(CoreCommand::RequestWithdrawal {
+        id: 2,
+        user: 2,
+        asset: 1,
+        amount: 3,
+        destination: "wallet:bc1q".into(),
+    });
+    // Without a destination, as journals written before destinations were kept.
+    commands.push(CoreCommand::RequestWithdrawal {
+        id: 3,
+        user: 1,
+        asset: 1,
+        amount: 1,
+        destination: String::new(),
+    });
+    commands.push(CoreCommand::CancelWithdrawal { id: 3 });
     commands
+}
+
+/// The withdrawals read model as (id, user, amount, destination, status), newest first.
+async fn withdrawal_rows(store: &Store) -> Vec<(u64, u64, u128, String, &'static str)> {
+    store
+        .withdrawals(&store::WithdrawalFilter::default(), 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|w| (w.id, w.user, w.amount, w.destination, w.status))
+        .collect()
 }
 
 async fn journal(
@@ -165,6 +193,28 @@ async fn read_models_agree_with_the_state_exactly_once_and_rebuild_the_same() {
         );
         let audit = store.verify_audit(Some(&digests)).await.unwrap();
         assert_eq!((audit.entries, audit.problem), (digests.len() as u64, None));
+        let withdrawals = withdrawal_rows(&store).await;
+        assert_eq!(
+            withdrawals,
+            vec![
+                (3, 1, 1, String::new(), "cancelled"),
+                (2, 2, 3, "wallet:bc1q".into(), "pending"),
+                (1, 1, 5, "bank:DE00 1234".into(), "completed"),
+            ]
+        );
+        let pending = store
+            .withdrawals(
+                &store::WithdrawalFilter {
+                    user: Some(2),
+                    status: Some("pending"),
+                    before_id: None,
+                },
+                10,
+            )
+            .await
+            .unwrap();
+        assert_eq!(pending.iter().map(|w| w.id).collect::<Vec<_>>(), [2]);
+        assert_eq!(store.max_withdrawal_id().await.unwrap(), 3);
 
         // Rebuilt from the journal, the read models come out the same.
         store.reset_projection(PROJECTION).await.unwrap();
@@ -173,6 +223,7 @@ async fn read_models_agree_with_the_state_exactly_once_and_rebuild_the_same() {
         assert_eq!(store.projection_counts().await.unwrap(), counts);
         assert_eq!(store.projected_balances().await.unwrap(), balances);
         assert_eq!(store.order_statuses().await.unwrap(), statuses);
+        assert_eq!(withdrawal_rows(&store).await, withdrawals);
         assert_eq!(
             store.verify_audit(Some(&digests)).await.unwrap().head,
             audit.head

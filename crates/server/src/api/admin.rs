@@ -223,7 +223,11 @@ async fn create_asset(
 }
 
 /// The id and decimals of the asset with this symbol; 422 `UNKNOWN_ASSET` on `field`.
-async fn asset_by_symbol(app: &App, symbol: &str, field: &str) -> Result<(u32, u32), ApiError> {
+pub(super) async fn asset_by_symbol(
+    app: &App,
+    symbol: &str,
+    field: &str,
+) -> Result<(u32, u32), ApiError> {
     let wanted = symbol.to_string();
     app.read(move |state| {
         state

@@ -36,6 +36,7 @@ pub use account::balances_of;
 pub use market::find_market;
 pub use orders::{recovered_placement, ws_command};
 mod queue;
+mod withdrawals;
 
 /// Shared state of the handlers.
 pub type AppState = State<Arc<App>>;
@@ -90,6 +91,7 @@ pub fn routes() -> (Router<Arc<App>>, utoipa::openapi::OpenApi) {
         .merge(orders::routes())
         .merge(admin::routes())
         .merge(queue::routes())
+        .merge(withdrawals::routes())
         .routes(utoipa_axum::routes!(crate::ws::upgrade))
         .split_for_parts()
 }

@@ -13,6 +13,7 @@ mod errors;
 mod openapi;
 mod queue;
 mod trading;
+mod withdrawals;
 mod ws;
 
 /// The session-signing secret of every test server, so that tests can forge tokens.
