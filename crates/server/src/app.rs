@@ -59,6 +59,8 @@ pub struct App {
     pub in_flight: crate::idempotency::InFlight,
     /// Rate limits per address and per user.
     pub rate_limits: crate::limit::RateLimits,
+    /// Requests in flight, admitted by priority class.
+    pub requests: crate::admission::InFlightRequests,
     /// Every market's spec, by id. Specs never change once created, so this is filled from
     /// the state on a miss and never invalidated.
     markets: std::sync::RwLock<Vec<book::MarketSpec>>,
@@ -182,6 +184,7 @@ impl App {
         let app = Arc::new(App {
             queue: queue::Queue::new(store.clone()),
             rate_limits: crate::limit::RateLimits::new(&config.limits),
+            requests: crate::admission::InFlightRequests::default(),
             in_flight: Default::default(),
             closing: watch::channel(false).0,
             feed: tokio::sync::broadcast::channel(crate::ws::limits::FEED_BATCHES).0,

@@ -1,9 +1,10 @@
 //! The HTTP surface: one router, its layers in one place, and the OpenAPI document that is
 //! generated from the handlers' own annotations (a route without one is not registered).
 //!
-//! Layers, outermost first: request id and access log, HTTP metrics, load shedding
-//! (`limits.requests_in_flight_max` requests at once, then 503 `OVERLOADED`), the request
-//! timeout (503 `TIMEOUT`), the body limit, authentication, which puts a [`Caller`] into the
+//! Layers, outermost first: request id and access log, HTTP metrics, admission by priority
+//! class (`crate::admission`: the lowest classes are shed first, with 503 `OVERLOADED`, as
+//! the requests in flight near `limits.requests_in_flight_max`), the request timeout (503
+//! `TIMEOUT`), the body limit, authentication, which puts a [`Caller`] into the
 //! request when it carries valid credentials and refuses it with 401 when it carries invalid
 //! ones, the rate limits per address and per user (429 `RATE_LIMITED`), then idempotency keys
 //! (`crate::idempotency`).
@@ -134,19 +135,16 @@ pub fn router(app: Arc<App>) -> Router {
                 .layer(HandleErrorLayer::new(|error: tower::BoxError| async move {
                     if error.is::<tower::timeout::error::Elapsed>() {
                         ApiError::unavailable("TIMEOUT", "the request took too long")
-                    } else if error.is::<tower::load_shed::error::Overloaded>() {
-                        ApiError::unavailable(
-                            "OVERLOADED",
-                            "the server is at capacity; retry shortly",
-                        )
                     } else {
                         ApiError::internal(error)
                     }
                 }))
-                .load_shed()
-                .concurrency_limit(limits.requests_in_flight_max)
                 .timeout(Duration::from_millis(limits.request_timeout_ms)),
         )
+        .layer(middleware::from_fn_with_state(
+            app.clone(),
+            crate::admission::admission,
+        ))
         .layer(middleware::from_fn(observe))
         .with_state(app)
 }

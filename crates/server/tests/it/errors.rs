@@ -338,6 +338,119 @@ async fn overload_is_shed_with_503_not_queued() {
     h.stop().await;
 }
 
+/// A placement whose body never finishes arriving: it stays in flight (admitted, its handler
+/// waiting for the body) until the socket is dropped.
+async fn stalled_placement(h: &Harness, token: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let address = h.base.trim_start_matches("http://");
+    let mut socket = tokio::net::TcpStream::connect(address).await.unwrap();
+    let head = format!(
+        "POST /api/v1/orders HTTP/1.1\r\nhost: {address}\r\nauthorization: Bearer {token}\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{{\"market\""
+    );
+    socket.write_all(head.as_bytes()).await.unwrap();
+    socket
+}
+
+/// The requests in flight besides the one asking: the server's
+/// `agora_http_requests_in_flight` gauge, less one.
+async fn in_flight(h: &Harness) -> i64 {
+    let text = h
+        .client
+        .get(format!("{}/metrics", h.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix("agora_http_requests_in_flight "))
+        .map_or(0, |v| v.trim().parse::<f64>().unwrap() as i64 - 1)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_load_the_lowest_priority_classes_are_shed_first() {
+    let h = Harness::start("sqlite", None, None, |config| {
+        config.limits.requests_in_flight_max = 20;
+        config.limits.request_timeout_ms = 60_000;
+    })
+    .await;
+    let admin = h.admin().await;
+    h.market(&admin).await;
+    let status = |method: Method, path: &'static str, body: Option<Value>| {
+        let h = &h;
+        let admin = admin.clone();
+        async move {
+            let (status, answer) = h.call(method, path, Some(&admin), body).await;
+            if status == StatusCode::SERVICE_UNAVAILABLE {
+                assert_eq!(answer["error"]["code"], "OVERLOADED", "{answer}");
+            }
+            status
+        }
+    };
+    let low = || status(Method::GET, "/api/v1/admin/users", None);
+    let normal = || status(Method::GET, "/api/v1/markets", None);
+    // Refused by validation when admitted: it changes nothing either way.
+    let high = || {
+        status(
+            Method::POST,
+            "/api/v1/orders",
+            Some(json!({"market": "BTC-USDT"})),
+        )
+    };
+    let critical = || status(Method::DELETE, "/api/v1/orders/999", None);
+    let shed = StatusCode::SERVICE_UNAVAILABLE;
+
+    // Capacity 20: low requests are admitted below 10 in flight, normal below 15, high below
+    // 18, cancels (and health, and metrics) up to 20.
+    let mut stalled = Vec::new();
+    for (target, admitted, refused) in [
+        (10, &[1usize, 2, 3][..], &[0usize][..]),
+        (15, &[2, 3], &[0, 1]),
+        (18, &[3], &[0, 1, 2]),
+    ] {
+        while stalled.len() < target {
+            stalled.push(stalled_placement(&h, &admin).await);
+        }
+        for _ in 0..200 {
+            if in_flight(&h).await >= target as i64 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(in_flight(&h).await, target as i64);
+        for &class in admitted {
+            let got = match class {
+                1 => normal().await,
+                2 => high().await,
+                _ => critical().await,
+            };
+            assert_ne!(got, shed, "class {class} at {target} in flight");
+        }
+        for &class in refused {
+            let got = match class {
+                0 => low().await,
+                1 => normal().await,
+                _ => high().await,
+            };
+            assert_eq!(got, shed, "class {class} at {target} in flight");
+        }
+    }
+    let (status_now, _) = h.call(Method::GET, "/health/live", None, None).await;
+    assert_eq!(status_now, StatusCode::OK);
+
+    // The stalled requests end with their sockets; every class is admitted again.
+    drop(stalled);
+    for _ in 0..200 {
+        if in_flight(&h).await == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(low().await, StatusCode::OK);
+    h.stop().await;
+}
+
 /// Runs the futures at once and collects their outputs in order.
 async fn futures_join<F: std::future::Future + Send + 'static>(
     futures: impl Iterator<Item = F>,
