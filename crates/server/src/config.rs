@@ -73,6 +73,10 @@ pub struct LimitsConfig {
     pub ws_send_buffer_messages: usize,
     /// Messages one WebSocket client may send in a minute.
     pub ws_messages_per_minute: u32,
+    /// Reverse proxies (addresses such as `10.0.0.5` or networks such as `10.0.0.0/8`) whose
+    /// `X-Forwarded-For` is believed: a request from one of them is counted against the
+    /// client address the header names. Empty (the default): the header is ignored.
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for Config {
@@ -116,6 +120,7 @@ impl Default for LimitsConfig {
             user_burst: 2_000,
             ws_send_buffer_messages: 1_024,
             ws_messages_per_minute: crate::ws::limits::MESSAGES_PER_MINUTE,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -208,6 +213,14 @@ impl Config {
             "AGORA_WS_MESSAGES_PER_MINUTE" => {
                 self.limits.ws_messages_per_minute = number(name, &value)?
             }
+            "AGORA_TRUSTED_PROXIES" => {
+                self.limits.trusted_proxies = value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|v| !v.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            }
             "AGORA_CLOCK_TICK_MS" => self.clock_tick_ms = number(name, &value)?,
             "AGORA_IDEMPOTENCY_TTL_S" => self.idempotency_ttl_s = number(name, &value)?,
             _ => {}
@@ -275,6 +288,20 @@ impl Config {
         }
         if self.limits.ws_messages_per_minute == 0 {
             return invalid("limits.ws_messages_per_minute", "must be at least 1");
+        }
+        if self.limits.trusted_proxies.len() > crate::limit::TRUSTED_PROXIES_MAX {
+            return invalid(
+                "limits.trusted_proxies",
+                &format!("at most {} entries", crate::limit::TRUSTED_PROXIES_MAX),
+            );
+        }
+        for proxy in &self.limits.trusted_proxies {
+            if crate::limit::Network::parse(proxy).is_none() {
+                return Err(ConfigError::Invalid {
+                    setting: "limits.trusted_proxies".into(),
+                    rule: format!("{proxy:?} is not an IP address or a network such as 10.0.0.0/8"),
+                });
+            }
         }
         if !(10..=60_000).contains(&self.clock_tick_ms) {
             return invalid("clock_tick_ms", "must be 10 ms to 60 s");

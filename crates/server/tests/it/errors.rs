@@ -535,3 +535,60 @@ async fn rate_limits_per_user_and_per_address_answer_429() {
     assert_eq!(statuses[4], StatusCode::TOO_MANY_REQUESTS, "{statuses:?}");
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x_forwarded_for_counts_only_behind_a_trusted_proxy() {
+    // Each answer's status when `forwarded` claims to be the client, five times in a row.
+    async fn statuses(h: &Harness, forwarded: &str) -> Vec<StatusCode> {
+        let mut statuses = Vec::new();
+        for _ in 0..5 {
+            let response = h
+                .client
+                .get(format!("{}/api/v1/markets", h.base))
+                .header("x-forwarded-for", forwarded)
+                .send()
+                .await
+                .unwrap();
+            statuses.push(response.status());
+        }
+        statuses
+    }
+    let limited = |statuses: &[StatusCode]| statuses[4] == StatusCode::TOO_MANY_REQUESTS;
+    for trusted in [false, true] {
+        let h = Harness::start("sqlite", None, None, |config| {
+            config.limits.ip_requests_per_s = 1;
+            config.limits.ip_burst = 3;
+            if trusted {
+                config.limits.trusted_proxies = vec!["127.0.0.0/8".into()];
+            }
+        })
+        .await;
+        let first = statuses(&h, "198.51.100.1").await;
+        assert!(limited(&first), "{first:?}");
+        // Another claimed client: its own bucket behind a trusted proxy; otherwise the
+        // header is ignored and the peer's bucket is empty already.
+        let second = statuses(&h, "203.0.113.7, 198.51.100.2").await;
+        assert_eq!(
+            second[0],
+            if trusted {
+                StatusCode::OK
+            } else {
+                StatusCode::TOO_MANY_REQUESTS
+            },
+            "trusted {trusted}: {second:?}"
+        );
+        assert!(limited(&second), "{second:?}");
+        h.stop().await;
+    }
+    // A proxy entry that is not an address or a network is refused, by name; the
+    // environment's list is split at commas.
+    let env = |value: &str| [("AGORA_TRUSTED_PROXIES".to_string(), value.to_string())];
+    let error = server::Config::load(None, env("10.0.0.1, proxy.internal")).expect_err("refused");
+    assert!(
+        error.to_string().contains("limits.trusted_proxies")
+            && error.to_string().contains("proxy.internal"),
+        "{error}"
+    );
+    let config = server::Config::load(None, env("10.0.0.1, fd00::/8")).unwrap();
+    assert_eq!(config.limits.trusted_proxies, ["10.0.0.1", "fd00::/8"]);
+}
