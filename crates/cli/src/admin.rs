@@ -95,6 +95,12 @@ pub enum AdminCommand {
     },
     /// Credit a deposit to a user's available balance (admin role).
     Deposit(DepositArgs),
+    /// Users' withdrawals (admin role).
+    Withdrawal {
+        /// What to do with withdrawals.
+        #[command(subcommand)]
+        command: WithdrawalCommand,
+    },
     /// Every queue of the job queue with its jobs counted by state (operator role).
     Queues,
     /// Dead jobs, newest death first (operator role).
@@ -180,6 +186,54 @@ pub enum AssetCommand {
 pub enum MarketCommand {
     /// Create a market between two registered assets.
     Create(MarketArgs),
+    /// Stop a market taking new or modified orders; cancels still go through (operator role).
+    Halt {
+        /// The market, BASE-QUOTE.
+        symbol: String,
+    },
+    /// Let a halted market trade again (operator role).
+    Resume {
+        /// The market, BASE-QUOTE.
+        symbol: String,
+    },
+    /// Change a market's fees, from its next trade on.
+    Fees {
+        /// The market, BASE-QUOTE.
+        symbol: String,
+        /// The resting side's fee in basis points.
+        #[arg(long)]
+        maker_fee_bps: Option<u32>,
+        /// The incoming side's fee in basis points.
+        #[arg(long)]
+        taker_fee_bps: Option<u32>,
+    },
+}
+
+/// What to do with withdrawals.
+#[derive(Subcommand, Debug)]
+pub enum WithdrawalCommand {
+    /// Withdrawals, newest first.
+    List {
+        /// Only this user's (by id).
+        #[arg(long)]
+        user: Option<u64>,
+        /// Only those in this state: pending, completed or cancelled.
+        #[arg(long)]
+        status: Option<String>,
+        /// At most this many (the server's default: 100).
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+    /// Record that a pending withdrawal was paid out: its held funds leave the ledger.
+    Complete {
+        /// Withdrawal id.
+        id: u64,
+    },
+    /// Cancel a pending withdrawal: its held funds return to the user.
+    Cancel {
+        /// Withdrawal id.
+        id: u64,
+    },
 }
 
 /// A new market; options left out take the server's defaults.
@@ -367,6 +421,102 @@ pub async fn run(args: AdminArgs, mut out: impl Write) -> anyhow::Result<()> {
                     &["admin", "markets"],
                     &[],
                     Some(market_body(market)),
+                )
+                .await?
+        }
+        AdminCommand::Market {
+            command: MarketCommand::Halt { symbol },
+        } => {
+            client
+                .call(
+                    Method::POST,
+                    &["admin", "markets", &symbol, "halt"],
+                    &[],
+                    None,
+                )
+                .await?
+        }
+        AdminCommand::Market {
+            command: MarketCommand::Resume { symbol },
+        } => {
+            client
+                .call(
+                    Method::POST,
+                    &["admin", "markets", &symbol, "resume"],
+                    &[],
+                    None,
+                )
+                .await?
+        }
+        AdminCommand::Market {
+            command:
+                MarketCommand::Fees {
+                    symbol,
+                    maker_fee_bps,
+                    taker_fee_bps,
+                },
+        } => {
+            let mut body = Map::new();
+            if let Some(bps) = maker_fee_bps {
+                body.insert("maker_fee_bps".into(), bps.into());
+            }
+            if let Some(bps) = taker_fee_bps {
+                body.insert("taker_fee_bps".into(), bps.into());
+            }
+            client
+                .call(
+                    Method::PATCH,
+                    &["admin", "markets", &symbol],
+                    &[],
+                    Some(body.into()),
+                )
+                .await?
+        }
+        AdminCommand::Withdrawal {
+            command:
+                WithdrawalCommand::List {
+                    user,
+                    status,
+                    limit,
+                },
+        } => {
+            let mut query = Vec::new();
+            if let Some(user) = user {
+                query.push(("user_id", user.to_string()));
+            }
+            if let Some(status) = status {
+                query.push(("status", status));
+            }
+            if let Some(limit) = limit {
+                query.push(("limit", limit.to_string()));
+            }
+            client
+                .call(Method::GET, &["admin", "withdrawals"], &query, None)
+                .await?
+        }
+        AdminCommand::Withdrawal {
+            command: WithdrawalCommand::Complete { id },
+        } => {
+            let id = id.to_string();
+            client
+                .call(
+                    Method::POST,
+                    &["admin", "withdrawals", &id, "complete"],
+                    &[],
+                    None,
+                )
+                .await?
+        }
+        AdminCommand::Withdrawal {
+            command: WithdrawalCommand::Cancel { id },
+        } => {
+            let id = id.to_string();
+            client
+                .call(
+                    Method::POST,
+                    &["admin", "withdrawals", &id, "cancel"],
+                    &[],
+                    None,
                 )
                 .await?
         }

@@ -545,3 +545,134 @@ async fn admin_subcommands_report_the_servers_refusals_and_exit_non_zero() {
     assert_eq!(balances[0]["available"], "0.00000000");
     running.server.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_subcommands_halt_markets_change_fees_and_settle_withdrawals() {
+    let running = start().await;
+    let admin = running.login("admin", ADMIN_PASSWORD).await;
+    for args in [
+        &[
+            "admin",
+            "asset",
+            "create",
+            "--symbol",
+            "BTC",
+            "--decimals",
+            "8",
+        ][..],
+        &[
+            "admin",
+            "asset",
+            "create",
+            "--symbol",
+            "USDT",
+            "--decimals",
+            "6",
+        ],
+        &[
+            "admin", "market", "create", "--symbol", "BTC-USDT", "--tick", "0.01", "--lot",
+            "0.0001",
+        ],
+        &[
+            "admin",
+            "user",
+            "create",
+            "--username",
+            "carol",
+            "--password",
+            "carol-password",
+        ],
+        &[
+            "admin",
+            "deposit",
+            "--username",
+            "carol",
+            "--asset",
+            "BTC",
+            "--amount",
+            "2",
+        ],
+    ] {
+        running.ok(&admin, args).await;
+    }
+
+    let halted = running
+        .ok(&admin, &["admin", "market", "halt", "BTC-USDT"])
+        .await;
+    assert_eq!(halted["status"], "halted", "{halted}");
+    let fees = running
+        .ok(
+            &admin,
+            &[
+                "admin",
+                "market",
+                "fees",
+                "BTC-USDT",
+                "--taker-fee-bps",
+                "25",
+            ],
+        )
+        .await;
+    assert_eq!(
+        (&fees["maker_fee_bps"], &fees["taker_fee_bps"]),
+        (&json!(0), &json!(25))
+    );
+    let resumed = running
+        .ok(&admin, &["admin", "market", "resume", "BTC-USDT"])
+        .await;
+    assert_eq!(resumed["status"], "active");
+    let stderr = running
+        .refused(Some(&admin), &["admin", "market", "halt", "ETH-USDT"])
+        .await;
+    assert!(stderr.contains("HTTP 404"), "{stderr}");
+
+    // Carol asks for two withdrawals over the API; the admin pays one and cancels the other.
+    let carol = running.login("carol", "carol-password").await;
+    let mut ids = Vec::new();
+    for amount in ["0.5", "0.25"] {
+        let (status, withdrawal) = running
+            .api(
+                reqwest::Method::POST,
+                "/withdrawals",
+                &carol,
+                Some(json!({"asset": "BTC", "amount": amount, "destination": "bc1q-carol"})),
+            )
+            .await;
+        assert_eq!(status, 201, "{withdrawal}");
+        ids.push(withdrawal["id"].as_u64().unwrap().to_string());
+    }
+    let pending = running
+        .ok(
+            &admin,
+            &["admin", "withdrawal", "list", "--status", "pending"],
+        )
+        .await;
+    assert_eq!(pending.as_array().map(Vec::len), Some(2), "{pending}");
+    let paid = running
+        .ok(&admin, &["admin", "withdrawal", "complete", &ids[0]])
+        .await;
+    assert_eq!(paid["status"], "completed");
+    let cancelled = running
+        .ok(&admin, &["admin", "withdrawal", "cancel", &ids[1]])
+        .await;
+    assert_eq!(cancelled["status"], "cancelled");
+    let stderr = running
+        .refused(Some(&admin), &["admin", "withdrawal", "cancel", &ids[1]])
+        .await;
+    assert!(stderr.contains("WITHDRAWAL_NOT_PENDING"), "{stderr}");
+    let (_, balances) = running
+        .api(reqwest::Method::GET, "/balances", &carol, None)
+        .await;
+    let btc = balances
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["asset"] == "BTC")
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        (&btc["available"], &btc["held"]),
+        (&json!("1.50000000"), &json!("0.00000000"))
+    );
+    running.server.shutdown().await.unwrap();
+}
