@@ -120,6 +120,7 @@ pub struct UsersQuery {
     /// Users with a larger id than this.
     pub after: Option<u64>,
     /// At most this many, 1 to 1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<usize>,
 }
 
@@ -128,8 +129,10 @@ pub struct UsersQuery {
     params(UsersQuery),
     responses(
         (status = 200, description = "Users", body = Vec<UserView>),
+        (status = 400, description = "A parameter does not parse", body = ErrorBody),
         (status = 401, description = "Not signed in", body = ErrorBody),
         (status = 403, description = "Not an admin", body = ErrorBody),
+        (status = 422, description = "limit out of range", body = ErrorBody),
     ))]
 async fn list_users(
     State(app): State<Arc<App>>,
@@ -578,9 +581,11 @@ pub struct NewReputation {
     request_body = NewReputation,
     responses(
         (status = 204, description = "Set"),
+        (status = 400, description = "The id is not a user id, or the body is not JSON", body = ErrorBody),
         (status = 401, description = "Not signed in", body = ErrorBody),
         (status = 403, description = "Not an admin", body = ErrorBody),
         (status = 404, description = "No such user", body = ErrorBody),
+        (status = 422, description = "A field breaks its rule", body = ErrorBody),
     ))]
 async fn set_reputation(
     State(app): State<Arc<App>>,

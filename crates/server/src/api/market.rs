@@ -180,6 +180,7 @@ async fn market(
 #[serde(deny_unknown_fields)]
 pub struct DepthQuery {
     /// Levels per side, 1 to 500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
     pub levels: Option<usize>,
 }
 
@@ -209,6 +210,7 @@ pub struct DepthView {
     params(("market" = String, Path, description = "Symbol"), DepthQuery),
     responses(
         (status = 200, description = "Depth", body = DepthView),
+        (status = 400, description = "A parameter does not parse", body = ErrorBody),
         (status = 404, description = "No such market", body = ErrorBody),
         (status = 422, description = "levels out of range", body = ErrorBody),
     ))]
@@ -321,6 +323,7 @@ async fn ticker(
 #[serde(deny_unknown_fields)]
 pub struct TradesQuery {
     /// At most this many, 1 to 1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<usize>,
 }
 
@@ -354,6 +357,7 @@ pub fn page_limit(limit: Option<usize>, default: usize) -> Result<usize, ApiErro
     params(("market" = String, Path, description = "Symbol"), TradesQuery),
     responses(
         (status = 200, description = "Trades, newest first", body = Vec<PublicTrade>),
+        (status = 400, description = "A parameter does not parse", body = ErrorBody),
         (status = 404, description = "No such market", body = ErrorBody),
         (status = 422, description = "limit out of range", body = ErrorBody),
     ))]
