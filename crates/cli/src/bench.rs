@@ -242,7 +242,11 @@ fn raw_file_limit(
 async fn snapshot_figures(dir: &std::path::Path, orders: u64) -> anyhow::Result<Vec<String>> {
     let mut state = State::new();
     let mut out = Output::default();
-    for command in setup(1) {
+    // Enough users that none holds more live orders than the core allows one user; buys rest
+    // below the mid and sells above it, so nothing crosses.
+    let per_user = u64::from(agora_core::limits::OPEN_ORDERS_PER_USER_MAX) / 2;
+    let users = orders.div_ceil(per_user).max(2);
+    for command in setup(users) {
         state
             .apply(&command, &mut out)
             .map_err(|e| anyhow::anyhow!("setup refused: {}", e.code()))?;
@@ -263,34 +267,11 @@ async fn snapshot_figures(dir: &std::path::Path, orders: u64) -> anyhow::Result<
         let command = CoreCommand::Place(PlaceOrder::limit(
             MarketId(0),
             n + 1,
-            1 + n % 2,
+            1 + n % users,
             side,
             Price(price),
             Qty(1),
         ));
-        // Two users so that nothing crosses one user's own orders; prices never cross anyway.
-        if n == 0 {
-            state
-                .apply(
-                    &CoreCommand::Deposit {
-                        user: 2,
-                        asset: 1,
-                        amount: 1 << 80,
-                    },
-                    &mut out,
-                )
-                .ok();
-            state
-                .apply(
-                    &CoreCommand::Deposit {
-                        user: 2,
-                        asset: 2,
-                        amount: 1 << 90,
-                    },
-                    &mut out,
-                )
-                .ok();
-        }
         state
             .apply(&command, &mut out)
             .map_err(|e| anyhow::anyhow!("order refused: {}", e.code()))?;
