@@ -362,6 +362,7 @@ async fn stall_one_more(h: &Harness, token: &str, stalled: &mut Vec<tokio::net::
     for _ in 0..ATTEMPTS {
         let mut socket = stalled_placement(h, token).await;
         let mut seen = 0;
+        let mut shed = false;
         for _ in 0..500 {
             seen = in_flight(h).await;
             if seen > before {
@@ -381,9 +382,15 @@ async fn stall_one_more(h: &Harness, token: &str, stalled: &mut Vec<tokio::net::
                     "placement {} answered instead of stalling: {answer}",
                     before + 1
                 );
+                shed = true;
                 break;
             }
         }
+        assert!(
+            shed,
+            "placement {} neither counted nor answered",
+            before + 1
+        );
         assert_eq!(
             seen,
             before,
