@@ -11,12 +11,16 @@
 //!   lag is its receive time minus the time the driver had the acknowledgement of a command
 //!   the delta covers (deltas carry the journal `seq` they reach, answers the `seq` of their
 //!   command), and the server's resident memory is read from `/proc/<pid>/status`.
+//!
+//! No server outlives the benchmark: each is killed when its run ends or fails, when the
+//! benchmark panics (the release profile aborts on panic, running no destructors, so a panic
+//! hook kills them) and on SIGINT or SIGTERM.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Once, PoisonError, TryLockError};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
@@ -65,9 +69,65 @@ fn client_config() -> WebSocketConfig {
     WebSocketConfig::default().read_buffer_size(8 * 1024)
 }
 
-/// `agora serve` in a child process, killed when dropped.
+/// The servers this process started and has not stopped yet, so that a panic or a signal can
+/// still stop them.
+static SERVERS: Mutex<Vec<Child>> = Mutex::new(Vec::new());
+
+/// Kills and reaps the server with this pid, if it is still running.
+fn stop_server(pid: u32) {
+    let mut servers = SERVERS.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(at) = servers.iter().position(|c| c.id() == pid) {
+        let mut child = servers.swap_remove(at);
+        drop(servers);
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// Kills every server still running. It never waits for the lock: a panic hook may run while
+/// this thread holds it, and then the servers are left to the destructors.
+fn kill_all_servers() {
+    let mut servers = match SERVERS.try_lock() {
+        Ok(servers) => servers,
+        Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+        Err(TryLockError::WouldBlock) => return,
+    };
+    for mut child in servers.drain(..) {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// Makes a panic kill the servers before the process aborts.
+fn kill_servers_on_panic() {
+    static INSTALLED: Once = Once::new();
+    INSTALLED.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            kill_all_servers();
+            previous(info);
+        }));
+    });
+}
+
+/// Completes on SIGINT or SIGTERM, with the signal's name.
+async fn interrupted() -> &'static str {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut terminate) = signal(SignalKind::terminate()) {
+            return tokio::select! {
+                _ = tokio::signal::ctrl_c() => "SIGINT",
+                _ = terminate.recv() => "SIGTERM",
+            };
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+    "SIGINT"
+}
+
+/// `agora serve` in a child process, killed when dropped (and by [`kill_all_servers`]).
 struct ServerProcess {
-    child: Child,
     pid: u32,
     http: String,
     ws: String,
@@ -106,14 +166,23 @@ impl ServerProcess {
             .stderr(Stdio::inherit());
         let mut child = command.spawn()?;
         let pid = child.id();
-        let stdout = child.stdout.take().expect("stdout is piped");
+        let stdout = child.stdout.take();
+        SERVERS
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(child);
+        let Some(stdout) = stdout else {
+            stop_server(pid);
+            anyhow::bail!("the server's output is not piped");
+        };
         let mut lines = BufReader::new(stdout);
         let mut line = String::new();
         let addr = loop {
             line.clear();
-            if lines.read_line(&mut line)? == 0 {
-                let _ = child.kill();
-                let _ = child.wait();
+            let read = lines.read_line(&mut line);
+            if !read.as_ref().is_ok_and(|n| *n > 0) {
+                stop_server(pid);
+                read?;
                 anyhow::bail!("the server exited before it listened");
             }
             if let Some(rest) = line.strip_prefix("agora listening on http://") {
@@ -132,7 +201,6 @@ impl ServerProcess {
             }
         });
         Ok(ServerProcess {
-            child,
             pid,
             http: format!("http://{addr}/api/v1"),
             ws: format!("ws://{addr}/api/v1/ws"),
@@ -153,8 +221,7 @@ impl ServerProcess {
 
 impl Drop for ServerProcess {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        stop_server(self.pid);
     }
 }
 
@@ -336,13 +403,24 @@ fn ms_us(us: i64) -> String {
 
 /// Runs the benchmark and prints its tables.
 pub async fn run(bench: WsBenchOptions) -> anyhow::Result<()> {
-    if bench.orders {
-        orders(&bench).await?;
+    kill_servers_on_panic();
+    let runs = async {
+        if bench.orders {
+            orders(&bench).await?;
+        }
+        if bench.subscribers_run {
+            subscribers(&bench).await?;
+        }
+        anyhow::Ok(())
+    };
+    tokio::select! {
+        result = runs => result,
+        signal = interrupted() => {
+            // The runs were dropped, and their server with them; make sure of it.
+            kill_all_servers();
+            anyhow::bail!("interrupted by {signal}; the server was stopped")
+        }
     }
-    if bench.subscribers_run {
-        subscribers(&bench).await?;
-    }
-    Ok(())
 }
 
 async fn start_server(durability: &str) -> anyhow::Result<ServerProcess> {

@@ -53,7 +53,8 @@ pub struct App {
     projected: watch::Receiver<u64>,
     /// Set when the server begins to shut down: long-lived connections end.
     pub closing: watch::Sender<bool>,
-    /// Durable events in journal order, for WebSocket subscribers.
+    /// Durable events in journal order, and the shared book and ticker fan-out, for
+    /// WebSocket subscribers.
     pub feed: crate::ws::Feed,
     /// Idempotency keys and objects with a command in flight.
     pub in_flight: crate::idempotency::InFlight,
@@ -187,7 +188,7 @@ impl App {
             requests: crate::admission::InFlightRequests::default(),
             in_flight: Default::default(),
             closing: watch::channel(false).0,
-            feed: tokio::sync::broadcast::channel(crate::ws::limits::FEED_BATCHES).0,
+            feed: crate::ws::Feed::new(),
             config,
             store,
             sequencer,
@@ -208,6 +209,7 @@ impl App {
                 projected_tx,
                 stopped.clone(),
             )),
+            tokio::spawn(crate::ws::fan_out(app.clone(), stopped.clone())),
             tokio::spawn(clock_loop(app.clone(), stopped)),
         ];
         Ok((
@@ -404,24 +406,7 @@ async fn project_loop(
 ) {
     let feed = app.feed.clone();
     projector.set_listener(Box::new(move |seq, _command, output| {
-        if feed.receiver_count() == 0 {
-            return;
-        }
-        let mut balance_users: Vec<u64> = output
-            .postings
-            .iter()
-            .filter_map(|p| match p.owner {
-                ledger::Owner::User(user) => Some(user),
-                ledger::Owner::Fees => None,
-            })
-            .collect();
-        balance_users.sort_unstable();
-        balance_users.dedup();
-        let _ = feed.send(Arc::new(crate::ws::Published {
-            seq,
-            events: output.events.clone(),
-            balance_users,
-        }));
+        feed.publish(seq, output);
     }));
     loop {
         if *stopped.borrow() {

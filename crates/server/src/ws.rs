@@ -3,26 +3,37 @@
 //! events; and order commands with request ids, answered like their REST twins.
 //!
 //! Every connection is bounded: at most [`limits::MESSAGES_PER_MINUTE`] messages in, at most
-//! [`limits::SUBSCRIPTIONS_MAX`] subscriptions, and a send buffer of
-//! `ws_send_buffer_messages`; a consumer too slow to empty it is disconnected with close code
-//! 1008 and the reason `slow consumer`, so it can never grow the server's memory. A connection
-//! that sends nothing (not even a pong) for [`limits::IDLE_MS`] is closed.
+//! [`limits::SUBSCRIPTIONS_MAX`] subscriptions, at most [`limits::COMMANDS_IN_FLIGHT_MAX`]
+//! order commands running at once (then it reads nothing more until one is answered), and a
+//! send buffer of `ws_send_buffer_messages`; a consumer too slow to empty it is disconnected
+//! with close code 1008 and the reason `slow consumer`, so it can never grow the server's
+//! memory. A connection that sends nothing (not even a pong) for [`limits::IDLE_MS`] is
+//! closed.
 //!
 //! Events come from the projector, in journal order and only once durable, each with its
 //! `seq`; a book snapshot carries the `seq` of the state it shows, and its deltas only follow
 //! commands after it.
+//!
+//! A connection is woken only by what it follows. Each durable command's events go out on one
+//! broadcast channel that only connections following trades, orders, fills or balances
+//! listen to. Book deltas and tickers are built once per market by [`fan_out`], at most every
+//! [`limits::BOOK_THROTTLE_MS`], serialized once and shared by every subscriber of that
+//! market, so ten thousand subscribers to one book cost one serialization, not ten thousand.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
 use book::{Event, MarketId, MarketSpec, Side};
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesUnordered;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{Notify, broadcast, mpsc, watch};
+use tokio::time::Instant;
 
 use crate::app::App;
 use crate::auth::{Caller, Role};
@@ -41,13 +52,36 @@ pub mod limits {
     pub const IDLE_MS: u64 = 60_000;
     /// The server pings this often.
     pub const PING_EVERY_MS: u64 = 20_000;
-    /// Book deltas are sent at most this often.
+    /// Book deltas, tickers and balances are sent at most this often.
     pub const BOOK_THROTTLE_MS: u64 = 100;
     /// Levels per side in a book snapshot.
     pub const SNAPSHOT_LEVELS: usize = 100;
-    /// Durable event batches buffered for all connections; a connection that falls this far
-    /// behind is a slow consumer.
+    /// Durable event batches buffered for the connections that follow trades, orders, fills
+    /// or balances; a connection that falls this far behind is a slow consumer.
     pub const FEED_BATCHES: usize = 8_192;
+    /// Shared book deltas and tickers buffered for their subscribers (at most one of each per
+    /// market every [`BOOK_THROTTLE_MS`]); a connection this far behind is a slow consumer.
+    pub const FAN_OUT_MESSAGES: usize = 4_096;
+    /// Order commands (place, cancel, modify) of one connection running at once. A
+    /// connection with this many in flight reads no further message until one is answered:
+    /// backpressure through the socket, not an error.
+    pub const COMMANDS_IN_FLIGHT_MAX: usize = 64;
+    /// The socket's read buffer, in bytes. tungstenite zero-fills the whole buffer before
+    /// every read attempt and a connection attempts a read each time it wakes, so its default
+    /// of 128 KiB cost half the server's CPU in `memset` and was most of each connection's
+    /// memory. Client messages are a few hundred bytes; a larger one (up to
+    /// [`MESSAGE_BYTES_MAX`]) is read in several pieces.
+    pub const READ_BUFFER_BYTES: usize = 4 * 1024;
+    /// Frames gathered before they are written to the socket; the writer also writes what it
+    /// has whenever its queue runs empty, so this bounds the buffer, not the delay.
+    pub const WRITE_BUFFER_BYTES: usize = 8 * 1024;
+    /// The most a connection's write buffer may hold, in bytes: it grows past
+    /// [`WRITE_BUFFER_BYTES`] only while writes to the socket fail, and then the connection
+    /// ends instead of buffering without bound. Far above the largest message the server
+    /// sends (a 100-level snapshot is about 12 KiB).
+    pub const WRITE_BUFFER_BYTES_MAX: usize = 4 * 1024 * 1024;
+    /// Messages the writer gathers before it writes them to the socket in one go.
+    pub const WRITE_BATCH_MESSAGES: usize = 64;
 }
 
 /// What one journaled command did, as the WebSocket feed sees it.
@@ -61,8 +95,316 @@ pub struct Published {
     pub balance_users: Vec<u64>,
 }
 
-/// The feed the projector publishes into.
-pub type Feed = broadcast::Sender<Arc<Published>>;
+/// The feed the projector publishes into, shared by every WebSocket connection: each durable
+/// command's events, for the connections that follow trades or their own channels, and the
+/// changes [`fan_out`] turns into shared book deltas and tickers. Clones share one feed.
+#[derive(Clone)]
+pub struct Feed(Arc<FeedInner>);
+
+struct FeedInner {
+    /// Each durable command's events, in journal order.
+    commands: broadcast::Sender<Arc<Published>>,
+    /// Book deltas and tickers, each serialized once for all its subscribers.
+    shared: broadcast::Sender<Arc<Shared>>,
+    /// The markets someone follows, with their changes since the last fan-out.
+    watched: Mutex<HashMap<MarketId, Watched>>,
+    /// Wakes [`fan_out`] when a change to a followed market arrives.
+    changed: Notify,
+}
+
+/// One followed market: who follows it, and what changed since the last fan-out.
+#[derive(Default)]
+struct Watched {
+    book_subscribers: usize,
+    ticker_subscribers: usize,
+    /// Book levels changed since the last fan-out: (side, price) → (qty, orders).
+    levels: BTreeMap<(u8, i64), (u64, u32)>,
+    /// The seq of the last command that changed the book's levels.
+    seq: u64,
+    /// The best prices or the last price may have changed.
+    ticker_dirty: bool,
+}
+
+/// A message for every subscriber of one market's book or ticker, serialized once.
+struct Shared {
+    market: MarketId,
+    kind: SharedKind,
+    text: Utf8Bytes,
+}
+
+#[derive(Clone, Copy)]
+enum SharedKind {
+    /// A book delta reaching this seq: only for subscribers whose snapshot is older.
+    Book {
+        seq: u64,
+    },
+    Ticker,
+}
+
+/// How many connections hold each of the feed's receivers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FeedReceivers {
+    /// Connections following trades, orders, fills or balances.
+    pub commands: usize,
+    /// Connections following a book or a ticker.
+    pub shared: usize,
+}
+
+impl Default for Feed {
+    fn default() -> Self {
+        Feed::new()
+    }
+}
+
+impl Feed {
+    /// An empty feed.
+    pub fn new() -> Feed {
+        Feed(Arc::new(FeedInner {
+            commands: broadcast::channel(limits::FEED_BATCHES).0,
+            shared: broadcast::channel(limits::FAN_OUT_MESSAGES).0,
+            watched: Mutex::new(HashMap::new()),
+            changed: Notify::new(),
+        }))
+    }
+
+    /// Takes in one durable command, in journal order.
+    pub fn publish(&self, seq: u64, output: &agora_core::Output) {
+        let feed = &self.0;
+        if feed.commands.receiver_count() > 0 {
+            let mut balance_users: Vec<u64> = output
+                .postings
+                .iter()
+                .filter_map(|p| match p.owner {
+                    ledger::Owner::User(user) => Some(user),
+                    ledger::Owner::Fees => None,
+                })
+                .collect();
+            balance_users.sort_unstable();
+            balance_users.dedup();
+            let _ = feed.commands.send(Arc::new(Published {
+                seq,
+                events: output.events.clone(),
+                balance_users,
+            }));
+        }
+        let touches_markets = output
+            .events
+            .iter()
+            .any(|e| matches!(e, Event::Book { .. } | Event::Trade { .. }));
+        if !touches_markets {
+            return;
+        }
+        let mut changed = false;
+        let mut watched = self.watched();
+        for event in &output.events {
+            match *event {
+                Event::Book {
+                    market,
+                    side,
+                    price,
+                    qty,
+                    orders,
+                } => {
+                    let Some(market) = watched.get_mut(&market) else {
+                        continue;
+                    };
+                    if market.book_subscribers > 0 {
+                        let side = if side == Side::Buy { 0 } else { 1 };
+                        market.levels.insert((side, price.0), (qty.0, orders));
+                        market.seq = seq;
+                        changed = true;
+                    }
+                    if market.ticker_subscribers > 0 {
+                        market.ticker_dirty = true;
+                        changed = true;
+                    }
+                }
+                Event::Trade { market, .. } => {
+                    if let Some(market) = watched.get_mut(&market)
+                        && market.ticker_subscribers > 0
+                    {
+                        market.ticker_dirty = true;
+                        changed = true;
+                    }
+                }
+                _ => {}
+            }
+        }
+        drop(watched);
+        if changed {
+            feed.changed.notify_one();
+        }
+    }
+
+    /// How many connections listen to each part of the feed now.
+    pub fn receivers(&self) -> FeedReceivers {
+        FeedReceivers {
+            commands: self.0.commands.receiver_count(),
+            shared: self.0.shared.receiver_count(),
+        }
+    }
+
+    fn watched(&self) -> MutexGuard<'_, HashMap<MarketId, Watched>> {
+        // The lock guards plain data that every holder leaves consistent: a panic elsewhere
+        // while holding it leaves nothing half-done.
+        self.0
+            .watched
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Counts a connection's interest in a market's book or ticker, before its snapshot is
+    /// read: a change that is not recorded was projected before, so the snapshot shows it.
+    fn follow(&self, topic: Topic) {
+        let mut watched = self.watched();
+        match topic {
+            Topic::Book(market) => watched.entry(market).or_default().book_subscribers += 1,
+            Topic::Ticker(market) => watched.entry(market).or_default().ticker_subscribers += 1,
+            _ => {}
+        }
+    }
+
+    /// Undoes [`Feed::follow`]; a market nobody follows any more is forgotten.
+    fn unfollow(&self, topic: Topic) {
+        let mut watched = self.watched();
+        let market = match topic {
+            Topic::Book(market) | Topic::Ticker(market) => market,
+            _ => return,
+        };
+        let Some(entry) = watched.get_mut(&market) else {
+            return;
+        };
+        match topic {
+            Topic::Book(_) => {
+                entry.book_subscribers = entry.book_subscribers.saturating_sub(1);
+                if entry.book_subscribers == 0 {
+                    entry.levels.clear();
+                }
+            }
+            _ => entry.ticker_subscribers = entry.ticker_subscribers.saturating_sub(1),
+        }
+        if entry.book_subscribers == 0 && entry.ticker_subscribers == 0 {
+            watched.remove(&market);
+        }
+    }
+
+    /// Takes the changes gathered since the last fan-out.
+    fn take_changes(&self) -> Vec<Changes> {
+        self.watched()
+            .iter_mut()
+            .filter(|(_, m)| !m.levels.is_empty() || m.ticker_dirty)
+            .map(|(&market, m)| Changes {
+                market,
+                seq: m.seq,
+                levels: std::mem::take(&mut m.levels),
+                ticker: std::mem::take(&mut m.ticker_dirty),
+            })
+            .collect()
+    }
+}
+
+/// One market's changes since the last fan-out.
+struct Changes {
+    market: MarketId,
+    seq: u64,
+    levels: BTreeMap<(u8, i64), (u64, u32)>,
+    ticker: bool,
+}
+
+/// Sends each followed market's book delta and ticker to all its subscribers, at most every
+/// [`limits::BOOK_THROTTLE_MS`], each serialized once; runs until `stopped`. It sleeps while
+/// nothing followed changes.
+pub async fn fan_out(app: Arc<App>, mut stopped: watch::Receiver<bool>) {
+    let feed = app.feed.clone();
+    let throttle = Duration::from_millis(limits::BOOK_THROTTLE_MS);
+    // Specs never change once created.
+    let mut specs: HashMap<MarketId, MarketSpec> = HashMap::new();
+    let mut last: Option<Instant> = None;
+    loop {
+        if *stopped.borrow_and_update() {
+            return;
+        }
+        tokio::select! {
+            _ = feed.0.changed.notified() => {}
+            _ = stopped.changed() => return,
+        }
+        // The first change after a quiet spell goes out at once, later ones at most every
+        // throttle period.
+        if let Some(last) = last {
+            tokio::select! {
+                _ = tokio::time::sleep_until(last + throttle) => {}
+                _ = stopped.changed() => return,
+            }
+        }
+        let changes = feed.take_changes();
+        if changes.is_empty() {
+            continue;
+        }
+        last = Some(Instant::now());
+        for change in changes {
+            let spec = match specs.entry(change.market) {
+                std::collections::hash_map::Entry::Occupied(known) => known.into_mut(),
+                std::collections::hash_map::Entry::Vacant(unknown) => {
+                    match app.market_spec(change.market).await {
+                        Ok(spec) => unknown.insert(spec),
+                        // A market is followed only after its spec was found.
+                        Err(_) => continue,
+                    }
+                }
+            };
+            let spec = &*spec;
+            if !change.levels.is_empty() {
+                let changes: Vec<Value> = change
+                    .levels
+                    .iter()
+                    .map(|(&(side, price), &(qty, orders))| {
+                        json!({
+                            "side": if side == 0 { "buy" } else { "sell" },
+                            "price": price_text(spec, book::Price(price)),
+                            "qty": qty_text(spec, book::Qty(qty)),
+                            "orders": orders,
+                        })
+                    })
+                    .collect();
+                let message = json!({"type": "book", "channel": format!("book.{}", spec.symbol),
+                    "seq": change.seq, "changes": changes});
+                let _ = feed.0.shared.send(Arc::new(Shared {
+                    market: change.market,
+                    kind: SharedKind::Book { seq: change.seq },
+                    text: message.to_string().into(),
+                }));
+            }
+            if change.ticker
+                && let Some(message) = ticker_message(&app, change.market, spec).await
+            {
+                let _ = feed.0.shared.send(Arc::new(Shared {
+                    market: change.market,
+                    kind: SharedKind::Ticker,
+                    text: message.to_string().into(),
+                }));
+            }
+        }
+    }
+}
+
+/// A market's `ticker` message: best bid, best ask and last price now.
+async fn ticker_message(app: &App, market: MarketId, spec: &MarketSpec) -> Option<Value> {
+    let (best, last) = app
+        .read(move |state| {
+            (
+                state.engine().best_bid_ask(market),
+                state.engine().last_price(market),
+            )
+        })
+        .await
+        .ok()?;
+    let (bid, ask) = best.unwrap_or((None, None));
+    Some(
+        json!({"type": "ticker", "channel": format!("ticker.{}", spec.symbol),
+        "bid": bid.map(|l| price_text(spec, l.price)), "ask": ask.map(|l| price_text(spec, l.price)),
+        "last": last.map(|p| price_text(spec, p))}),
+    )
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum Topic {
@@ -72,6 +414,13 @@ enum Topic {
     Orders,
     Fills,
     Balances,
+}
+
+impl Topic {
+    /// Served from the shared fan-out (else from each command's events).
+    fn shared(self) -> bool {
+        matches!(self, Topic::Book(_) | Topic::Ticker(_))
+    }
 }
 
 /// The upgrade handler.
@@ -96,8 +445,14 @@ pub async fn upgrade(
     let caller = caller.map(|axum::Extension(c)| c);
     upgrade
         .max_message_size(limits::MESSAGE_BYTES_MAX)
+        .read_buffer_size(limits::READ_BUFFER_BYTES)
+        .write_buffer_size(limits::WRITE_BUFFER_BYTES)
+        .max_write_buffer_size(limits::WRITE_BUFFER_BYTES_MAX)
         .on_upgrade(move |socket| connection(app, caller, socket))
 }
+
+/// The order commands of one connection that are running, each resolving to its answer.
+type InFlight = FuturesUnordered<BoxFuture<'static, Value>>;
 
 struct Connection {
     app: Arc<App>,
@@ -106,13 +461,19 @@ struct Connection {
     topics: HashSet<Topic>,
     queues: HashSet<String>,
     specs: HashMap<MarketId, MarketSpec>,
-    /// Book changes since the last flush: (market, side, price) → (qty, orders).
-    pending_book: BTreeMap<(MarketId, u8, i64), (u64, u32)>,
     /// The seq of each subscribed book's snapshot: deltas at or before it are skipped.
     book_from: HashMap<MarketId, u64>,
-    dirty_tickers: HashSet<MarketId>,
+    /// Each command's events, while a trades, orders, fills or balances topic is followed.
+    commands: Option<broadcast::Receiver<Arc<Published>>>,
+    /// Shared book deltas and tickers, while a book or ticker topic is followed.
+    shared: Option<broadcast::Receiver<Arc<Shared>>>,
+    /// Queue events, while a queue is followed.
+    queue_events: Option<broadcast::Receiver<queue::JobEvent>>,
     dirty_balances: bool,
-    last_seq: u64,
+    /// When the pending balances go out; none while nothing is pending, so that an idle
+    /// connection has no timer.
+    flush_at: Option<Instant>,
+    last_flush: Option<Instant>,
 }
 
 /// Why the connection ends.
@@ -123,22 +484,54 @@ enum End {
     Limit(&'static str),
 }
 
+/// The next message of a receiver the connection may not hold; never, when it holds none.
+async fn next_from<T: Clone>(
+    receiver: &mut Option<broadcast::Receiver<T>>,
+) -> Result<T, broadcast::error::RecvError> {
+    match receiver {
+        Some(receiver) => receiver.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Completes at `deadline`; never, without one.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn connection(app: Arc<App>, caller: Option<Caller>, socket: WebSocket) {
     metrics::gauge!("agora_ws_connections").increment(1.0);
     let (out, mut queued) = mpsc::channel::<Message>(app.config.limits.ws_send_buffer_messages);
     let (mut sink, mut stream) = socket.split();
-    // The writer: sends what is queued, in order; a close frame queued last ends it.
+    // The writer: sends what is queued, in order, gathering what is already waiting into one
+    // write; a close frame queued last ends it.
     let writer = tokio::spawn(async move {
-        while let Some(message) = queued.recv().await {
-            let closing = matches!(message, Message::Close(_));
-            if sink.send(message).await.is_err() || closing {
+        'writing: while let Some(first) = queued.recv().await {
+            let mut next = Some(first);
+            let mut gathered = 0;
+            while let Some(message) = next.take() {
+                let closing = matches!(message, Message::Close(_));
+                if sink.feed(message).await.is_err() {
+                    break 'writing;
+                }
+                if closing {
+                    let _ = sink.flush().await;
+                    break 'writing;
+                }
+                gathered += 1;
+                if gathered < limits::WRITE_BATCH_MESSAGES {
+                    next = queued.try_recv().ok();
+                }
+            }
+            if sink.flush().await.is_err() {
                 break;
             }
         }
         let _ = sink.close().await;
     });
-    let mut feed = app.feed.subscribe();
-    let mut queue_events = app.queue.subscribe();
     let mut conn = Connection {
         app: app.clone(),
         caller,
@@ -146,13 +539,15 @@ async fn connection(app: Arc<App>, caller: Option<Caller>, socket: WebSocket) {
         topics: HashSet::new(),
         queues: HashSet::new(),
         specs: HashMap::new(),
-        pending_book: BTreeMap::new(),
         book_from: HashMap::new(),
-        dirty_tickers: HashSet::new(),
+        commands: None,
+        shared: None,
+        queue_events: None,
         dirty_balances: false,
-        last_seq: 0,
+        flush_at: None,
+        last_flush: None,
     };
-    let mut throttle = tokio::time::interval(Duration::from_millis(limits::BOOK_THROTTLE_MS));
+    let mut in_flight = InFlight::new();
     let mut ping = tokio::time::interval(Duration::from_millis(limits::PING_EVERY_MS));
     let mut last_heard = Instant::now();
     let mut window_start = Instant::now();
@@ -164,7 +559,9 @@ async fn connection(app: Arc<App>, caller: Option<Caller>, socket: WebSocket) {
         }
         tokio::select! {
             _ = closing.changed() => break End::Shutdown,
-            incoming = stream.next() => {
+            // With the most commands in flight the socket is not read: the client's messages
+            // wait in its socket until one is answered.
+            incoming = stream.next(), if in_flight.len() < limits::COMMANDS_IN_FLIGHT_MAX => {
                 let Some(Ok(message)) = incoming else { break End::Closed };
                 last_heard = Instant::now();
                 let text = match message {
@@ -189,16 +586,25 @@ async fn connection(app: Arc<App>, caller: Option<Caller>, socket: WebSocket) {
                     }
                     continue;
                 };
-                if !conn.handle(text.as_str()).await {
+                if !conn.handle(text.as_str(), &mut in_flight).await {
                     break End::Slow;
                 }
             }
-            published = feed.recv() => match published {
+            Some(answer) = in_flight.next(), if !in_flight.is_empty() => {
+                if !conn.send(answer) { break End::Slow }
+            }
+            published = next_from(&mut conn.commands) => match published {
                 Ok(published) => if !conn.publish(&published).await { break End::Slow },
                 Err(broadcast::error::RecvError::Lagged(_)) => break End::Slow,
                 Err(broadcast::error::RecvError::Closed) => break End::Closed,
             },
-            event = queue_events.recv() => match event {
+            shared = next_from(&mut conn.shared) => match shared {
+                Ok(shared) => if !conn.forward(&shared) { break End::Slow },
+                // Deltas were missed: the client's book would be wrong.
+                Err(broadcast::error::RecvError::Lagged(_)) => break End::Slow,
+                Err(broadcast::error::RecvError::Closed) => break End::Closed,
+            },
+            event = next_from(&mut conn.queue_events) => match event {
                 Ok(event) => {
                     if conn.queues.contains(&event.queue) {
                         let message = json!({"type": "queue", "channel": format!("queue.{}", event.queue),
@@ -206,11 +612,10 @@ async fn connection(app: Arc<App>, caller: Option<Caller>, socket: WebSocket) {
                         if !conn.send(message) { break End::Slow }
                     }
                 }
-                Err(broadcast::error::RecvError::Lagged(_)) if conn.queues.is_empty() => {}
                 Err(broadcast::error::RecvError::Lagged(_)) => break End::Slow,
-                Err(broadcast::error::RecvError::Closed) => {}
+                Err(broadcast::error::RecvError::Closed) => conn.queue_events = None,
             },
-            _ = throttle.tick() => if !conn.flush().await { break End::Slow },
+            _ = sleep_until(conn.flush_at) => if !conn.flush().await { break End::Slow },
             _ = ping.tick() => {
                 if last_heard.elapsed() >= Duration::from_millis(limits::IDLE_MS) {
                     break End::Limit("idle timeout");
@@ -219,6 +624,9 @@ async fn connection(app: Arc<App>, caller: Option<Caller>, socket: WebSocket) {
             }
         }
     };
+    // Commands still running are dropped with the connection, as a REST request's are when
+    // its client goes: one already sequenced is journaled all the same.
+    drop(in_flight);
     let close = |code: u16, reason: &'static str| {
         Message::Close(Some(CloseFrame {
             code,
@@ -260,6 +668,14 @@ async fn connection(app: Arc<App>, caller: Option<Caller>, socket: WebSocket) {
     metrics::gauge!("agora_ws_connections").decrement(1.0);
 }
 
+impl Drop for Connection {
+    fn drop(&mut self) {
+        for &topic in &self.topics {
+            self.app.feed.unfollow(topic);
+        }
+    }
+}
+
 impl Connection {
     /// Queues a message; false when the buffer is full (a slow consumer).
     fn send(&self, value: Value) -> bool {
@@ -272,7 +688,9 @@ impl Connection {
         self.send(json!({"type": "error", "id": id, "code": code, "message": message}))
     }
 
-    async fn handle(&mut self, text: &str) -> bool {
+    /// Handles one client message; order commands join `in_flight` and are answered when
+    /// they finish. False when the client is a slow consumer.
+    async fn handle(&mut self, text: &str, in_flight: &mut InFlight) -> bool {
         let Ok(Value::Object(message)) = serde_json::from_str::<Value>(text) else {
             return self.error(
                 &Value::Null,
@@ -302,7 +720,23 @@ impl Connection {
                 };
                 self.subscription(op == "subscribe", channel, &id).await
             }
-            "place" | "cancel" | "modify" => self.command(op, &message, &id).await,
+            "place" | "cancel" | "modify" => {
+                let Some(caller) = self.caller else {
+                    return self.error(&id, "UNAUTHORIZED", "authenticate first");
+                };
+                let args = message
+                    .get("args")
+                    .cloned()
+                    .unwrap_or(Value::Object(Default::default()));
+                in_flight.push(Box::pin(command(
+                    self.app.clone(),
+                    caller,
+                    op.to_string(),
+                    args,
+                    id,
+                )));
+                true
+            }
             _ => self.error(
                 &id,
                 "UNKNOWN_OP",
@@ -335,6 +769,7 @@ impl Connection {
                 } else {
                     self.queues.remove(name);
                 }
+                self.listen();
                 return self.send(json!({"type": if subscribe {"subscribed"} else {"unsubscribed"}, "id": id, "channel": channel}));
             }
             None if matches!(channel, "orders" | "fills" | "balances") => {
@@ -364,27 +799,69 @@ impl Connection {
             Err(e) => return self.error(id, e.code, &e.message),
         };
         if !subscribe {
-            self.topics.remove(&topic);
+            if self.topics.remove(&topic) {
+                self.app.feed.unfollow(topic);
+            }
+            if let Topic::Book(market) = topic {
+                self.book_from.remove(&market);
+            }
+            self.listen();
             return self.send(json!({"type": "unsubscribed", "id": id, "channel": channel}));
         }
-        if self.topics.len() + self.queues.len() >= limits::SUBSCRIPTIONS_MAX {
+        if !self.topics.contains(&topic)
+            && self.topics.len() + self.queues.len() >= limits::SUBSCRIPTIONS_MAX
+        {
             return self.error(id, "TOO_MANY_SUBSCRIPTIONS", "unsubscribe first");
         }
-        self.topics.insert(topic);
+        // Counted and listened to before the snapshot is read, so that no change after the
+        // snapshot's seq is missed.
+        if self.topics.insert(topic) {
+            self.app.feed.follow(topic);
+        }
+        self.listen();
         if !self.send(json!({"type": "subscribed", "id": id, "channel": channel})) {
             return false;
         }
         match topic {
             Topic::Book(market) => self.book_snapshot(market, channel).await,
             Topic::Ticker(market) => {
-                self.dirty_tickers.insert(market);
-                true
+                let spec = &self.specs[&market];
+                match ticker_message(&self.app, market, spec).await {
+                    Some(message) => self.send(message),
+                    None => true,
+                }
             }
             Topic::Balances => {
-                self.dirty_balances = true;
+                self.balances_changed();
                 true
             }
             _ => true,
+        }
+    }
+
+    /// Holds the receivers of the feeds the subscriptions need, and only those: a connection
+    /// that follows nothing is woken by nothing but its client and its ping timer.
+    fn listen(&mut self) {
+        let shared = self.topics.iter().any(|t| t.shared());
+        let commands = self.topics.iter().any(|t| !t.shared());
+        match (shared, &self.shared) {
+            (true, None) => self.shared = Some(self.app.feed.0.shared.subscribe()),
+            (false, Some(_)) => self.shared = None,
+            _ => {}
+        }
+        match (commands, &self.commands) {
+            (true, None) => self.commands = Some(self.app.feed.0.commands.subscribe()),
+            (false, Some(_)) => self.commands = None,
+            _ => {}
+        }
+        match (self.queues.is_empty(), &self.queue_events) {
+            (false, None) => self.queue_events = Some(self.app.queue.subscribe()),
+            (true, Some(_)) => self.queue_events = None,
+            _ => {}
+        }
+        if !self.topics.contains(&Topic::Balances) {
+            self.dirty_balances = false;
+            self.flush_at = None;
         }
     }
 
@@ -408,8 +885,25 @@ impl Connection {
         let message = json!({"type": "snapshot", "channel": channel, "seq": seq,
             "bids": levels(&depth.bids), "asks": levels(&depth.asks)});
         self.book_from.insert(market, seq);
-        self.pending_book.retain(|(m, _, _), _| *m != market);
         self.send(message)
+    }
+
+    /// Passes on a shared book delta or ticker if this connection follows it. A delta's
+    /// levels are their state at its seq, so one reaching past the snapshot is right to
+    /// apply even when some of its levels changed before the snapshot too.
+    fn forward(&self, shared: &Shared) -> bool {
+        let wanted = match shared.kind {
+            SharedKind::Book { seq } => self
+                .book_from
+                .get(&shared.market)
+                .is_some_and(|from| seq > *from),
+            SharedKind::Ticker => self.topics.contains(&Topic::Ticker(shared.market)),
+        };
+        !wanted
+            || self
+                .out
+                .try_send(Message::Text(shared.text.clone()))
+                .is_ok()
     }
 
     /// Learns the specs of markets it has not seen (a fill in a market never subscribed to).
@@ -429,33 +923,12 @@ impl Connection {
         }
     }
 
-    /// Takes in one durable command's events.
+    /// Takes in one durable command's events, for trades and the caller's own channels.
     async fn publish(&mut self, published: &Published) -> bool {
         self.learn_markets(&published.events).await;
-        self.last_seq = published.seq;
         let user = self.caller.map(|c| c.user);
         for event in &published.events {
             match *event {
-                Event::Book {
-                    market,
-                    side,
-                    price,
-                    qty,
-                    orders,
-                } => {
-                    let after = self
-                        .book_from
-                        .get(&market)
-                        .is_some_and(|from| published.seq > *from);
-                    if self.topics.contains(&Topic::Book(market)) && after {
-                        let side = if side == Side::Buy { 0 } else { 1 };
-                        self.pending_book
-                            .insert((market, side, price.0), (qty.0, orders));
-                    }
-                    if self.topics.contains(&Topic::Ticker(market)) {
-                        self.dirty_tickers.insert(market);
-                    }
-                }
                 Event::Trade {
                     market,
                     maker,
@@ -466,9 +939,6 @@ impl Connection {
                     price,
                     qty,
                 } => {
-                    if self.topics.contains(&Topic::Ticker(market)) {
-                        self.dirty_tickers.insert(market);
-                    }
                     let Some(spec) = self.specs.get(&market) else {
                         continue;
                     };
@@ -549,54 +1019,28 @@ impl Connection {
         if user.is_some_and(|u| published.balance_users.contains(&u))
             && self.topics.contains(&Topic::Balances)
         {
-            self.dirty_balances = true;
+            self.balances_changed();
         }
         true
     }
 
-    /// Sends the throttled updates: book deltas, tickers, balances.
+    /// Schedules the caller's balances to go out, at most every throttle period.
+    fn balances_changed(&mut self) {
+        self.dirty_balances = true;
+        if self.flush_at.is_none() {
+            let throttle = Duration::from_millis(limits::BOOK_THROTTLE_MS);
+            let now = Instant::now();
+            self.flush_at = Some(
+                self.last_flush
+                    .map_or(now, |last| (last + throttle).max(now)),
+            );
+        }
+    }
+
+    /// Sends the throttled balances.
     async fn flush(&mut self) -> bool {
-        if !self.pending_book.is_empty() {
-            let mut by_market: BTreeMap<MarketId, Vec<Value>> = BTreeMap::new();
-            for ((market, side, price), (qty, orders)) in std::mem::take(&mut self.pending_book) {
-                let spec = &self.specs[&market];
-                by_market.entry(market).or_default().push(json!({
-                    "side": if side == 0 { "buy" } else { "sell" },
-                    "price": price_text(spec, book::Price(price)),
-                    "qty": qty_text(spec, book::Qty(qty)),
-                    "orders": orders,
-                }));
-            }
-            for (market, changes) in by_market {
-                let message = json!({"type": "book", "channel": format!("book.{}", self.specs[&market].symbol),
-                    "seq": self.last_seq, "changes": changes});
-                if !self.send(message) {
-                    return false;
-                }
-            }
-        }
-        for market in std::mem::take(&mut self.dirty_tickers) {
-            let Ok((best, last)) = self
-                .app
-                .read(move |state| {
-                    (
-                        state.engine().best_bid_ask(market),
-                        state.engine().last_price(market),
-                    )
-                })
-                .await
-            else {
-                continue;
-            };
-            let spec = &self.specs[&market];
-            let (bid, ask) = best.unwrap_or((None, None));
-            let message = json!({"type": "ticker", "channel": format!("ticker.{}", spec.symbol),
-                "bid": bid.map(|l| price_text(spec, l.price)), "ask": ask.map(|l| price_text(spec, l.price)),
-                "last": last.map(|p| price_text(spec, p))});
-            if !self.send(message) {
-                return false;
-            }
-        }
+        self.flush_at = None;
+        self.last_flush = Some(Instant::now());
         if std::mem::take(&mut self.dirty_balances)
             && let Some(caller) = self.caller
         {
@@ -610,31 +1054,20 @@ impl Connection {
         }
         true
     }
+}
 
-    /// An order command, answered as its REST twin answers: status and body.
-    async fn command(
-        &mut self,
-        op: &str,
-        message: &serde_json::Map<String, Value>,
-        id: &Value,
-    ) -> bool {
-        let Some(caller) = self.caller else {
-            return self.error(id, "UNAUTHORIZED", "authenticate first");
-        };
-        let args = message
-            .get("args")
-            .cloned()
-            .unwrap_or(Value::Object(Default::default()));
-        let result = crate::api::ws_command(&self.app, caller, op, args).await;
-        let (status, body) = match result {
-            Ok(answer) => answer,
-            Err(error) => (
-                error.status.as_u16(),
-                json!({"error": {"code": error.code, "message": error.message, "field": error.field}}),
-            ),
-        };
-        self.send(json!({"type": "response", "id": id, "status": status, "body": body}))
-    }
+/// An order command, answered as its REST twin answers: status and body, with the request's
+/// id. It owns what it needs, so that several run at once beside the connection's loop.
+async fn command(app: Arc<App>, caller: Caller, op: String, args: Value, id: Value) -> Value {
+    let result = crate::api::ws_command(&app, caller, &op, args).await;
+    let (status, body) = match result {
+        Ok(answer) => answer,
+        Err(error) => (
+            error.status.as_u16(),
+            json!({"error": {"code": error.code, "message": error.message, "field": error.field}}),
+        ),
+    };
+    json!({"type": "response", "id": id, "status": status, "body": body})
 }
 
 fn queue_event_name(event: &queue::EventKind) -> &'static str {

@@ -287,3 +287,249 @@ async fn a_slow_consumer_is_disconnected_instead_of_buffered() {
     );
     h.stop().await;
 }
+
+/// Signs a new socket in as `token`.
+async fn signed_in(h: &Harness, token: &str) -> Socket {
+    let mut socket = connect(h).await;
+    send(&mut socket, json!({"op": "auth", "token": token})).await;
+    next_of(&mut socket, "authenticated").await;
+    socket
+}
+
+/// A resting buy order over the socket, far from any sell.
+fn resting_buy(id: &str) -> Value {
+    json!({"op": "place", "id": id, "args":
+        {"market": "BTC-USDT", "side": "buy", "price": "40000", "qty": "0.001"}})
+}
+
+/// Holds the core's single writer inside a read until the returned sender is used or
+/// dropped, so that every command behind it waits: a command still in flight, on purpose.
+async fn stall_core(h: &Harness) -> (std::sync::mpsc::Sender<()>, tokio::task::JoinHandle<()>) {
+    let app = h.server.as_ref().unwrap().app().clone();
+    let (entered, inside) = tokio::sync::oneshot::channel();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let stalled = tokio::spawn(async move {
+        app.read(move |_| {
+            let _ = entered.send(());
+            tokio::task::block_in_place(|| {
+                let _ = released.recv();
+            });
+        })
+        .await
+        .unwrap();
+    });
+    inside.await.expect("the core runs the read");
+    (release, stalled)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_is_answered_while_an_earlier_one_is_still_running() {
+    for h in harnesses("ws_pipeline").await {
+        let admin = h.admin().await;
+        h.market(&admin).await;
+        let (bob, bob_token) = h.user(&admin, "bob").await;
+        h.deposit(&admin, bob, "USDT", "100000").await;
+        let mut socket = signed_in(&h, &bob_token).await;
+        // A first place, so that the market is known and a refused one needs no core.
+        send(&mut socket, resting_buy("warm")).await;
+        assert_eq!(next_of(&mut socket, "response").await["status"], 201);
+
+        let (release, stalled) = stall_core(&h).await;
+        send(&mut socket, resting_buy("slow")).await;
+        send(
+            &mut socket,
+            json!({"op": "place", "id": "refused", "args":
+            {"market": "BTC-USDT", "side": "buy", "price": "40000", "qty": "0.00001"}}),
+        )
+        .await;
+        send(&mut socket, json!({"op": "ping", "id": "p"})).await;
+        // The later command and the ping are answered while the first waits for the core.
+        let seen = collect_until(&mut socket, |seen| {
+            seen.iter().any(|m| m["type"] == "pong" && m["id"] == "p")
+                && seen.iter().any(|m| m["id"] == "refused")
+        })
+        .await;
+        let refused = seen.iter().find(|m| m["id"] == "refused").unwrap();
+        assert_eq!(
+            (
+                refused["status"].as_u64(),
+                refused["body"]["error"]["field"].as_str()
+            ),
+            (Some(422), Some("qty")),
+            "{}: {refused}",
+            h.backend
+        );
+        assert!(
+            !seen.iter().any(|m| m["id"] == "slow"),
+            "answered while the core was held: {seen:?}"
+        );
+        release.send(()).unwrap();
+        stalled.await.unwrap();
+        let slow = next_of(&mut socket, "response").await;
+        assert_eq!(
+            (slow["id"].as_str(), slow["status"].as_u64()),
+            (Some("slow"), Some(201)),
+            "{slow}"
+        );
+        h.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_with_the_most_commands_in_flight_reads_nothing_more_until_one_ends() {
+    let h = Harness::start("sqlite", None, None, |_| {}).await;
+    let admin = h.admin().await;
+    h.market(&admin).await;
+    let (bob, bob_token) = h.user(&admin, "bob").await;
+    h.deposit(&admin, bob, "USDT", "100000").await;
+    let mut socket = signed_in(&h, &bob_token).await;
+    let (release, stalled) = stall_core(&h).await;
+    let most = server::ws::limits::COMMANDS_IN_FLIGHT_MAX;
+    for n in 0..most {
+        send(&mut socket, resting_buy(&format!("o-{n}"))).await;
+    }
+    send(&mut socket, json!({"op": "ping", "id": "p"})).await;
+    // The ping waits unread behind the full set of commands: nothing comes back, and the
+    // socket stays open (backpressure, not an error).
+    let early = tokio::time::timeout(Duration::from_millis(500), async {
+        loop {
+            match socket.next().await {
+                Some(Ok(Message::Text(text))) => break Some(text),
+                // The server's own pings.
+                Some(Ok(_)) => continue,
+                _ => break None,
+            }
+        }
+    })
+    .await;
+    assert!(early.is_err(), "{early:?}");
+    release.send(()).unwrap();
+    stalled.await.unwrap();
+    let seen = collect_until(&mut socket, |seen| {
+        seen.iter().filter(|m| m["type"] == "response").count() == most
+            && seen.iter().any(|m| m["type"] == "pong")
+    })
+    .await;
+    let mut answered: Vec<String> = seen
+        .iter()
+        .filter(|m| m["type"] == "response")
+        .inspect(|m| assert_eq!(m["status"], 201, "{m}"))
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect();
+    answered.sort();
+    let mut sent: Vec<String> = (0..most).map(|n| format!("o-{n}")).collect();
+    sent.sort();
+    assert_eq!(answered, sent);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_listens_only_to_the_feeds_its_subscriptions_need() {
+    let h = Harness::start("sqlite", None, None, |_| {}).await;
+    let admin = h.admin().await;
+    h.market(&admin).await;
+    let feed = h.server.as_ref().unwrap().app().feed.clone();
+    let listening = |commands, shared| server::ws::FeedReceivers { commands, shared };
+    let mut socket = connect(&h).await;
+    send(&mut socket, json!({"op": "ping"})).await;
+    next_of(&mut socket, "pong").await;
+    // Subscribed to nothing: no durable command and no book change wakes it.
+    assert_eq!(feed.receivers(), listening(0, 0));
+    let steps = [
+        ("subscribe", "book.BTC-USDT", "snapshot", listening(0, 1)),
+        (
+            "subscribe",
+            "trades.BTC-USDT",
+            "subscribed",
+            listening(1, 1),
+        ),
+        (
+            "unsubscribe",
+            "book.BTC-USDT",
+            "unsubscribed",
+            listening(1, 0),
+        ),
+        (
+            "unsubscribe",
+            "trades.BTC-USDT",
+            "unsubscribed",
+            listening(0, 0),
+        ),
+    ];
+    for (op, channel, answer, expected) in steps {
+        send(&mut socket, json!({"op": op, "channel": channel})).await;
+        next_of(&mut socket, answer).await;
+        assert_eq!(feed.receivers(), expected, "after {op} {channel}");
+    }
+    drop(socket);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn book_subscribers_share_each_delta_and_skip_what_their_snapshot_shows() {
+    for h in harnesses("ws_fan_out").await {
+        let admin = h.admin().await;
+        h.market(&admin).await;
+        let (alice, alice_token) = h.user(&admin, "alice").await;
+        h.deposit(&admin, alice, "BTC", "1").await;
+        let sell = |price: &str, qty: &str| json!({"market": "BTC-USDT", "side": "sell", "price": price, "qty": qty});
+        let subscribe = json!({"op": "subscribe", "channel": "book.BTC-USDT"});
+        let mut early = connect(&h).await;
+        send(&mut early, subscribe.clone()).await;
+        next_of(&mut early, "snapshot").await;
+        h.expect(
+            StatusCode::CREATED,
+            Method::POST,
+            "/api/v1/orders",
+            Some(&alice_token),
+            Some(sell("50000", "0.5")),
+        )
+        .await;
+        // The late subscriber's snapshot already shows the first order.
+        let mut late = connect(&h).await;
+        send(&mut late, subscribe).await;
+        let snapshot = next_of(&mut late, "snapshot").await;
+        assert_eq!(
+            snapshot["asks"],
+            json!([{"price": "50000.00", "qty": "0.5000", "orders": 1}])
+        );
+        let second = h
+            .expect(
+                StatusCode::CREATED,
+                Method::POST,
+                "/api/v1/orders",
+                Some(&alice_token),
+                Some(sell("50001", "0.1")),
+            )
+            .await;
+        let second_seq = second["seq"].as_u64().unwrap();
+        let mut last_deltas = Vec::new();
+        let late_from = snapshot["seq"].as_u64().unwrap();
+        for (socket, from) in [(&mut early, 0), (&mut late, late_from)] {
+            let seen = collect_until(socket, |seen| {
+                seen.iter()
+                    .any(|m| m["type"] == "book" && m["seq"].as_u64() >= Some(second_seq))
+            })
+            .await;
+            let deltas: Vec<&Value> = seen.iter().filter(|m| m["type"] == "book").collect();
+            for delta in &deltas {
+                assert!(
+                    delta["seq"].as_u64().unwrap() > from,
+                    "{delta} after {from}"
+                );
+            }
+            last_deltas.push(deltas.last().copied().cloned().unwrap());
+        }
+        // Every subscriber gets the same delta (one serialization shared by all).
+        assert_eq!(last_deltas[0], last_deltas[1], "{}", h.backend);
+        assert_eq!(last_deltas[0]["seq"].as_u64(), Some(second_seq));
+        assert!(
+            last_deltas[0]["changes"].as_array().unwrap().contains(
+                &json!({"side": "sell", "price": "50001.00", "qty": "0.1000", "orders": 1})
+            ),
+            "{}",
+            last_deltas[0]
+        );
+        h.stop().await;
+    }
+}
