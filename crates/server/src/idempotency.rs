@@ -8,6 +8,8 @@
 //! `idempotent-replayed: true`; with another request it gets 409
 //! `IDEMPOTENCY_KEY_REUSED`; while the first is still running, 409 `IDEMPOTENCY_KEY_IN_FLIGHT`.
 //! A 5xx answer is not kept: the request may be retried with the same key.
+//! Order commands over the WebSocket take the same step through [`keyed`], as the request
+//! their REST twin would be.
 //!
 //! A placement's order id is chosen before the key is recorded and kept with it, so a
 //! placement interrupted by a crash is settled on retry: if the journal holds the order the
@@ -121,6 +123,23 @@ fn is_placement(request: &Request) -> bool {
     request.method() == Method::POST && request.uri().path() == "/api/v1/orders"
 }
 
+/// A key a client sent (in `field`), when it is 1 to [`KEY_CHARS_MAX`] printable characters.
+pub(crate) fn checked_key(key: &str, field: &str) -> Result<String, ApiError> {
+    if !key.is_empty() && key.len() <= KEY_CHARS_MAX && key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Ok(key.to_string());
+    }
+    Err(ApiError::invalid(
+        "INVALID_IDEMPOTENCY_KEY",
+        field,
+        format!("{field} must be 1 to {KEY_CHARS_MAX} printable characters"),
+    ))
+}
+
+/// The key a placement body without an explicit one carries: its client order id, if any.
+pub(crate) fn placement_key(body: &[u8]) -> Result<Option<String>, ApiError> {
+    Ok(client_order_id(body)?.map(|id| format!("client-order-id:{id}")))
+}
+
 /// The layer: runs after authentication and before the handlers.
 pub async fn idempotency(
     State(app): State<Arc<App>>,
@@ -139,24 +158,7 @@ pub async fn idempotency(
     }
     let header = match request.headers().get(KEY_HEADER) {
         None => None,
-        Some(value) => Some(
-            value
-                .to_str()
-                .ok()
-                .filter(|k| {
-                    !k.is_empty()
-                        && k.len() <= KEY_CHARS_MAX
-                        && k.bytes().all(|b| b.is_ascii_graphic())
-                })
-                .map(str::to_string)
-                .ok_or_else(|| {
-                    ApiError::invalid(
-                        "INVALID_IDEMPOTENCY_KEY",
-                        KEY_HEADER,
-                        format!("{KEY_HEADER} must be 1 to {KEY_CHARS_MAX} printable characters"),
-                    )
-                })?,
-        ),
+        Some(value) => Some(checked_key(value.to_str().unwrap_or_default(), KEY_HEADER)?),
     };
     let placement = is_placement(&request);
     // Without a key, only a placement's body can carry one (its client order id); any other
@@ -171,27 +173,55 @@ pub async fn idempotency(
     // A placement without the header may name a client order id, which then is its key.
     let key = match header {
         Some(key) => Some(key),
-        None if placement => client_order_id(&bytes)?.map(|id| format!("client-order-id:{id}")),
-        None => None,
+        None => placement_key(&bytes)?,
     };
-    let mut request = Request::from_parts(parts, HttpBody::from(bytes.clone()));
     let Some(key) = key else {
-        return Ok(next.run(request).await);
+        return Ok(next
+            .run(Request::from_parts(parts, HttpBody::from(bytes)))
+            .await);
     };
-    let _busy = app.in_flight.key(caller.user, &key)?;
+    let method = parts.method.clone();
+    let path = parts.uri.path().to_string();
+    let run = |chosen: Option<ChosenOrderId>| {
+        let mut request = Request::from_parts(parts, HttpBody::from(bytes.clone()));
+        if let Some(chosen) = chosen {
+            request.extensions_mut().insert(chosen);
+        }
+        next.run(request)
+    };
+    keyed(&app, caller, &key, (&method, &path, &bytes), placement, run).await
+}
+
+/// Runs the command `run` under `key`, the same for a request over HTTP and a command over
+/// the WebSocket: refused while the key is in flight, the stored answer given again for the
+/// same `(method, path, body)`, 409 for another; otherwise `run` is called (a placement with
+/// the order id kept with the key) and its answer stored.
+pub(crate) async fn keyed<F, Fut>(
+    app: &Arc<App>,
+    caller: Caller,
+    key: &str,
+    (method, path, body): (&Method, &str, &[u8]),
+    placement: bool,
+    run: F,
+) -> Result<Response, ApiError>
+where
+    F: FnOnce(Option<ChosenOrderId>) -> Fut,
+    Fut: Future<Output = Response>,
+{
+    let _busy = app.in_flight.key(caller.user, key)?;
     let mut hasher = Sha256::new();
-    hasher.update(request.method().as_str().as_bytes());
+    hasher.update(method.as_str().as_bytes());
     hasher.update(b"\n");
-    hasher.update(request.uri().path().as_bytes());
+    hasher.update(path.as_bytes());
     hasher.update(b"\n");
-    hasher.update(&bytes);
+    hasher.update(body);
     let hash: [u8; 32] = hasher.finalize().into();
     let chosen = placement.then(|| app.next_order_id());
     let now = now_ms();
     let expires = now.saturating_add((app.config.idempotency_ttl_s as i64).saturating_mul(1000));
     let begin = app
         .store
-        .idempotency_begin(caller.user, &key, &hash, chosen, now, expires)
+        .idempotency_begin(caller.user, key, &hash, chosen, now, expires)
         .await?;
     let order_id = match begin {
         IdempotencyBegin::Started => chosen,
@@ -213,19 +243,16 @@ pub async fn idempotency(
                     "the server restarted while this request ran, and whether its command took effect is unknown; check the state, then retry with a new key",
                 ));
             };
-            if let Some(body) = crate::api::recovered_placement(&app, order_id).await? {
+            if let Some(body) = crate::api::recovered_placement(app, order_id).await? {
                 app.store
-                    .idempotency_finish(caller.user, &key, StatusCode::CREATED.as_u16(), &body)
+                    .idempotency_finish(caller.user, key, StatusCode::CREATED.as_u16(), &body)
                     .await?;
                 return Ok(replayed(StatusCode::CREATED.as_u16(), body));
             }
             Some(order_id)
         }
     };
-    if let Some(id) = order_id {
-        request.extensions_mut().insert(ChosenOrderId(id));
-    }
-    let response = next.run(request).await;
+    let response = run(order_id.map(ChosenOrderId)).await;
     let status = response.status();
     // A handler's answer is JSON or empty; anything else is the framework refusing the path
     // or the method before a handler ran (rendered as an error body by an outer layer). Those,
@@ -236,7 +263,7 @@ pub async fn idempotency(
             .get(axum::http::header::CONTENT_TYPE)
             .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
     if status.is_server_error() || !from_handler {
-        app.store.idempotency_forget(caller.user, &key).await?;
+        app.store.idempotency_forget(caller.user, key).await?;
         return Ok(response);
     }
     let (parts, body) = response.into_parts();
@@ -244,7 +271,7 @@ pub async fn idempotency(
         .await
         .map_err(ApiError::internal)?;
     app.store
-        .idempotency_finish(caller.user, &key, status.as_u16(), &body)
+        .idempotency_finish(caller.user, key, status.as_u16(), &body)
         .await?;
     Ok(Response::from_parts(parts, HttpBody::from(body)))
 }

@@ -733,6 +733,7 @@ impl Connection {
                     caller,
                     op.to_string(),
                     args,
+                    message.get("idempotency_key").cloned(),
                     id,
                 )));
                 true
@@ -1057,17 +1058,27 @@ impl Connection {
 }
 
 /// An order command, answered as its REST twin answers: status and body, with the request's
-/// id. It owns what it needs, so that several run at once beside the connection's loop.
-async fn command(app: Arc<App>, caller: Caller, op: String, args: Value, id: Value) -> Value {
-    let result = crate::api::ws_command(&app, caller, &op, args).await;
-    let (status, body) = match result {
-        Ok(answer) => answer,
-        Err(error) => (
-            error.status.as_u16(),
-            json!({"error": {"code": error.code, "message": error.message, "field": error.field}}),
-        ),
-    };
-    json!({"type": "response", "id": id, "status": status, "body": body})
+/// id, and `"replayed": true` when it is the stored answer of an earlier command with its
+/// idempotency key. It owns what it needs, so that several run at once beside the
+/// connection's loop.
+async fn command(
+    app: Arc<App>,
+    caller: Caller,
+    op: String,
+    args: Value,
+    key: Option<Value>,
+    id: Value,
+) -> Value {
+    let result = crate::api::ws_command(&app, caller, &op, args, key.as_ref()).await;
+    match result {
+        Ok(answer) if answer.replayed => json!({"type": "response", "id": id,
+            "status": answer.status, "body": answer.body, "replayed": true}),
+        Ok(answer) => {
+            json!({"type": "response", "id": id, "status": answer.status, "body": answer.body})
+        }
+        Err(error) => json!({"type": "response", "id": id, "status": error.status.as_u16(),
+            "body": {"error": {"code": error.code, "message": error.message, "field": error.field}}}),
+    }
 }
 
 fn queue_event_name(event: &queue::EventKind) -> &'static str {

@@ -671,40 +671,49 @@ async fn my_trades(
     Ok(Json(trades))
 }
 
-/// An order command arriving over the WebSocket, run by the same handler as its REST twin;
-/// answers the status and body that route would give.
+/// An order command arriving over the WebSocket, answered as its REST twin answers.
+#[derive(Debug, PartialEq)]
+pub struct WsAnswer {
+    /// The HTTP status the REST route gives.
+    pub status: u16,
+    /// Its JSON body (`null` for none).
+    pub body: serde_json::Value,
+    /// The stored answer of an earlier command with the same idempotency key.
+    pub replayed: bool,
+}
+
+/// An order command arriving over the WebSocket, run by the same handler as its REST twin
+/// and through the same idempotency step: `key` (the message's `idempotency_key`) or a
+/// placement's `client_order_id` is looked up in the same per-user key space as the
+/// `Idempotency-Key` header, for the twin's method and path and the command's `args`.
 pub async fn ws_command(
     app: &Arc<App>,
     caller: Caller,
     op: &str,
     args: serde_json::Value,
-) -> Result<(u16, serde_json::Value), ApiError> {
-    let id = || {
+    key: Option<&serde_json::Value>,
+) -> Result<WsAnswer, ApiError> {
+    use axum::http::Method;
+    let order_id = || {
         args.get("id")
             .and_then(serde_json::Value::as_u64)
             .ok_or_else(|| ApiError::invalid("INVALID_FIELD", "id", "id must be an order id"))
     };
-    let response = match op {
-        "place" => {
-            let bytes = serde_json::to_vec(&args).map_err(ApiError::internal)?;
-            let request = crate::error::parse_json(&bytes)?;
-            place(State(app.clone()), caller, None, Body(request)).await?
+    let without_id = || {
+        let mut fields = args.clone();
+        if let Some(map) = fields.as_object_mut() {
+            map.remove("id");
         }
-        "cancel" => {
-            let answer = cancel(State(app.clone()), caller, Path(id()?)).await?;
-            axum::response::IntoResponse::into_response(answer)
-        }
-        "modify" => {
-            let id = id()?;
-            let mut fields = args.clone();
-            if let Some(map) = fields.as_object_mut() {
-                map.remove("id");
-            }
-            let bytes = serde_json::to_vec(&fields).map_err(ApiError::internal)?;
-            let request = crate::error::parse_json(&bytes)?;
-            let answer = modify(State(app.clone()), caller, Path(id), Body(request)).await?;
-            axum::response::IntoResponse::into_response(answer)
-        }
+        serde_json::to_vec(&fields).map_err(ApiError::internal)
+    };
+    let (method, id, body) = match op {
+        "place" => (
+            Method::POST,
+            None,
+            serde_json::to_vec(&args).map_err(ApiError::internal)?,
+        ),
+        "cancel" => (Method::DELETE, Some(order_id()?), Vec::new()),
+        "modify" => (Method::PATCH, Some(order_id()?), without_id()?),
         _ => {
             return Err(ApiError::invalid(
                 "INVALID_FIELD",
@@ -713,10 +722,72 @@ pub async fn ws_command(
             ));
         }
     };
+    let key = match key {
+        None | Some(serde_json::Value::Null) if op == "place" => {
+            crate::idempotency::placement_key(&body)?
+        }
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(key)) => {
+            Some(crate::idempotency::checked_key(key, "idempotency_key")?)
+        }
+        Some(_) => Some(crate::idempotency::checked_key("", "idempotency_key")?),
+    };
+    let run = |chosen: Option<ChosenOrderId>| {
+        let app = app.clone();
+        let body = body.clone();
+        async move {
+            let answer = async {
+                let response = match id {
+                    None => {
+                        let request = crate::error::parse_json(&body)?;
+                        place(State(app), caller, chosen.map(Extension), Body(request)).await?
+                    }
+                    Some(id) if op == "cancel" => axum::response::IntoResponse::into_response(
+                        cancel(State(app), caller, Path(id)).await?,
+                    ),
+                    Some(id) => {
+                        let request = crate::error::parse_json(&body)?;
+                        axum::response::IntoResponse::into_response(
+                            modify(State(app), caller, Path(id), Body(request)).await?,
+                        )
+                    }
+                };
+                Ok::<_, ApiError>(response)
+            };
+            answer
+                .await
+                .unwrap_or_else(axum::response::IntoResponse::into_response)
+        }
+    };
+    let response = match key {
+        Some(key) => {
+            let path = match id {
+                None => "/api/v1/orders".to_string(),
+                Some(id) => format!("/api/v1/orders/{id}"),
+            };
+            crate::idempotency::keyed(
+                app,
+                caller,
+                &key,
+                (&method, &path, &body),
+                id.is_none(),
+                run,
+            )
+            .await?
+        }
+        None => run(None).await,
+    };
     let status = response.status().as_u16();
+    let replayed = response
+        .headers()
+        .contains_key(crate::idempotency::REPLAYED_HEADER);
     let body = axum::body::to_bytes(response.into_body(), usize::MAX)
         .await
         .map_err(ApiError::internal)?;
     let body = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
-    Ok((status, body))
+    Ok(WsAnswer {
+        status,
+        body,
+        replayed,
+    })
 }

@@ -281,7 +281,7 @@ async fn state_survives_a_restart() {
     h.stop().await;
 }
 
-async fn keyed(
+pub(crate) async fn keyed(
     h: &crate::Harness,
     token: &str,
     key: Option<&str>,

@@ -533,3 +533,118 @@ async fn book_subscribers_share_each_delta_and_skip_what_their_snapshot_shows() 
         h.stop().await;
     }
 }
+
+/// Sends one order command and reads its answer.
+async fn command(socket: &mut Socket, message: Value) -> Value {
+    send(socket, message).await;
+    next_of(socket, "response").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_commands_share_idempotency_keys_with_rest() {
+    for h in harnesses("ws_idempotency").await {
+        let admin = h.admin().await;
+        h.market(&admin).await;
+        let (bob, bob_token) = h.user(&admin, "bob").await;
+        h.deposit(&admin, bob, "USDT", "100000").await;
+        let mut socket = signed_in(&h, &bob_token).await;
+        let args = json!({"market": "BTC-USDT", "side": "buy", "price": "40000", "qty": "0.001"});
+        let place = |id: &str, key: &str| json!({"op": "place", "id": id, "idempotency_key": key, "args": args});
+
+        let first = command(&mut socket, place("a", "k-1")).await;
+        assert_eq!(
+            (first["status"].as_u64(), first.get("replayed")),
+            (Some(201), None),
+            "{}: {first}",
+            h.backend
+        );
+        let again = command(&mut socket, place("b", "k-1")).await;
+        assert_eq!(
+            (again["id"].as_str(), again["replayed"].as_bool()),
+            (Some("b"), Some(true))
+        );
+        assert_eq!(again["body"], first["body"], "the stored answer");
+        // The same key over REST, for the same request, is the same command.
+        let body = serde_json::to_string(&args).unwrap();
+        let (status, replayed, rest) =
+            crate::trading::keyed(&h, &bob_token, Some("k-1"), &body).await;
+        assert_eq!(
+            (status, replayed.as_deref(), &rest),
+            (StatusCode::CREATED, Some("true"), &first["body"])
+        );
+        // Another command under the key is refused.
+        let mut other = place("c", "k-1");
+        other["args"]["qty"] = json!("0.002");
+        let refused = command(&mut socket, other).await;
+        assert_eq!(
+            (
+                refused["status"].as_u64(),
+                refused["body"]["error"]["code"].as_str()
+            ),
+            (Some(409), Some("IDEMPOTENCY_KEY_REUSED"))
+        );
+
+        // A cancel given again answers as the first did, not "no such live order".
+        let order = first["body"]["order"]["id"].as_u64().unwrap();
+        let cancel =
+            json!({"op": "cancel", "id": "x", "idempotency_key": "c-1", "args": {"id": order}});
+        let cancelled = command(&mut socket, cancel.clone()).await;
+        assert_eq!(cancelled["status"], 200, "{cancelled}");
+        let again = command(&mut socket, cancel).await;
+        assert_eq!(
+            (again["status"].as_u64(), again["replayed"].as_bool()),
+            (Some(200), Some(true)),
+            "{again}"
+        );
+        assert_eq!(again["body"], cancelled["body"]);
+        let unkeyed = command(
+            &mut socket,
+            json!({"op": "cancel", "id": "y", "args": {"id": order}}),
+        )
+        .await;
+        assert_eq!(unkeyed["status"], 404, "without a key it runs again");
+
+        // A placement's client order id is its key, over the socket as over REST.
+        let mut with_id = args.clone();
+        with_id["client_order_id"] = json!("bot-1");
+        let by_id = json!({"op": "place", "id": "d", "args": with_id});
+        let placed = command(&mut socket, by_id.clone()).await;
+        let again = command(&mut socket, by_id).await;
+        assert_eq!(
+            (again["replayed"].as_bool(), &again["body"]),
+            (Some(true), &placed["body"])
+        );
+
+        // A malformed key is refused by field, and nothing is placed.
+        for bad in [json!(5), json!(""), json!("a b")] {
+            let mut message = place("e", "unused");
+            message["idempotency_key"] = bad;
+            let refused = command(&mut socket, message).await;
+            assert_eq!(
+                (
+                    refused["status"].as_u64(),
+                    refused["body"]["error"]["field"].as_str()
+                ),
+                (Some(422), Some("idempotency_key")),
+                "{refused}"
+            );
+        }
+        let open = h
+            .expect(
+                StatusCode::OK,
+                Method::GET,
+                "/api/v1/orders?status=open",
+                Some(&bob_token),
+                None,
+            )
+            .await;
+        let ids: Vec<u64> = open
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o["id"].as_u64().unwrap())
+            .collect();
+        assert_eq!(ids, [placed["body"]["order"]["id"].as_u64().unwrap()]);
+        h.stop().await;
+    }
+}
