@@ -29,6 +29,31 @@ use sha2::{Digest, Sha256};
 
 pub use ledger::Amount;
 
+/// Metric names (the `metrics` facade: whatever recorder the process installs renders them).
+pub mod names {
+    /// Counter: commands acknowledged (journaled).
+    pub const ACCEPTED: &str = "agora_core_commands_accepted_total";
+    /// Counter: commands refused before the journal, by `code`.
+    pub const REJECTED: &str = "agora_core_commands_rejected_total";
+    /// Histogram: commands per journal batch (group commit).
+    pub const BATCH_COMMANDS: &str = "agora_core_batch_commands";
+    /// Histogram: seconds to append one batch durably, from the write task's call to the
+    /// store's commit.
+    pub const APPEND_SECONDS: &str = "agora_core_append_seconds";
+    /// Gauge: the last durable command's sequence number.
+    pub const JOURNAL_SEQ: &str = "agora_core_journal_seq";
+    /// Gauge: commands waiting in the sequencer's queue when the last batch was closed.
+    pub const QUEUED: &str = "agora_core_queued_commands";
+    /// Histogram: seconds to write one snapshot and prune the old ones.
+    pub const SNAPSHOT_SECONDS: &str = "agora_core_snapshot_write_seconds";
+    /// Gauge: 1 once the sequencer has stopped after a failed write, else 0.
+    pub const STOPPED: &str = "agora_core_stopped";
+    /// Gauge: the last command written to the read models by the projector.
+    pub const PROJECTED_SEQ: &str = "agora_core_projected_seq";
+    /// Histogram: seconds to write one journal batch's rows to the read models.
+    pub const PROJECTION_WRITE_SECONDS: &str = "agora_core_projection_write_seconds";
+}
+
 pub mod codec;
 pub mod projector;
 pub mod sequencer;

@@ -19,7 +19,7 @@ use store::{
 
 use crate::codec;
 use crate::sequencer::RecoveryError;
-use crate::{CoreCommand, Output, State};
+use crate::{CoreCommand, Output, State, names};
 
 /// The name of the projection's offset.
 pub const PROJECTION: &str = "read_models";
@@ -225,7 +225,10 @@ impl Projector {
                     }
                 }
                 if silent_until.is_none() {
+                    let started = std::time::Instant::now();
                     self.store.write_projection(PROJECTION, &rows).await?;
+                    metrics::histogram!(names::PROJECTION_WRITE_SECONDS).record(started.elapsed());
+                    metrics::gauge!(names::PROJECTED_SEQ).set(rows.last_seq as f64);
                 }
                 if let Some(listener) = self.listener.as_mut().filter(|_| tell) {
                     for (offset, (command, output)) in commands.iter().zip(&outputs).enumerate() {

@@ -15,13 +15,14 @@
 //! journal, which holds exactly the acknowledged commands.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use store::{Snapshot, Store, StoreError};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::codec::{self, DecodeError};
+use crate::names;
 use crate::{CoreCommand, CoreRejection, Output, SnapshotError, State};
 
 /// How the sequencer batches and snapshots.
@@ -381,6 +382,8 @@ async fn apply_loop(
     status: Arc<Status>,
 ) {
     let mut since_snapshot = 0u64;
+    let batch_commands = metrics::histogram!(names::BATCH_COMMANDS);
+    let queued = metrics::gauge!(names::QUEUED);
     while let Some(first) = requests.recv().await {
         let mut payload = Vec::new();
         let mut acks: Vec<(Reply, Ack)> = Vec::new();
@@ -414,9 +417,11 @@ async fn apply_loop(
                 None => break,
             }
         }
+        queued.set(requests.len() as f64);
         if acks.is_empty() {
             continue;
         }
+        batch_commands.record(acks.len() as f64);
         since_snapshot += acks.len() as u64;
         let batch = Write::Batch {
             commands: acks.len() as u64,
@@ -470,6 +475,7 @@ fn handle(
             let mut output = Output::default();
             match state.apply(&command, &mut output) {
                 Err(reason) => {
+                    metrics::counter!(names::REJECTED, "code" => reason.code()).increment(1);
                     let _ = reply.send(Err(SubmitError::Rejected(reason)));
                 }
                 Ok(()) => {
@@ -488,14 +494,24 @@ async fn write_loop(
     options: SequencerOptions,
     status: Arc<Status>,
 ) {
+    let accepted = metrics::counter!(names::ACCEPTED);
+    let append_seconds = metrics::histogram!(names::APPEND_SECONDS);
+    let journal_seq = metrics::gauge!(names::JOURNAL_SEQ);
+    let stopped = metrics::gauge!(names::STOPPED);
+    stopped.set(0.0);
+    journal_seq.set(store.tail().seq as f64);
     while let Some(write) = writes.recv().await {
+        let started = Instant::now();
         let failure = match write {
             Write::Batch {
                 commands,
                 payload,
                 acks,
             } => match store.append(commands, payload).await {
-                Ok(_) => {
+                Ok(batch) => {
+                    append_seconds.record(started.elapsed());
+                    accepted.increment(commands);
+                    journal_seq.set(batch.last_seq() as f64);
                     for (reply, ack) in acks {
                         let _ = reply.send(Ok(ack));
                     }
@@ -515,17 +531,20 @@ async fn write_loop(
                 let created_at_ms = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_millis() as i64);
-                match store.put_snapshot(&snapshot, created_at_ms).await {
+                let written = match store.put_snapshot(&snapshot, created_at_ms).await {
                     Ok(()) => store
                         .prune_snapshots(options.snapshots_kept.max(1))
                         .await
                         .err()
                         .map(|error| format!("snapshot pruning failed: {error}")),
                     Err(error) => Some(format!("snapshot write failed: {error}")),
-                }
+                };
+                metrics::histogram!(names::SNAPSHOT_SECONDS).record(started.elapsed());
+                written
             }
         };
         if let Some(reason) = failure {
+            stopped.set(1.0);
             status.stop(reason.clone());
             // Answer everything already handed over; the apply task sees the status.
             writes.close();

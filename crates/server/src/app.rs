@@ -87,6 +87,13 @@ pub fn metrics_handle() -> PrometheusHandle {
                     0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
                 ])
                 .expect("buckets are not empty")
+                .set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Full(
+                        agora_core::names::BATCH_COMMANDS.into(),
+                    ),
+                    &[1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 8192.0],
+                )
+                .expect("buckets are not empty")
                 .build_recorder();
             let handle = recorder.handle();
             // Another recorder may already be installed (an embedding program's); then the
@@ -133,6 +140,8 @@ impl App {
     pub async fn start(
         config: Config,
     ) -> anyhow::Result<(Arc<App>, Background, Option<CreatedAdmin>)> {
+        // Before the sequencer and projector start: they take their metric handles once.
+        let metrics = metrics_handle();
         let options = StoreOptions {
             durability: if config.durability == "normal" {
                 Durability::Normal
@@ -193,7 +202,7 @@ impl App {
             store,
             sequencer,
             auth,
-            metrics: metrics_handle(),
+            metrics,
             next_order_id: AtomicU64::new(next_order_id),
             next_withdrawal_id: AtomicU64::new(next_withdrawal_id),
             last_acked: AtomicU64::new(recovery.seq),

@@ -302,6 +302,88 @@ async fn health_and_metrics_answer() {
     }
 }
 
+/// The value of one series (name and labels exactly as rendered) in Prometheus text.
+fn series(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find(|line| line.starts_with(name) && line[name.len()..].starts_with(' '))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_include_the_cores() {
+    // One server at a time: the process has one recorder, so two servers' gauges would mix.
+    let h = Harness::start("sqlite", None, None, |_| {}).await;
+    let admin = h.admin().await;
+    h.market(&admin).await;
+    let (_, alice) = h.user(&admin, "alice").await;
+    let (status, answer) = h
+        .call(
+            Method::POST,
+            "/api/v1/orders",
+            Some(&alice),
+            Some(json!({"market": "BTC-USDT", "side": "sell", "price": "100", "qty": "1"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
+    assert_eq!(answer["error"]["code"], "INSUFFICIENT_FUNDS");
+    let metrics = || async {
+        h.client
+            .get(format!("{}/metrics", h.base))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    // The projector writes after the acknowledgement: wait (boundedly) for its first batch.
+    let mut text = metrics().await;
+    for _ in 0..200 {
+        if series(&text, "agora_core_projected_seq").is_some_and(|seq| seq > 0.0) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        text = metrics().await;
+    }
+    // Three admin commands at least (two assets, a market) were journaled.
+    let accepted = series(&text, "agora_core_commands_accepted_total").unwrap_or(0.0);
+    assert!(accepted >= 3.0, "{text}");
+    let journal_seq = series(&text, "agora_core_journal_seq").unwrap_or(0.0);
+    assert!(journal_seq >= 3.0, "{text}");
+    assert!(
+        series(&text, "agora_core_projected_seq")
+            .is_some_and(|seq| seq > 0.0 && seq <= journal_seq),
+        "{text}"
+    );
+    assert_eq!(
+        series(
+            &text,
+            r#"agora_core_commands_rejected_total{code="INSUFFICIENT_FUNDS"}"#
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(
+        series(&text, "agora_core_batch_commands_count").is_some_and(|n| n >= 1.0),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"agora_core_batch_commands_bucket{le="1"}"#),
+        "{text}"
+    );
+    assert!(
+        series(&text, "agora_core_append_seconds_count").is_some_and(|n| n >= 1.0),
+        "{text}"
+    );
+    assert!(
+        series(&text, "agora_core_projection_write_seconds_count").is_some_and(|n| n >= 1.0),
+        "{text}"
+    );
+    assert_eq!(series(&text, "agora_core_stopped"), Some(0.0), "{text}");
+    h.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overload_is_shed_with_503_not_queued() {
     let h = Harness::start("sqlite", None, None, |config| {
