@@ -7,6 +7,12 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
+/// mimalloc instead of the system allocator: the server frees on one thread what another
+/// allocated (requests, answers, journal batches), where glibc's allocator spent about a
+/// sixth of the REST benchmark's CPU (see docs/performance.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Agora: a peer-to-peer exchange and settlement server.
 #[derive(Parser)]
 #[command(name = "agora", version, about)]
