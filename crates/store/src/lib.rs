@@ -415,6 +415,18 @@ pub struct Store {
     declared_queues: Mutex<std::collections::HashSet<String>>,
 }
 
+/// The last of the rows that share a key, in the order of those last rows.
+fn last_per_key<T, K: Eq + std::hash::Hash>(rows: &[T], key: impl Fn(&T) -> K) -> Vec<&T> {
+    let mut seen = std::collections::HashSet::with_capacity(rows.len());
+    let mut kept: Vec<&T> = rows
+        .iter()
+        .rev()
+        .filter(|row| seen.insert(key(row)))
+        .collect();
+    kept.reverse();
+    kept
+}
+
 fn batch_checksum(
     previous: &[u8; 32],
     batch: u64,
@@ -904,7 +916,10 @@ impl Store {
                     expected_seq: expected,
                 });
             }
-            for chunk in batch.orders.chunks(INSERT_ROWS_MAX) {
+            // An upsert statement may not change one row twice (PostgreSQL refuses it), and a
+            // batch may change an order several times: its last row is its state.
+            let orders = last_per_key(&batch.orders, |o| (o.market, o.order_id, o.accepted_seq));
+            for chunk in orders.chunks(INSERT_ROWS_MAX) {
                 let mut query = sqlx::QueryBuilder::new(
                     "INSERT INTO orders (market, order_id, accepted_seq, user_id, side, order_type, price, qty, filled, open_qty, status, updated_seq) ",
                 );
@@ -973,7 +988,8 @@ impl Store {
                 });
                 query.build().execute(&mut *tx).await?;
             }
-            for chunk in batch.withdrawals.chunks(INSERT_ROWS_MAX) {
+            let withdrawals = last_per_key(&batch.withdrawals, |w| w.id);
+            for chunk in withdrawals.chunks(INSERT_ROWS_MAX) {
                 let mut query = sqlx::QueryBuilder::new(
                     "INSERT INTO withdrawals (id, user_id, asset, amount, destination, status, requested_seq, updated_seq) ",
                 );

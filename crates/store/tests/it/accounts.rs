@@ -482,3 +482,43 @@ async fn unknown_names_in_the_read_models_are_reported_as_corruption() {
         assert!(store.order_row(1, 1).await.unwrap().is_some());
     }
 }
+
+#[tokio::test]
+async fn a_projection_batch_may_change_one_order_several_times() {
+    for target in targets("order_twice") {
+        let store = target.open().await;
+        let backend = store.backend_name();
+        // Placed, partly filled, then cancelled within one batch (several journal batches
+        // projected in one transaction, or a maker and its taker in one batch): the last row
+        // of each order is the one kept.
+        let batch = ProjectionBatch {
+            first_seq: 1,
+            last_seq: 3,
+            orders: vec![
+                order((1, 1, 1, 7), ("buy", "limit", 10, 0), ("open", 1)),
+                order((1, 1, 1, 7), ("buy", "limit", 10, 4), ("open", 2)),
+                order((1, 2, 2, 8), ("sell", "limit", 4, 4), ("filled", 2)),
+                order((1, 1, 1, 7), ("buy", "limit", 10, 4), ("cancelled", 3)),
+            ],
+            ..ProjectionBatch::default()
+        };
+        store
+            .write_projection("read-models", &batch)
+            .await
+            .unwrap_or_else(|e| panic!("{backend}: {e}"));
+        assert_eq!(
+            store.order_row(1, 1).await.unwrap(),
+            Some(order(
+                (1, 1, 1, 7),
+                ("buy", "limit", 10, 4),
+                ("cancelled", 3)
+            )),
+            "{backend}"
+        );
+        assert_eq!(
+            store.order_row(1, 2).await.unwrap(),
+            Some(order((1, 2, 2, 8), ("sell", "limit", 4, 4), ("filled", 2))),
+            "{backend}"
+        );
+    }
+}
