@@ -27,6 +27,12 @@ pub const PROJECTION: &str = "read_models";
 /// Journal batches read per step.
 const BATCHES_PER_READ: usize = 64;
 
+/// Commands written in one projection transaction at most. A projector that is behind (the
+/// journal commits batches faster than it writes them) merges consecutive journal batches
+/// into one transaction up to this many commands: one commit instead of several, and each
+/// table page written once per transaction instead of once per batch.
+const COMMANDS_PER_WRITE_MAX: u64 = 4_096;
+
 /// What the projector tracks of a live order to write its row.
 #[derive(Clone, Debug)]
 struct OrderTrack {
@@ -187,7 +193,8 @@ impl Projector {
     }
 
     /// Replays journal batches after `self.seq`: up to `silent_until` without writing, then
-    /// writing one projection transaction per batch.
+    /// writing them, consecutive batches merged into one projection transaction of at most
+    /// [`COMMANDS_PER_WRITE_MAX`] commands (a batch is never split).
     async fn run(&mut self, silent_until: Option<u64>) -> Result<(), RecoveryError> {
         let mut next_batch = match self.seq {
             0 => 1,
@@ -196,12 +203,16 @@ impl Projector {
                 None => return Ok(()),
             },
         };
+        let tell = silent_until.is_none() && self.listener.is_some();
         loop {
             let batches = self.store.read(next_batch, BATCHES_PER_READ).await?;
             let Some(last) = batches.last() else {
                 return Ok(());
             };
             next_batch = last.batch + 1;
+            let mut rows = ProjectionBatch::default();
+            // What the listener hears once the rows are written.
+            let mut told: Vec<(CoreCommand, Output)> = Vec::new();
             for batch in batches {
                 if silent_until.is_some_and(|until| batch.first_seq > until) {
                     return Ok(());
@@ -211,32 +222,47 @@ impl Projector {
                         batch: batch.batch,
                         error,
                     })?;
-                let mut rows = ProjectionBatch {
-                    first_seq: batch.first_seq,
-                    last_seq: batch.last_seq(),
-                    ..ProjectionBatch::default()
-                };
-                let tell = silent_until.is_none() && self.listener.is_some();
-                let mut outputs = Vec::with_capacity(if tell { commands.len() } else { 0 });
-                for command in &commands {
-                    let output = self.project(command, &mut rows)?;
+                if rows.first_seq == 0 {
+                    rows.first_seq = batch.first_seq;
+                }
+                rows.last_seq = batch.last_seq();
+                for command in commands {
+                    let output = self.project(&command, &mut rows)?;
                     if tell {
-                        outputs.push(output);
+                        told.push((command, output));
                     }
                 }
-                if silent_until.is_none() {
-                    let started = std::time::Instant::now();
-                    self.store.write_projection(PROJECTION, &rows).await?;
-                    metrics::histogram!(names::PROJECTION_WRITE_SECONDS).record(started.elapsed());
-                    metrics::gauge!(names::PROJECTED_SEQ).set(rows.last_seq as f64);
-                }
-                if let Some(listener) = self.listener.as_mut().filter(|_| tell) {
-                    for (offset, (command, output)) in commands.iter().zip(&outputs).enumerate() {
-                        listener(batch.first_seq + offset as u64, command, output);
-                    }
+                if silent_until.is_some() {
+                    // Already in the tables: only the state, live orders and chain matter.
+                    rows = ProjectionBatch::default();
+                } else if rows.last_seq + 1 - rows.first_seq >= COMMANDS_PER_WRITE_MAX {
+                    self.write(&mut rows, &mut told).await?;
                 }
             }
+            if rows.first_seq != 0 {
+                self.write(&mut rows, &mut told).await?;
+            }
         }
+    }
+
+    /// Writes the rows gathered (one transaction with the new offset), then tells the listener
+    /// about their commands; both are left empty.
+    async fn write(
+        &mut self,
+        rows: &mut ProjectionBatch,
+        told: &mut Vec<(CoreCommand, Output)>,
+    ) -> Result<(), RecoveryError> {
+        let rows = std::mem::take(rows);
+        let started = std::time::Instant::now();
+        self.store.write_projection(PROJECTION, &rows).await?;
+        metrics::histogram!(names::PROJECTION_WRITE_SECONDS).record(started.elapsed());
+        metrics::gauge!(names::PROJECTED_SEQ).set(rows.last_seq as f64);
+        if let Some(listener) = self.listener.as_mut() {
+            for (offset, (command, output)) in told.drain(..).enumerate() {
+                listener(rows.first_seq + offset as u64, &command, &output);
+            }
+        }
+        Ok(())
     }
 
     /// Applies one journaled command to the private state and adds its rows; returns what the
