@@ -7,7 +7,9 @@
 //! accepted ones into a batch, and hands the batch to the *write* task, then starts the next
 //! batch while that one is being written. A batch holds whatever queued up meanwhile, up to
 //! [`SequencerOptions::batch_commands_max`], optionally waiting [`SequencerOptions::batch_linger`]
-//! for more. The write task appends the batch and only then answers its commands.
+//! for more. The write task appends the batch, merged with any batches that queued up behind
+//! it while the previous append ran (one commit and one fsync for all of them, so the batch
+//! size follows the writer's pace), and only then answers their commands.
 //!
 //! If an append (or a snapshot write) fails, the in-memory state is ahead of the journal and
 //! can no longer be trusted: the sequencer stops. Every command not yet acknowledged, and
@@ -488,6 +490,49 @@ fn handle(
     }
 }
 
+/// Batches that queued up while the last append ran go into one append (one commit, one
+/// fsync), so the batch size follows the writer's pace: `first` and the batches waiting
+/// behind it, up to `commands_max` commands, in order. A snapshot behind them is left in
+/// `held`, to be written next.
+fn merge_waiting(
+    first: Write,
+    writes: &mut mpsc::Receiver<Write>,
+    held: &mut Option<Write>,
+    commands_max: usize,
+) -> Write {
+    let Write::Batch {
+        mut commands,
+        mut payload,
+        mut acks,
+    } = first
+    else {
+        return first;
+    };
+    while commands < commands_max as u64 {
+        match writes.try_recv() {
+            Ok(Write::Batch {
+                commands: more,
+                payload: more_payload,
+                acks: mut more_acks,
+            }) => {
+                commands += more;
+                payload.extend_from_slice(&more_payload);
+                acks.append(&mut more_acks);
+            }
+            Ok(other) => {
+                *held = Some(other);
+                break;
+            }
+            Err(_) => break,
+        }
+    }
+    Write::Batch {
+        commands,
+        payload,
+        acks,
+    }
+}
+
 async fn write_loop(
     store: Arc<Store>,
     mut writes: mpsc::Receiver<Write>,
@@ -500,7 +545,17 @@ async fn write_loop(
     let stopped = metrics::gauge!(names::STOPPED);
     stopped.set(0.0);
     journal_seq.set(store.tail().seq as f64);
-    while let Some(write) = writes.recv().await {
+    // A snapshot found behind waiting batches, written after them.
+    let mut held: Option<Write> = None;
+    loop {
+        let write = match held.take() {
+            Some(write) => write,
+            None => match writes.recv().await {
+                Some(write) => write,
+                None => break,
+            },
+        };
+        let write = merge_waiting(write, &mut writes, &mut held, options.batch_commands_max);
         let started = Instant::now();
         let failure = match write {
             Write::Batch {
@@ -557,5 +612,67 @@ async fn write_loop(
             }
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(commands: u64, byte: u8) -> Write {
+        Write::Batch {
+            commands,
+            payload: vec![byte; commands as usize],
+            acks: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn waiting_batches_merge_into_one_append_up_to_the_bound_and_stop_at_a_snapshot() {
+        let (sender, mut writes) = mpsc::channel(8);
+        for write in [batch(2, 2), batch(3, 3), batch(4, 4)] {
+            sender.try_send(write).unwrap_or_else(|_| panic!("room"));
+        }
+        let snapshot = Snapshot {
+            seq: 10,
+            state_hash: [0; 32],
+            payload: Vec::new(),
+        };
+        sender
+            .try_send(Write::Snapshot(snapshot))
+            .unwrap_or_else(|_| panic!("room"));
+        sender
+            .try_send(batch(1, 9))
+            .unwrap_or_else(|_| panic!("room"));
+        let mut held = None;
+
+        // Bounded: 1 + 2 reaches 3 commands, so the third batch waits.
+        let merged = merge_waiting(batch(1, 1), &mut writes, &mut held, 3);
+        let Write::Batch {
+            commands, payload, ..
+        } = merged
+        else {
+            panic!("a batch")
+        };
+        assert_eq!((commands, payload), (3, vec![1, 2, 2]));
+        assert!(held.is_none());
+
+        // Unbounded: the rest up to the snapshot, which is held for next.
+        let first = writes.try_recv().unwrap_or_else(|_| panic!("a batch"));
+        let Write::Batch {
+            commands, payload, ..
+        } = merge_waiting(first, &mut writes, &mut held, 100)
+        else {
+            panic!("a batch")
+        };
+        assert_eq!((commands, payload), (7, vec![3, 3, 3, 4, 4, 4, 4]));
+        assert!(matches!(
+            held,
+            Some(Write::Snapshot(Snapshot { seq: 10, .. }))
+        ));
+        assert!(matches!(
+            writes.try_recv(),
+            Ok(Write::Batch { commands: 1, .. })
+        ));
     }
 }
