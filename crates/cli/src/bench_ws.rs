@@ -86,7 +86,7 @@ fn stop_server(pid: u32) {
 
 /// Kills every server still running. It never waits for the lock: a panic hook may run while
 /// this thread holds it, and then the servers are left to the destructors.
-fn kill_all_servers() {
+pub(crate) fn kill_all_servers() {
     let mut servers = match SERVERS.try_lock() {
         Ok(servers) => servers,
         Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
@@ -99,7 +99,7 @@ fn kill_all_servers() {
 }
 
 /// Makes a panic kill the servers before the process aborts.
-fn kill_servers_on_panic() {
+pub(crate) fn kill_servers_on_panic() {
     static INSTALLED: Once = Once::new();
     INSTALLED.call_once(|| {
         let previous = std::panic::take_hook();
@@ -111,7 +111,7 @@ fn kill_servers_on_panic() {
 }
 
 /// Completes on SIGINT or SIGTERM, with the signal's name.
-async fn interrupted() -> &'static str {
+pub(crate) async fn interrupted() -> &'static str {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
@@ -127,9 +127,9 @@ async fn interrupted() -> &'static str {
 }
 
 /// `agora serve` in a child process, killed when dropped (and by [`kill_all_servers`]).
-struct ServerProcess {
+pub(crate) struct ServerProcess {
     pid: u32,
-    http: String,
+    pub(crate) http: String,
     ws: String,
     _dir: tempfile::TempDir,
 }
@@ -214,7 +214,7 @@ impl ServerProcess {
     }
 
     /// User plus system CPU time the server has used so far.
-    fn cpu(&self) -> Duration {
+    pub(crate) fn cpu(&self) -> Duration {
         cpu_time(&format!("/proc/{}/stat", self.pid))
     }
 }
@@ -226,7 +226,7 @@ impl Drop for ServerProcess {
 }
 
 /// User plus system CPU time of a process, from its `/proc/…/stat`.
-fn cpu_time(path: &str) -> Duration {
+pub(crate) fn cpu_time(path: &str) -> Duration {
     let stat = std::fs::read_to_string(path).unwrap_or_default();
     // The fields after the command name (which is in parentheses): utime and stime are the
     // 12th and 13th of them, in clock ticks (USER_HZ, 100 on Linux).
@@ -264,7 +264,7 @@ fn open_files_limit() -> Option<u64> {
 
 /// The REST side: setting up the market and users, and the subscribers run's driver.
 #[derive(Clone)]
-struct Rest {
+pub(crate) struct Rest {
     client: reqwest::Client,
     base: String,
     admin: String,
@@ -291,7 +291,7 @@ async fn call(
 }
 
 impl Rest {
-    async fn connect(base: &str) -> anyhow::Result<Rest> {
+    pub(crate) async fn connect(base: &str) -> anyhow::Result<Rest> {
         let mut rest = Rest {
             client: reqwest::Client::builder().build()?,
             base: base.to_string(),
@@ -328,7 +328,7 @@ impl Rest {
     }
 
     /// Creates the market and `traders` funded users; their session tokens.
-    async fn market_and_traders(&self, traders: usize) -> anyhow::Result<Vec<String>> {
+    pub(crate) async fn market_and_traders(&self, traders: usize) -> anyhow::Result<Vec<String>> {
         self.admin("/admin/assets", json!({"symbol": "BTC", "decimals": 8}))
             .await?;
         self.admin("/admin/assets", json!({"symbol": "USDT", "decimals": 6}))
@@ -386,14 +386,14 @@ impl Rest {
 }
 
 /// The value at quantile `q` of sorted samples.
-fn at<T: Copy + Default>(sorted: &[T], q: f64) -> T {
+pub(crate) fn at<T: Copy + Default>(sorted: &[T], q: f64) -> T {
     sorted
         .get(((sorted.len() as f64 * q) as usize).min(sorted.len().saturating_sub(1)))
         .copied()
         .unwrap_or_default()
 }
 
-fn ms(d: Duration) -> String {
+pub(crate) fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1e3)
 }
 
@@ -423,7 +423,7 @@ pub async fn run(bench: WsBenchOptions) -> anyhow::Result<()> {
     }
 }
 
-async fn start_server(durability: &str) -> anyhow::Result<ServerProcess> {
+pub(crate) async fn start_server(durability: &str) -> anyhow::Result<ServerProcess> {
     let durability = durability.to_string();
     tokio::task::spawn_blocking(move || ServerProcess::start(&durability)).await?
 }

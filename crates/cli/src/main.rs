@@ -100,8 +100,8 @@ enum BenchCommands {
         #[arg(long, env = "AGORA_BENCH_POSTGRES_URL")]
         postgres: Option<String>,
     },
-    /// Orders placed and cancelled over REST by many keep-alive connections, with latency
-    /// percentiles (see docs/performance.md).
+    /// Orders placed and cancelled over REST by many keep-alive connections against `agora
+    /// serve` in a child process, with latency percentiles and CPU (see docs/performance.md).
     Api {
         /// Concurrent keep-alive connections.
         #[arg(long, default_value_t = 256)]
@@ -112,6 +112,10 @@ enum BenchCommands {
         /// SQLite durability: full or normal.
         #[arg(long, default_value = "full")]
         durability: String,
+        /// Open loop: requests per second offered on a fixed schedule, latency counted from
+        /// when each was due (without it, each connection sends as soon as it is answered).
+        #[arg(long)]
+        rate: Option<u64>,
     },
     /// The WebSocket API against `agora serve` in a child process: order commands with many
     /// in flight per connection, then thousands of book subscribers while orders flow (delivery
@@ -273,6 +277,7 @@ fn main() -> anyhow::Result<()> {
                     connections,
                     seconds,
                     durability,
+                    rate,
                 },
         } => {
             let runtime = tokio::runtime::Runtime::new()?;
@@ -280,6 +285,7 @@ fn main() -> anyhow::Result<()> {
                 connections: connections.max(1),
                 duration: std::time::Duration::from_secs(seconds.max(1)),
                 durability,
+                rate,
             }))?;
         }
         Commands::Bench {
