@@ -43,7 +43,7 @@ pub mod limits {
     /// How long a connection waits for a locked SQLite database before failing.
     pub const SQLITE_BUSY_TIMEOUT_MS: u64 = 5_000;
     /// SQLite: journal appends between two background WAL checkpoints.
-    pub const CHECKPOINT_EVERY_APPENDS: u64 = 256;
+    pub const CHECKPOINT_EVERY_APPENDS: u64 = 64;
     /// SQLite: the default of [`StoreOptions::wal_frames_behind_max`]: 65,536 frames are
     /// about 256 MiB of log at SQLite's default 4 KiB pages.
     pub const WAL_FRAMES_BEHIND_MAX: u64 = 65_536;
