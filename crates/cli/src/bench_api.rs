@@ -144,6 +144,14 @@ impl Tally {
     }
 }
 
+/// Why a request failed.
+enum Failure {
+    /// The server answered with another status (or an answer without an order id).
+    Refused(String),
+    /// The connection failed (closed, reset, or an answer that is not HTTP).
+    Broken(String),
+}
+
 /// One connection's loop: place a resting order, cancel it, again, until `deadline`. With an
 /// `interval`, each request is due `interval` after the previous one was due and latency
 /// counts from then; without, the next request goes as soon as the last is answered.
@@ -177,11 +185,11 @@ async fn drive(
                 let path = format!("/api/v1/orders/{id}");
                 match connection.call("DELETE", &path, None).await {
                     Ok((200, _)) => Ok(()),
-                    Ok((status, body)) => Err(format!(
+                    Ok((status, body)) => Err(Failure::Refused(format!(
                         "cancel: {status} {}",
                         String::from_utf8_lossy(body)
-                    )),
-                    Err(error) => Err(format!("cancel: {error}")),
+                    ))),
+                    Err(error) => Err(Failure::Broken(format!("cancel: {error}"))),
                 }
             }
             None => {
@@ -202,20 +210,25 @@ async fn drive(
                             resting = Some(id);
                             Ok(())
                         }
-                        None => Err("place: no order id in the answer".to_string()),
+                        None => Err(Failure::Refused(
+                            "place: no order id in the answer".to_string(),
+                        )),
                     },
-                    Ok((status, body)) => {
-                        Err(format!("place: {status} {}", String::from_utf8_lossy(body)))
-                    }
-                    Err(error) => Err(format!("place: {error}")),
+                    Ok((status, body)) => Err(Failure::Refused(format!(
+                        "place: {status} {}",
+                        String::from_utf8_lossy(body)
+                    ))),
+                    Err(error) => Err(Failure::Broken(format!("place: {error}"))),
                 }
             }
         };
         tally.latencies.push(started.elapsed());
-        if let Err(error) = answer {
-            let broken = error.contains("closed") || error.contains("os error");
-            tally.error(error);
-            if broken {
+        match answer {
+            Ok(()) => {}
+            Err(Failure::Refused(error)) => tally.error(error),
+            // The connection cannot be used again: this connection's run ends.
+            Err(Failure::Broken(error)) => {
+                tally.error(error);
                 break;
             }
         }
