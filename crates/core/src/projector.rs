@@ -53,6 +53,8 @@ pub struct Projector {
     /// Pending withdrawals' rows, to write again when they complete or are cancelled.
     withdrawals: FxHashMap<u64, WithdrawalRow>,
     audit_head: [u8; 32],
+    /// The last run failed after its state moved past the stored offset.
+    stale: bool,
 }
 
 fn command_kind(command: &CoreCommand) -> &'static str {
@@ -160,6 +162,7 @@ impl Projector {
             orders: FxHashMap::default(),
             withdrawals: FxHashMap::default(),
             audit_head: [0; 32],
+            stale: false,
         };
         // Replays the already-projected commands to rebuild the state, the live orders and the
         // audit chain; their rows are dropped, as the tables hold them already.
@@ -186,9 +189,21 @@ impl Projector {
     }
 
     /// Projects every journal batch not projected yet; returns the commands projected.
+    ///
+    /// After a failure (a write that did not commit, say) the private state is ahead of the
+    /// stored offset: the next call first starts again from the stored offset, so the
+    /// commands whose rows were not written are projected, not skipped.
     pub async fn catch_up(&mut self) -> Result<u64, RecoveryError> {
+        if self.stale {
+            let mut fresh = Projector::start(self.store.clone()).await?;
+            fresh.listener = self.listener.take();
+            *self = fresh;
+        }
         let before = self.seq;
-        self.run(None).await?;
+        if let Err(error) = self.run(None).await {
+            self.stale = true;
+            return Err(error);
+        }
         Ok(self.seq - before)
     }
 

@@ -401,6 +401,8 @@ pub struct Store {
     tail: Mutex<Tail>,
     /// Appends left before an injected failure (`u64::MAX`: never).
     appends_until_failure: AtomicU64,
+    /// Projection writes still to fail (test support).
+    projection_failures: AtomicU64,
     /// SQLite: appends since the last WAL checkpoint was started.
     appends_since_checkpoint: AtomicU64,
     /// SQLite: a checkpoint is running.
@@ -557,6 +559,7 @@ impl Store {
             backend,
             tail: Mutex::new(Tail::EMPTY),
             appends_until_failure: AtomicU64::new(u64::MAX),
+            projection_failures: AtomicU64::new(0),
             appends_since_checkpoint: AtomicU64::new(0),
             checkpointing: Arc::new(AtomicBool::new(false)),
             wal_frames_behind: Arc::new(AtomicU64::new(0)),
@@ -879,6 +882,13 @@ impl Store {
         self.appends_until_failure.store(appends, Ordering::Relaxed);
     }
 
+    /// Test support: the next `writes` projection writes fail with [`StoreError::Injected`]
+    /// and change nothing, as a failed commit would.
+    #[doc(hidden)]
+    pub fn inject_projection_failures(&self, writes: u64) {
+        self.projection_failures.store(writes, Ordering::Relaxed);
+    }
+
     /// How far the named projection has applied the journal (0: nothing yet).
     pub async fn projection_offset(&self, name: &str) -> Result<u64, StoreError> {
         let sql = "SELECT seq FROM projection_offsets WHERE name = $1";
@@ -899,6 +909,13 @@ impl Store {
         name: &str,
         batch: &ProjectionBatch,
     ) -> Result<(), StoreError> {
+        if self
+            .projection_failures
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(StoreError::Injected);
+        }
         on_writer!(self, pool => {
             let mut tx = pool.begin().await?;
             let stored: Option<i64> = sqlx::query("SELECT seq FROM projection_offsets WHERE name = $1")

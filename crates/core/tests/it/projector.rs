@@ -243,6 +243,34 @@ async fn read_models_agree_with_the_state_exactly_once_and_rebuild_the_same() {
 }
 
 #[tokio::test]
+async fn a_failed_write_is_projected_again_not_skipped() {
+    for backend in backends("projector_failure") {
+        let store = backend.open().await;
+        let (balances, digests) = journal(&store, &commands()).await;
+        let mut projector = Projector::start(store.clone()).await.unwrap();
+        store.inject_projection_failures(1);
+        assert!(matches!(
+            projector.catch_up().await,
+            Err(agora_core::sequencer::RecoveryError::Store(
+                StoreError::Injected
+            ))
+        ));
+        assert_eq!(store.projection_offset(PROJECTION).await.unwrap(), 0);
+
+        // The next pass starts again from the stored offset and writes everything once.
+        assert_eq!(projector.catch_up().await.unwrap(), digests.len() as u64);
+        assert_eq!(
+            store.projection_offset(PROJECTION).await.unwrap(),
+            digests.len() as u64
+        );
+        assert_eq!(store.projected_balances().await.unwrap(), balances);
+        let audit = store.verify_audit(Some(&digests)).await.unwrap();
+        assert_eq!((audit.entries, audit.problem), (digests.len() as u64, None));
+        assert_eq!(projector.catch_up().await.unwrap(), 0);
+    }
+}
+
+#[tokio::test]
 async fn a_tampered_audit_entry_is_found() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}/agora.db", dir.path().display());
