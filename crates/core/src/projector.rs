@@ -166,7 +166,7 @@ impl Projector {
         };
         // Replays the already-projected commands to rebuild the state, the live orders and the
         // audit chain; their rows are dropped, as the tables hold them already.
-        projector.run(Some(offset)).await?;
+        projector.run(Some(offset), usize::MAX).await?;
         if projector.audit_head != stored_head {
             return Err(RecoveryError::Store(store::StoreError::Corrupt {
                 what: "audit entry",
@@ -194,13 +194,25 @@ impl Projector {
     /// stored offset: the next call first starts again from the stored offset, so the
     /// commands whose rows were not written are projected, not skipped.
     pub async fn catch_up(&mut self) -> Result<u64, RecoveryError> {
+        self.advance(usize::MAX).await
+    }
+
+    /// Like [`Projector::catch_up`], but projects only the journal batches committed when it
+    /// starts (one read, at most [`COMMANDS_PER_WRITE_MAX`] commands a transaction) and
+    /// returns: a caller that waits between steps lets batches gather into fewer, larger
+    /// transactions.
+    pub async fn step(&mut self) -> Result<u64, RecoveryError> {
+        self.advance(1).await
+    }
+
+    async fn advance(&mut self, reads: usize) -> Result<u64, RecoveryError> {
         if self.stale {
             let mut fresh = Projector::start(self.store.clone()).await?;
             fresh.listener = self.listener.take();
             *self = fresh;
         }
         let before = self.seq;
-        if let Err(error) = self.run(None).await {
+        if let Err(error) = self.run(None, reads).await {
             self.stale = true;
             return Err(error);
         }
@@ -209,8 +221,9 @@ impl Projector {
 
     /// Replays journal batches after `self.seq`: up to `silent_until` without writing, then
     /// writing them, consecutive batches merged into one projection transaction of at most
-    /// [`COMMANDS_PER_WRITE_MAX`] commands (a batch is never split).
-    async fn run(&mut self, silent_until: Option<u64>) -> Result<(), RecoveryError> {
+    /// [`COMMANDS_PER_WRITE_MAX`] commands (a batch is never split); after `reads` reads of the
+    /// journal, or when it has no more batches.
+    async fn run(&mut self, silent_until: Option<u64>, reads: usize) -> Result<(), RecoveryError> {
         let mut next_batch = match self.seq {
             0 => 1,
             seq => match self.store.batch_containing(seq).await? {
@@ -219,7 +232,7 @@ impl Projector {
             },
         };
         let tell = silent_until.is_none() && self.listener.is_some();
-        loop {
+        for _ in 0..reads {
             let batches = self.store.read(next_batch, BATCHES_PER_READ).await?;
             let Some(last) = batches.last() else {
                 return Ok(());
@@ -258,6 +271,7 @@ impl Projector {
                 self.write(&mut rows, &mut told).await?;
             }
         }
+        Ok(())
     }
 
     /// Writes the rows gathered (one transaction with the new offset), then tells the listener

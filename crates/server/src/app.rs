@@ -26,6 +26,11 @@ pub mod limits {
     pub const PROJECTION_WAIT_MS: u64 = 2_000;
     /// How long the projector sleeps when nothing wakes it.
     pub const PROJECTOR_IDLE_MS: u64 = 200;
+    /// After a pass that wrote something, how long the projector lets journal batches gather
+    /// before the next: under load one projection transaction then covers many batches
+    /// instead of taking the single writer connection once per batch. Reads that wait for
+    /// the read models wait up to this much longer.
+    pub const PROJECTOR_LINGER_MS: u64 = 10;
     /// How long the projector waits after a failure before trying again.
     pub const PROJECTOR_RETRY_MS: u64 = 1_000;
     /// How often expired idempotency keys are deleted.
@@ -421,9 +426,16 @@ async fn project_loop(
         if *stopped.borrow() {
             return;
         }
-        match projector.catch_up().await {
-            Ok(_) => {
+        match projector.step().await {
+            Ok(written) => {
                 projected.send_replace(projector.seq());
+                if written > 0 {
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(limits::PROJECTOR_LINGER_MS)) => {}
+                        _ = stopped.changed() => {}
+                    }
+                    continue;
+                }
                 tokio::select! {
                     _ = app.projector_wake.notified() => {}
                     _ = tokio::time::sleep(Duration::from_millis(limits::PROJECTOR_IDLE_MS)) => {}

@@ -271,6 +271,33 @@ async fn a_failed_write_is_projected_again_not_skipped() {
 }
 
 #[tokio::test]
+async fn a_step_projects_one_read_of_the_journal_and_returns() {
+    for backend in backends("projector_step") {
+        let store = backend.open().await;
+        // Submitted one at a time: one journal batch per command, 100 batches.
+        let deposits: Vec<CoreCommand> = (0..100)
+            .map(|n| CoreCommand::Deposit {
+                user: 1 + n % 4,
+                asset: 1,
+                amount: 1 + u128::from(n),
+            })
+            .collect();
+        let mut all = commands()[..2].to_vec();
+        all.extend(deposits);
+        let (_, digests) = journal(&store, &all).await;
+        assert_eq!(store.tail().batch, 102);
+        let mut projector = Projector::start(store.clone()).await.unwrap();
+        // One read is 64 batches; they share one transaction.
+        assert_eq!(projector.step().await.unwrap(), 64);
+        assert_eq!(store.projection_offset(PROJECTION).await.unwrap(), 64);
+        assert_eq!(projector.step().await.unwrap(), 38);
+        assert_eq!(projector.step().await.unwrap(), 0);
+        let audit = store.verify_audit(Some(&digests)).await.unwrap();
+        assert_eq!((audit.entries, audit.problem), (102, None));
+    }
+}
+
+#[tokio::test]
 async fn a_tampered_audit_entry_is_found() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}/agora.db", dir.path().display());
