@@ -327,24 +327,14 @@ async fn metrics_include_the_cores() {
         .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
     assert_eq!(answer["error"]["code"], "INSUFFICIENT_FUNDS");
-    let metrics = || async {
-        h.client
-            .get(format!("{}/metrics", h.base))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    };
     // The projector writes after the acknowledgement: wait (boundedly) for its first batch.
-    let mut text = metrics().await;
+    let mut text = h.metrics().await;
     for _ in 0..200 {
         if series(&text, "agora_core_projected_seq").is_some_and(|seq| seq > 0.0) {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-        text = metrics().await;
+        text = h.metrics().await;
     }
     // Three admin commands at least (two assets, a market) were journaled.
     let accepted = series(&text, "agora_core_commands_accepted_total").unwrap_or(0.0);
@@ -486,18 +476,8 @@ async fn stall_one_more(h: &Harness, token: &str, stalled: &mut Vec<tokio::net::
 /// The requests in flight besides the one asking: the server's
 /// `agora_http_requests_in_flight` gauge, less one.
 async fn in_flight(h: &Harness) -> i64 {
-    let text = h
-        .client
-        .get(format!("{}/metrics", h.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|line| line.strip_prefix("agora_http_requests_in_flight "))
-        .map_or(0, |v| v.trim().parse::<f64>().unwrap() as i64 - 1)
+    let text = h.metrics().await;
+    series(&text, "agora_http_requests_in_flight").map_or(0, |v| v as i64 - 1)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -131,6 +131,18 @@ impl Harness {
         value
     }
 
+    /// The server's Prometheus text from `/metrics`.
+    pub async fn metrics(&self) -> String {
+        self.client
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await
+            .expect("the server answers")
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// A session token.
     pub async fn login(&self, username: &str, password: &str) -> String {
         let session = self

@@ -272,15 +272,7 @@ async fn a_slow_consumer_is_disconnected_instead_of_buffered() {
         }
     }
     assert!(pongs < sent, "{pongs} answers to {sent} pings");
-    let metrics = h
-        .client
-        .get(format!("{}/metrics", h.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = h.metrics().await;
     assert!(
         metrics.contains("agora_ws_slow_consumer_disconnects_total"),
         "{metrics}"
