@@ -90,7 +90,7 @@ impl Connection {
                         name.eq_ignore_ascii_case("content-length")
                             .then(|| value.trim().parse::<usize>().ok())?
                     })
-                    .unwrap_or(0);
+                    .ok_or_else(|| anyhow::anyhow!("an answer without content-length: {head:?}"))?;
                 break (end + 4, status, length);
             }
             self.read_more().await?;
