@@ -17,6 +17,7 @@
 //! `escrow` markets the seller's filled base moves to an escrow hold per trade; releasing it is
 //! the settlement flow's work.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use book::{
@@ -618,8 +619,17 @@ impl State {
     }
 
     fn place(&mut self, place: &PlaceOrder, out: &mut Output) -> Result<(), CoreRejection> {
-        let mut place = place.clone();
-        place.reputation = self.reputation(place.user);
+        // The engine checks counterparties' minimum reputation against the owner's as the
+        // core knows it; the command is copied only when the caller's figure differs.
+        let reputation = self.reputation(place.user);
+        let place = if place.reputation == reputation {
+            Cow::Borrowed(place)
+        } else {
+            Cow::Owned(PlaceOrder {
+                reputation,
+                ..place.clone()
+            })
+        };
         let Some(config) = self.markets.get(place.market.0 as usize) else {
             return Err(CoreRejection::Book(RejectReason::UnknownMarket));
         };

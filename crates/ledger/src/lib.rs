@@ -475,8 +475,36 @@ impl Ledger {
         postings: &mut Vec<Posting>,
         undo: &mut Vec<Undo>,
     ) {
-        self.post(from.0, asset, from.1, -(amount as i128), postings, undo);
-        self.post(to.0, asset, to.1, amount as i128, postings, undo);
+        if from.0 != to.0 {
+            self.post(from.0, asset, from.1, -(amount as i128), postings, undo);
+            self.post(to.0, asset, to.1, amount as i128, postings, undo);
+            return;
+        }
+        // Between two buckets of one account (holds made, released, extended): one look-up
+        // of the account, and the asset's total does not move.
+        let owner = from.0;
+        let key = (owner, asset);
+        let balance = self.balances.entry(key).or_default();
+        undo.push(Undo::Balance(key, *balance));
+        for (bucket, delta) in [(from.1, -(amount as i128)), (to.1, amount as i128)] {
+            let slot = match bucket {
+                Bucket::Available => &mut balance.available,
+                Bucket::Held => &mut balance.held,
+                Bucket::External => unreachable!("external postings have no account"),
+            };
+            *slot = slot
+                .checked_add_signed(delta)
+                .expect("validated postings keep balances within range");
+            postings.push(Posting {
+                owner,
+                asset,
+                bucket,
+                delta,
+            });
+        }
+        if *balance == Balance::default() {
+            self.balances.remove(&key);
+        }
     }
 
     /// Moves the asset's supply by an external flow (deposit or withdrawal); the matching
@@ -748,6 +776,15 @@ impl Ledger {
     /// asset, and each touched asset's running total equals its supply. Balances are unsigned,
     /// so "no negative balance" holds by construction (a negative result panics in `post`).
     fn check_after(&self, postings: &[Posting]) {
+        // Every operation but a batch's moves one asset: one pass, one look-up.
+        if let Some(first) = postings.first()
+            && postings.iter().all(|p| p.asset == first.asset)
+        {
+            let sum: i128 = postings.iter().map(|p| p.delta).sum();
+            assert_eq!(sum, 0, "postings of asset {} do not balance", first.asset);
+            self.check_total(first.asset);
+            return;
+        }
         // An operation posts a handful of entries, so a quadratic scan beats a map here.
         for (index, posting) in postings.iter().enumerate() {
             let asset = posting.asset;
@@ -760,12 +797,16 @@ impl Ledger {
                 .map(|p| p.delta)
                 .sum();
             assert_eq!(sum, 0, "postings of asset {asset} do not balance");
-            assert_eq!(
-                self.totals.get(&asset).copied().unwrap_or(0),
-                self.assets[&asset].supply,
-                "asset {asset}: balances do not add up to deposits minus withdrawals"
-            );
+            self.check_total(asset);
         }
+    }
+
+    fn check_total(&self, asset: AssetId) {
+        assert_eq!(
+            self.totals.get(&asset).copied().unwrap_or(0),
+            self.assets[&asset].supply,
+            "asset {asset}: balances do not add up to deposits minus withdrawals"
+        );
     }
 
     /// Recomputes every invariant from scratch: per asset, the sum of all balances equals the
