@@ -321,6 +321,68 @@ pub struct FailureBucket {
 
 const JOB_COLUMNS: &str = "id, queue, kind, payload, priority, state, run_at_ms, attempts, attempts_max, lease, lease_until_ms, worker, dedup_key, progress, result, error_category, error, strategy, created_ms, started_ms, finished_ms, parent_id, children_pending, schedule, schedule_tick_ms";
 const SCHEDULE_COLUMNS: &str = "name, queue, kind, payload, cron, every_ms, next_tick_ms, priority, attempts_max, backoff, backoff_ms, backoff_max_ms, jitter_pct, timeout_ms, keep_completed_ms, keep_failed_ms";
+/// The states jobs rest in, as the predicate of the `jobs_by_state` index (migration 0008):
+/// a query names it word for word so that SQLite, too, sees that the index applies.
+macro_rules! at_rest {
+    () => {
+        "state IN ('waiting_children', 'completed', 'dead', 'discarded')"
+    };
+}
+const AT_REST: &str = at_rest!();
+
+/// The condition selecting one state's jobs, in the form that lets the planner use the
+/// partial index holding them; `None` for a state no job is ever in.
+fn state_filter(state: &str) -> Option<&'static str> {
+    Some(match state {
+        "waiting" => "state = 'waiting'",
+        "active" => "state = 'active'",
+        "waiting_children" => concat!("state = 'waiting_children' AND ", at_rest!()),
+        "completed" => concat!("state = 'completed' AND ", at_rest!()),
+        "dead" => concat!("state = 'dead' AND ", at_rest!()),
+        "discarded" => concat!("state = 'discarded' AND ", at_rest!()),
+        _ => return None,
+    })
+}
+
+/// A queue's jobs in one state after an id, by id (binds: queue, after id, limit).
+///
+/// Waiting and active jobs are found through their partial indexes (not ordered by id) and
+/// sorted: `+id` keeps the planner from walking the primary key from the cursor instead,
+/// which passes every job in every state.
+/// SQLite, knowing nothing of the table's contents, would rather scan it than the few active
+/// jobs, so it is told which index to use.
+fn jobs_in_state_sql(state: &str, sqlite: bool) -> Option<String> {
+    let in_state = state_filter(state)?;
+    let id = if matches!(state, "waiting" | "active") {
+        "+id"
+    } else {
+        "id"
+    };
+    let table = if sqlite && state == "active" {
+        "jobs INDEXED BY jobs_active"
+    } else {
+        "jobs"
+    };
+    Some(format!(
+        "SELECT {JOB_COLUMNS} FROM {table} WHERE queue = $1 AND {in_state} AND {id} > $2 ORDER BY id LIMIT $3"
+    ))
+}
+
+/// A queue's jobs counted by state and priority (binds: now, queue). One part per partial
+/// index: waiting jobs (jobs_ready), active ones (jobs_active), and the states jobs rest in
+/// (jobs_by_state).
+fn job_counts_sql() -> String {
+    format!(
+        "SELECT CASE WHEN run_at_ms > $1 THEN 'delayed' ELSE 'waiting' END AS s, priority, COUNT(*) AS n \
+           FROM jobs WHERE queue = $2 AND state = 'waiting' GROUP BY s, priority \
+         UNION ALL SELECT CAST('active' AS TEXT) AS s, priority, COUNT(*) AS n \
+           FROM jobs WHERE queue = $2 AND state = 'active' GROUP BY priority \
+         UNION ALL SELECT state AS s, priority, COUNT(*) AS n \
+           FROM jobs WHERE queue = $2 AND {AT_REST} GROUP BY state, priority \
+         ORDER BY s, priority"
+    )
+}
+
 const CLAIMED_COLUMNS: &str = "id, queue, kind, payload, priority, run_at_ms, attempts, attempts_max, backoff, backoff_ms, backoff_max_ms, jitter_pct, timeout_ms, lease, lease_until_ms";
 
 fn unsigned(value: i64) -> u64 {
@@ -1290,13 +1352,15 @@ impl Store {
         after_id: i64,
         limit: usize,
     ) -> Result<Vec<JobRow>, StoreError> {
-        let sql = format!(
-            "SELECT {JOB_COLUMNS} FROM jobs WHERE queue = $1 AND state = $2 AND id > $3 ORDER BY id LIMIT $4"
-        );
+        // The state is written into the statement, from a fixed list, so that the planner can
+        // pick the partial index that holds it (a bound state would hide which one applies).
+        let sqlite = matches!(self.backend, Backend::Sqlite { .. });
+        let Some(sql) = jobs_in_state_sql(state, sqlite) else {
+            return Ok(Vec::new());
+        };
         let jobs = on_pool!(self, pool => {
             sqlx::query(sqlx::AssertSqlSafe(sql))
                 .bind(queue)
-                .bind(state)
                 .bind(after_id)
                 .bind(limit.max(1) as i64)
                 .fetch_all(pool)
@@ -1315,10 +1379,9 @@ impl Store {
         queue: &str,
         now_ms: i64,
     ) -> Result<Vec<StateCount>, StoreError> {
-        let sql = "SELECT CASE WHEN state = 'waiting' AND run_at_ms > $1 THEN 'delayed' ELSE state END AS s, priority, COUNT(*) AS n \
-                   FROM jobs WHERE queue = $2 GROUP BY s, priority ORDER BY s, priority";
+        let sql = job_counts_sql();
         let counts = on_pool!(self, pool => {
-            sqlx::query(sql)
+            sqlx::query(sqlx::AssertSqlSafe(sql))
                 .bind(now_ms)
                 .bind(queue)
                 .fetch_all(pool)
@@ -1751,5 +1814,132 @@ impl Store {
             sqlx::query(sql).fetch_one(pool).await?.try_get::<Option<i64>, _>("due")?
         });
         Ok(due)
+    }
+}
+
+#[cfg(test)]
+mod plans {
+    //! The listing and counting queries reach the jobs table only through indexes, on both
+    //! backends: the partial indexes of migration 0008 leave no full index to fall back on.
+
+    use super::*;
+    use crate::StoreOptions;
+
+    /// Every state a job can be in.
+    const STATES: [&str; 6] = [
+        "waiting",
+        "waiting_children",
+        "active",
+        "completed",
+        "dead",
+        "discarded",
+    ];
+
+    async fn stores() -> Vec<(Store, Option<tempfile::TempDir>)> {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/agora.db", dir.path().display());
+        let mut stores = vec![(
+            Store::open(&url, &StoreOptions::default()).await.unwrap(),
+            Some(dir),
+        )];
+        if let Ok(url) = std::env::var("AGORA_TEST_POSTGRES_URL") {
+            let options = StoreOptions {
+                pg_schema: Some(format!("t_plans_{}", std::process::id())),
+                ..StoreOptions::default()
+            };
+            stores.push((Store::open(&url, &options).await.unwrap(), None));
+        }
+        stores
+    }
+
+    /// The plan of `sql` with its binds, one line per step; PostgreSQL is told to avoid
+    /// sequential scans, so that one still chosen means no index applies.
+    async fn plan(store: &Store, sql: &str, binds: &[Bind<'_>]) -> Vec<String> {
+        match &store.backend {
+            Backend::Sqlite { readers, .. } => {
+                let explain = format!("EXPLAIN QUERY PLAN {sql}");
+                let mut query = sqlx::query(sqlx::AssertSqlSafe(explain));
+                for bind in binds {
+                    query = match bind {
+                        Bind::Int(n) => query.bind(*n),
+                        Bind::Text(t) => query.bind(*t),
+                    };
+                }
+                query
+                    .fetch_all(readers)
+                    .await
+                    .unwrap()
+                    .iter()
+                    .map(|row| row.get::<String, _>("detail"))
+                    .collect()
+            }
+            Backend::Postgres(pool) => {
+                let mut tx = pool.begin().await.unwrap();
+                sqlx::query("SET LOCAL enable_seqscan = off")
+                    .execute(&mut *tx)
+                    .await
+                    .unwrap();
+                let explain = format!("EXPLAIN {sql}");
+                let mut query = sqlx::query(sqlx::AssertSqlSafe(explain));
+                for bind in binds {
+                    query = match bind {
+                        Bind::Int(n) => query.bind(*n),
+                        Bind::Text(t) => query.bind(*t),
+                    };
+                }
+                query
+                    .fetch_all(&mut *tx)
+                    .await
+                    .unwrap()
+                    .iter()
+                    .map(|row| row.get::<String, _>(0))
+                    .collect()
+            }
+        }
+    }
+
+    enum Bind<'a> {
+        Int(i64),
+        Text(&'a str),
+    }
+
+    /// Steps that walk the whole table, or the primary key from a cursor (which passes the
+    /// jobs of every state and queue).
+    fn full_scans(plan: &[String]) -> Vec<&String> {
+        plan.iter()
+            .filter(|step| {
+                step.trim() == "SCAN jobs"
+                    || step.starts_with("SCAN jobs ") && !step.contains("INDEX")
+                    || step.contains("INTEGER PRIMARY KEY")
+                    || step.contains("Seq Scan on jobs")
+                    || step.contains("jobs_pkey")
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn listing_and_counting_jobs_use_indexes() {
+        for (store, _dir) in stores().await {
+            for state in STATES {
+                let sqlite = matches!(store.backend, Backend::Sqlite { .. });
+                let sql = jobs_in_state_sql(state, sqlite).expect("a known state");
+                let steps = plan(
+                    &store,
+                    &sql,
+                    &[Bind::Text("q"), Bind::Int(0), Bind::Int(100)],
+                )
+                .await;
+                assert!(
+                    full_scans(&steps).is_empty(),
+                    "listing {state} jobs scans the table: {steps:#?}"
+                );
+            }
+            let steps = plan(&store, &job_counts_sql(), &[Bind::Int(0), Bind::Text("q")]).await;
+            assert!(
+                full_scans(&steps).is_empty(),
+                "counting jobs scans the table: {steps:#?}"
+            );
+            assert_eq!(jobs_in_state_sql("paused", false), None);
+        }
     }
 }
