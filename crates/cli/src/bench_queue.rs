@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use queue::worker::{JobContext, Worker, WorkerOptions};
-use queue::{EventKind, JobSpec, Queue};
+use queue::{EventKind, JobOptions, JobRetention, JobSpec, Queue};
 use store::{Durability, Store, StoreOptions};
 use tokio::sync::{broadcast, mpsc};
 
@@ -44,8 +44,16 @@ struct Figures {
     p99_ms: f64,
 }
 
+/// A no-op job, deleted as it completes: the peers are measured so too (BullMQ with
+/// `removeOnComplete: true`; graphile-worker always deletes completed jobs).
 fn noop(i: u64) -> JobSpec {
-    JobSpec::new("bench", "noop", serde_json::json!({ "i": i }))
+    JobSpec::new("bench", "noop", serde_json::json!({ "i": i })).with(JobOptions {
+        retention: JobRetention {
+            completed_for_ms: Some(0),
+            failed_for_ms: None,
+        },
+        ..JobOptions::default()
+    })
 }
 
 async fn fresh_queue(url: &str, options: &StoreOptions, label: &str) -> anyhow::Result<Queue> {

@@ -344,6 +344,39 @@ fn state_filter(state: &str) -> Option<&'static str> {
     })
 }
 
+/// Completed jobs that are deleted at once instead of kept: added with
+/// `keep_completed_ms` 0 and without a parent (whose bookkeeping marks the child's row).
+const DROPPED_ON_COMPLETION: &str =
+    "COALESCE(jobs.keep_completed_ms, -1) = 0 AND jobs.parent_id IS NULL";
+
+/// Pushes the `(id, lease, result)` rows of a completion statement's VALUES list (a macro:
+/// the query builder's type differs per backend).
+macro_rules! push_completions {
+    ($statement:expr, $chunk:expr, $bigint:expr, $text:expr) => {
+        for (n, (id, lease, result)) in $chunk.iter().enumerate() {
+            if n > 0 {
+                $statement.push(", ");
+            }
+            $statement.push("(").push_bind(*id).push($bigint).push(", ");
+            $statement.push_bind(*lease).push($bigint).push(", ");
+            $statement
+                .push_bind(result.as_deref())
+                .push($text)
+                .push(")");
+        }
+    };
+}
+
+/// Pushes the update that marks the jobs of the VALUES list `v` completed, under their
+/// current lease.
+macro_rules! push_completed_update {
+    ($statement:expr, $now_ms:expr) => {
+        $statement.push("UPDATE jobs SET state = 'completed', result = v.result, lease_until_ms = NULL, finished_ms = ");
+        $statement.push_bind($now_ms).push(", purge_at_ms = ").push_bind($now_ms);
+        $statement.push(" + keep_completed_ms FROM v WHERE jobs.id = v.id AND jobs.lease = v.lease AND jobs.state = 'active'");
+    };
+}
+
 /// A queue's jobs in one state after an id, by id (binds: queue, after id, limit).
 ///
 /// Waiting and active jobs are found through their partial indexes (not ordered by id) and
@@ -1165,20 +1198,34 @@ impl Store {
             let mut tx = pool.begin().await?;
             let mut ended = std::collections::HashMap::with_capacity(completions.len());
             for chunk in completions.chunks(COMPLETE_ROWS_MAX) {
-                let mut update = QueryBuilder::new("WITH v (id, lease, result) AS (VALUES ");
-                for (n, (id, lease, result)) in chunk.iter().enumerate() {
-                    if n > 0 {
-                        update.push(", ");
+                // Jobs kept for no time after completing (and not counted by a parent) are
+                // deleted rather than marked completed: the purge would delete them next.
+                let mut statement = QueryBuilder::new("WITH v (id, lease, result) AS (VALUES ");
+                push_completions!(statement, chunk, bigint, text);
+                statement.push(")");
+                if postgres {
+                    // One statement: the deletions and the updates as two parts of it.
+                    statement.push(", gone AS (DELETE FROM jobs USING v WHERE jobs.id = v.id AND jobs.lease = v.lease AND jobs.state = 'active' AND ");
+                    statement.push(DROPPED_ON_COMPLETION).push(" RETURNING ").push(returning).push("), kept AS (");
+                    push_completed_update!(statement, now_ms);
+                    statement.push(" AND NOT (").push(DROPPED_ON_COMPLETION).push(") RETURNING ").push(returning);
+                    statement.push(") SELECT * FROM gone UNION ALL SELECT * FROM kept");
+                } else {
+                    // SQLite has no data-modifying WITH parts: the deletions first, then the
+                    // updates, which no longer see the deleted jobs.
+                    statement.push(" DELETE FROM jobs WHERE (id, lease) IN (SELECT id, lease FROM v) AND state = 'active' AND ");
+                    statement.push(DROPPED_ON_COMPLETION).push(" RETURNING ").push(returning);
+                    for row in statement.build().fetch_all(&mut *tx).await? {
+                        let key: (i64, i64) = (row.try_get("id")?, row.try_get("lease")?);
+                        ended.insert(key, decode_ended(&row)?);
                     }
-                    update.push("(").push_bind(*id).push(bigint).push(", ");
-                    update.push_bind(*lease).push(bigint).push(", ");
-                    update.push_bind(result.as_deref()).push(text).push(")");
+                    statement = QueryBuilder::new("WITH v (id, lease, result) AS (VALUES ");
+                    push_completions!(statement, chunk, bigint, text);
+                    statement.push(") ");
+                    push_completed_update!(statement, now_ms);
+                    statement.push(" RETURNING ").push(returning);
                 }
-                update.push(") UPDATE jobs SET state = 'completed', result = v.result, lease_until_ms = NULL, finished_ms = ");
-                update.push_bind(now_ms).push(", purge_at_ms = ").push_bind(now_ms);
-                update.push(" + keep_completed_ms FROM v WHERE jobs.id = v.id AND jobs.lease = v.lease AND jobs.state = 'active' RETURNING ");
-                update.push(returning);
-                for row in update.build().fetch_all(&mut *tx).await? {
+                for row in statement.build().fetch_all(&mut *tx).await? {
                     let key: (i64, i64) = (row.try_get("id")?, row.try_get("lease")?);
                     ended.insert(key, decode_ended(&row)?);
                 }

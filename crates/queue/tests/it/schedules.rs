@@ -8,8 +8,8 @@ use std::time::Duration;
 use queue::schedule::{MAINTENANCE_QUEUE, RETENTION_KIND};
 use queue::worker::{Worker, WorkerOptions};
 use queue::{
-    Dedup, ErrorCategory, Every, JobError, JobOptions, JobRetention, JobSpec, Keep, ManualClock,
-    Queue, QueueError, Retention, ScheduleSpec, Scheduler, SchedulerOptions,
+    Dedup, ErrorCategory, EventKind, Every, Flow, JobError, JobOptions, JobRetention, JobSpec,
+    Keep, ManualClock, Queue, QueueError, Retention, ScheduleSpec, Scheduler, SchedulerOptions,
 };
 use serde_json::json;
 
@@ -278,6 +278,74 @@ async fn retention_keeps_the_last_n_and_the_last_t_of_ended_jobs() {
             queue.set_retention("nowhere", Retention::default()).await,
             Err(QueueError::UnknownQueue(_))
         ));
+    }
+}
+
+#[tokio::test]
+async fn a_job_kept_for_no_time_is_deleted_as_it_completes() {
+    for target in targets("keep_none") {
+        let clock = Arc::new(ManualClock::new(T0));
+        let queue = Queue::with_clock(target.open().await, clock.clone());
+        queue.declare("mail").await.unwrap();
+        let gone_at_once = JobOptions {
+            retention: JobRetention {
+                completed_for_ms: Some(0),
+                failed_for_ms: None,
+            },
+            ..JobOptions::default()
+        };
+        let mut events = queue.subscribe();
+        let dropped = queue
+            .add(JobSpec::new("mail", "send", json!({})).with(gone_at_once.clone()))
+            .await
+            .unwrap()
+            .id();
+        let kept = queue
+            .add(JobSpec::new("mail", "send", json!({})))
+            .await
+            .unwrap()
+            .id();
+        // A child kept for no time stays until its parent has counted it.
+        let flow = Flow::new(JobSpec::new("mail", "digest", json!({})))
+            .child(JobSpec::new("mail", "send", json!({})).with(gone_at_once));
+        let family: Vec<i64> = queue
+            .add_flow(&flow)
+            .await
+            .unwrap()
+            .iter()
+            .map(|added| added.id())
+            .collect();
+        let claimed = queue.claim("mail", 10, "w", 60_000).await.unwrap();
+        assert_eq!(claimed.len(), 3);
+        let completions: Vec<_> = claimed
+            .iter()
+            .map(|job| (job.id, job.lease, None))
+            .collect();
+        let answers = queue.complete_many(&completions).await.unwrap();
+        assert!(answers.iter().all(Result::is_ok), "{answers:?}");
+
+        assert!(matches!(
+            queue.job(dropped).await,
+            Err(QueueError::UnknownJob(_))
+        ));
+        assert_eq!(queue.job(kept).await.unwrap().state, "completed");
+        assert_eq!(queue.job(family[1]).await.unwrap().state, "completed");
+        assert_eq!(queue.job(family[0]).await.unwrap().state, "waiting");
+        let completed: BTreeSet<i64> = std::iter::from_fn(|| events.try_recv().ok())
+            .filter(|event| matches!(event.event, EventKind::Completed))
+            .map(|event| event.job_id)
+            .collect();
+        assert!(
+            completed.contains(&dropped),
+            "its completion is still an event"
+        );
+        // Its lease cannot complete it again.
+        let job = claimed.iter().find(|job| job.id == dropped).unwrap();
+        assert!(matches!(
+            queue.complete(job.id, job.lease, None).await,
+            Err(QueueError::LeaseLost(_))
+        ));
+        assert_eq!(queue.purge().await.unwrap(), 1, "the child, now counted");
     }
 }
 
