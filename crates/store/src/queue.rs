@@ -321,6 +321,7 @@ pub struct FailureBucket {
 
 const JOB_COLUMNS: &str = "id, queue, kind, payload, priority, state, run_at_ms, attempts, attempts_max, lease, lease_until_ms, worker, dedup_key, progress, result, error_category, error, strategy, created_ms, started_ms, finished_ms, parent_id, children_pending, schedule, schedule_tick_ms";
 const SCHEDULE_COLUMNS: &str = "name, queue, kind, payload, cron, every_ms, next_tick_ms, priority, attempts_max, backoff, backoff_ms, backoff_max_ms, jitter_pct, timeout_ms, keep_completed_ms, keep_failed_ms";
+
 /// The states jobs rest in, as the predicate of the `jobs_by_state` index (migration 0008):
 /// a query names it word for word so that SQLite, too, sees that the index applies.
 macro_rules! at_rest {
@@ -381,9 +382,8 @@ macro_rules! push_completed_update {
 ///
 /// Waiting and active jobs are found through their partial indexes (not ordered by id) and
 /// sorted: `+id` keeps the planner from walking the primary key from the cursor instead,
-/// which passes every job in every state.
-/// SQLite, knowing nothing of the table's contents, would rather scan it than the few active
-/// jobs, so it is told which index to use.
+/// which passes every job in every state. SQLite, knowing nothing of the table's contents,
+/// would rather scan it than the few active jobs, so it is told which index to use.
 fn jobs_in_state_sql(state: &str, sqlite: bool) -> Option<String> {
     let in_state = state_filter(state)?;
     let id = if matches!(state, "waiting" | "active") {
