@@ -776,7 +776,8 @@ impl Ledger {
     /// asset, and each touched asset's running total equals its supply. Balances are unsigned,
     /// so "no negative balance" holds by construction (a negative result panics in `post`).
     fn check_after(&self, postings: &[Posting]) {
-        // Every operation but a batch's moves one asset: one pass, one look-up.
+        // Every kind of operation moves one asset: one pass, one look-up. The scan below
+        // stays for postings of several assets.
         if let Some(first) = postings.first()
             && postings.iter().all(|p| p.asset == first.asset)
         {
