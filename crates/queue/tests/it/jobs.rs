@@ -263,6 +263,42 @@ fn backoff_is_fixed_or_doubling_and_jitter_only_shortens_it() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_claimers_never_claim_one_job_twice() {
+    for target in targets("concurrent_claims") {
+        let (queue, _clock) = queue_on(&target).await;
+        const JOBS: usize = 600;
+        let specs: Vec<JobSpec> = (0..JOBS).map(|_| job("send")).collect();
+        queue.add_bulk(&specs).await.unwrap();
+        let mut claimers = Vec::new();
+        for n in 0..8 {
+            let queue = queue.clone();
+            claimers.push(tokio::spawn(async move {
+                let mut ids = Vec::new();
+                loop {
+                    let jobs = queue
+                        .claim("mail", 7, &format!("w{n}"), 60_000)
+                        .await
+                        .unwrap();
+                    if jobs.is_empty() {
+                        return ids;
+                    }
+                    ids.extend(jobs.iter().map(|job| job.id));
+                }
+            }));
+        }
+        let mut claimed = Vec::new();
+        for claimer in claimers {
+            claimed.extend(claimer.await.unwrap());
+        }
+        let total = claimed.len();
+        claimed.sort_unstable();
+        claimed.dedup();
+        assert_eq!(claimed.len(), total, "a job was claimed twice");
+        assert_eq!(total, JOBS, "every job was claimed");
+    }
+}
+
 #[tokio::test]
 async fn a_stale_lease_is_refused_so_no_job_completes_twice() {
     for target in targets("lease") {
