@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agora_core::sequencer::{RecoverFrom, Sequencer, SequencerOptions, SubmitError, recover};
-use agora_core::{CoreCommand, Output, State};
-use book::{MarketId, MarketSpec, PlaceOrder, Price, Qty, Side};
+use agora_core::{CoreCommand, Output, State, workload};
+use book::{MarketId, PlaceOrder, Price, Qty, Side};
 use store::{Durability, Snapshot, Store, StoreOptions};
 
 /// Options of a benchmark run.
@@ -26,72 +26,6 @@ pub struct BenchOptions {
     pub snapshot_orders: u64,
     /// PostgreSQL server to measure too (in a fresh schema named after the process).
     pub postgres_url: Option<String>,
-}
-
-fn setup(users: u64) -> Vec<CoreCommand> {
-    let mut commands = vec![
-        CoreCommand::CreateAsset {
-            asset: 1,
-            symbol: "BTC".into(),
-            decimals: 8,
-        },
-        CoreCommand::CreateAsset {
-            asset: 2,
-            symbol: "USD".into(),
-            decimals: 8,
-        },
-        CoreCommand::CreateMarket {
-            spec: MarketSpec::new("BTC-USD", 2, 4, 1, 1),
-            base: 1,
-            quote: 2,
-            maker_fee_bps: 10,
-            taker_fee_bps: 20,
-        },
-    ];
-    for user in 1..=users {
-        commands.push(CoreCommand::Deposit {
-            user,
-            asset: 1,
-            amount: 1 << 80,
-        });
-        commands.push(CoreCommand::Deposit {
-            user,
-            asset: 2,
-            amount: 1 << 90,
-        });
-    }
-    commands
-}
-
-/// The place/cancel mix of one submitter: two placements around the mid price, then a cancel
-/// of the older one.
-fn mix_command(user: u64, n: u64) -> CoreCommand {
-    let id = (user << 40) | n;
-    if n % 3 == 2 {
-        return CoreCommand::Cancel {
-            market: MarketId(0),
-            id: id - 2,
-            user,
-        };
-    }
-    let spread = ((id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40) % 100) as i64;
-    let side = if n.is_multiple_of(2) {
-        Side::Buy
-    } else {
-        Side::Sell
-    };
-    let price = match side {
-        Side::Buy => 1_000_000 - 1 - spread,
-        Side::Sell => 1_000_000 + 1 + spread,
-    };
-    CoreCommand::Place(PlaceOrder::limit(
-        MarketId(0),
-        id,
-        user,
-        side,
-        Price(price),
-        Qty(1 + n % 10),
-    ))
 }
 
 fn percentile(sorted: &[Duration], q: f64) -> Duration {
@@ -125,7 +59,7 @@ async fn run_backend(
         ..SequencerOptions::default()
     };
     let (sequencer, tasks, _) = Sequencer::start(store.clone(), sequencer_options.clone()).await?;
-    for command in setup(options.submitters) {
+    for command in workload::setup(options.submitters) {
         sequencer.submit(command).await?;
     }
     let batches_before = store.tail().batch;
@@ -138,7 +72,7 @@ async fn run_backend(
         let sequencer = sequencer.clone();
         handles.push(tokio::spawn(async move {
             for n in 0..per_submitter {
-                match sequencer.submit(mix_command(user, n)).await {
+                match sequencer.submit(workload::place_cancel(user, n)).await {
                     Ok(_) | Err(SubmitError::Rejected(_)) => {}
                     Err(error) => return Err(error),
                 }
@@ -166,7 +100,7 @@ async fn run_backend(
         let sequencer = sequencer.clone();
         let sender = sender.clone();
         let user = 1 + i % options.submitters;
-        let command = mix_command(user, (1 << 30) + i / options.submitters);
+        let command = workload::place_cancel(user, (1 << 30) + i / options.submitters);
         tokio::spawn(async move {
             let result = sequencer.submit(command).await;
             let _ = sender.send((
@@ -220,7 +154,7 @@ fn raw_file_limit(
 ) -> anyhow::Result<(f64, f64)> {
     let mut payload = Vec::new();
     for n in 0..batch_commands as u64 {
-        agora_core::codec::encode(&mix_command(1, n), &mut payload);
+        agora_core::codec::encode(&workload::place_cancel(1, n), &mut payload);
     }
     let mut file = std::fs::OpenOptions::new()
         .create(true)
@@ -246,7 +180,7 @@ async fn snapshot_figures(dir: &std::path::Path, orders: u64) -> anyhow::Result<
     // below the mid and sells above it, so nothing crosses.
     let per_user = u64::from(agora_core::limits::OPEN_ORDERS_PER_USER_MAX) / 2;
     let users = orders.div_ceil(per_user).max(2);
-    for command in setup(users) {
+    for command in workload::setup(users) {
         state
             .apply(&command, &mut out)
             .map_err(|e| anyhow::anyhow!("setup refused: {}", e.code()))?;

@@ -4,8 +4,7 @@
 
 use std::time::Instant;
 
-use agora_core::{CoreCommand, Output, State, codec};
-use book::{MarketId, MarketSpec, PlaceOrder, Price, Qty, Side};
+use agora_core::{Output, State, codec, workload};
 
 const USERS: u64 = 2_048;
 const COMMANDS: u64 = 450_000;
@@ -13,70 +12,11 @@ const BATCH: u64 = 680;
 /// Rounds of each measurement, unless `AGORA_REPLAY_ROUNDS` says otherwise (1 suits cachegrind).
 const ROUNDS: usize = 5;
 
-fn setup() -> Vec<CoreCommand> {
-    let mut commands = vec![
-        CoreCommand::CreateAsset {
-            asset: 1,
-            symbol: "BTC".into(),
-            decimals: 8,
-        },
-        CoreCommand::CreateAsset {
-            asset: 2,
-            symbol: "USD".into(),
-            decimals: 8,
-        },
-        CoreCommand::CreateMarket {
-            spec: MarketSpec::new("BTC-USD", 2, 4, 1, 1),
-            base: 1,
-            quote: 2,
-            maker_fee_bps: 10,
-            taker_fee_bps: 20,
-        },
-    ];
-    for user in 1..=USERS {
-        for (asset, amount) in [(1, 1u128 << 80), (2, 1 << 90)] {
-            commands.push(CoreCommand::Deposit {
-                user,
-                asset,
-                amount,
-            });
-        }
-    }
-    commands
-}
-
-/// The same mix as `agora bench core`: per user, two placements around the mid, then a
-/// cancel of the older one; users interleaved as concurrent submitters leave them.
-fn mix(user: u64, n: u64) -> CoreCommand {
-    let id = (user << 40) | n;
-    if n % 3 == 2 {
-        return CoreCommand::Cancel {
-            market: MarketId(0),
-            id: id - 2,
-            user,
-        };
-    }
-    let spread = ((id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40) % 100) as i64;
-    let (side, price) = if n.is_multiple_of(2) {
-        (Side::Buy, 1_000_000 - 1 - spread)
-    } else {
-        (Side::Sell, 1_000_000 + 1 + spread)
-    };
-    CoreCommand::Place(PlaceOrder::limit(
-        MarketId(0),
-        id,
-        user,
-        side,
-        Price(price),
-        Qty(1 + n % 10),
-    ))
-}
-
 fn main() {
-    let mut commands = setup();
+    let mut commands = workload::setup(USERS);
     for n in 0..COMMANDS / USERS {
         for user in 1..=USERS {
-            commands.push(mix(user, n));
+            commands.push(workload::place_cancel(user, n));
         }
     }
     let batches: Vec<Vec<u8>> = commands

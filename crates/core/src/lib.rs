@@ -59,6 +59,7 @@ pub mod codec;
 pub mod projector;
 pub mod sequencer;
 mod snapshot;
+pub mod workload;
 
 pub use snapshot::SnapshotError;
 

@@ -256,6 +256,20 @@ pub struct Hold {
     pub kind: HoldKind,
 }
 
+impl Balance {
+    /// Moves one bucket by `delta`; the operation's checks have made it fit.
+    fn change(&mut self, bucket: Bucket, delta: i128) {
+        let slot = match bucket {
+            Bucket::Available => &mut self.available,
+            Bucket::Held => &mut self.held,
+            Bucket::External => unreachable!("external postings have no account"),
+        };
+        *slot = slot
+            .checked_add_signed(delta)
+            .expect("validated postings keep balances within range");
+    }
+}
+
 /// A registered asset.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Asset {
@@ -440,14 +454,7 @@ impl Ledger {
         let key = (owner, asset);
         let balance = self.balances.entry(key).or_default();
         undo.push(Undo::Balance(key, *balance));
-        let slot = match bucket {
-            Bucket::Available => &mut balance.available,
-            Bucket::Held => &mut balance.held,
-            Bucket::External => unreachable!("external postings have no account"),
-        };
-        *slot = slot
-            .checked_add_signed(delta)
-            .expect("validated postings keep balances within range");
+        balance.change(bucket, delta);
         if *balance == Balance::default() {
             self.balances.remove(&key);
         }
@@ -487,14 +494,7 @@ impl Ledger {
         let balance = self.balances.entry(key).or_default();
         undo.push(Undo::Balance(key, *balance));
         for (bucket, delta) in [(from.1, -(amount as i128)), (to.1, amount as i128)] {
-            let slot = match bucket {
-                Bucket::Available => &mut balance.available,
-                Bucket::Held => &mut balance.held,
-                Bucket::External => unreachable!("external postings have no account"),
-            };
-            *slot = slot
-                .checked_add_signed(delta)
-                .expect("validated postings keep balances within range");
+            balance.change(bucket, delta);
             postings.push(Posting {
                 owner,
                 asset,
