@@ -5,10 +5,10 @@ use book::{MarketId, MarketSpec, PlaceOrder, Price, Qty, Side};
 
 use crate::CoreCommand;
 
-/// Two assets (1 and 2, eight decimals), the market BTC-USD between them (market 0), and a
-/// large deposit of both for users 1 to `users`.
-pub fn setup(users: u64) -> Vec<CoreCommand> {
-    let mut commands = vec![
+/// Two assets (1 BTC and 2 USD, eight decimals each) and the market BTC-USD between them
+/// (market 0: two price and four quantity decimals, fees 10 and 20 basis points).
+pub fn market() -> Vec<CoreCommand> {
+    vec![
         CoreCommand::CreateAsset {
             asset: 1,
             symbol: "BTC".into(),
@@ -26,7 +26,12 @@ pub fn setup(users: u64) -> Vec<CoreCommand> {
             maker_fee_bps: 10,
             taker_fee_bps: 20,
         },
-    ];
+    ]
+}
+
+/// [`market`], and a large deposit of both assets for users 1 to `users`.
+pub fn setup(users: u64) -> Vec<CoreCommand> {
+    let mut commands = market();
     for user in 1..=users {
         commands.push(CoreCommand::Deposit {
             user,

@@ -1278,18 +1278,10 @@ impl Queue {
         after_id: i64,
         limit: usize,
     ) -> Result<Vec<JobRow>, QueueError> {
-        const STATES: [&str; 6] = [
-            "waiting",
-            "waiting_children",
-            "active",
-            "completed",
-            "dead",
-            "discarded",
-        ];
-        if !STATES.contains(&state) {
+        if !store::JOB_STATES.contains(&state) {
             return Err(invalid(
                 "state",
-                format!("must be one of {}", STATES.join(", ")),
+                format!("must be one of {}", store::JOB_STATES.join(", ")),
             ));
         }
         let limit = limit.clamp(1, limits::LIST_JOBS_MAX);

@@ -24,9 +24,9 @@ use sqlx::{ConnectOptions, Row};
 pub use accounts::{ApiKeyRow, UserRow};
 pub use idempotency::{IdempotencyBegin, IdempotencyRow};
 pub use queue::{
-    Added, ClaimedJob, DeadFilter, Ended, Failure, FailureBucket, FailureRow, JOBS_CHANNEL,
-    JobListener, JobRow, NewJob, PARENT_CHAIN_MAX, ParentChange, ParentRef, QueueKeep, ScheduleRow,
-    Settled, StateCount, Tx,
+    Added, ClaimedJob, DeadFilter, Ended, Failure, FailureBucket, FailureRow, JOB_STATES,
+    JOBS_CHANNEL, JobListener, JobRow, NewJob, PARENT_CHAIN_MAX, ParentChange, ParentRef,
+    QueueKeep, ScheduleRow, Settled, StateCount, Tx,
 };
 pub use withdrawals::{WITHDRAWAL_STATUSES, WithdrawalFilter, WithdrawalRow};
 

@@ -322,6 +322,16 @@ pub struct FailureBucket {
 const JOB_COLUMNS: &str = "id, queue, kind, payload, priority, state, run_at_ms, attempts, attempts_max, lease, lease_until_ms, worker, dedup_key, progress, result, error_category, error, strategy, created_ms, started_ms, finished_ms, parent_id, children_pending, schedule, schedule_tick_ms";
 const SCHEDULE_COLUMNS: &str = "name, queue, kind, payload, cron, every_ms, next_tick_ms, priority, attempts_max, backoff, backoff_ms, backoff_max_ms, jitter_pct, timeout_ms, keep_completed_ms, keep_failed_ms";
 
+/// Every state a job can be in.
+pub const JOB_STATES: [&str; 6] = [
+    "waiting",
+    "waiting_children",
+    "active",
+    "completed",
+    "dead",
+    "discarded",
+];
+
 /// The states jobs rest in, as the predicate of the `jobs_by_state` index (migration 0008):
 /// a query names it word for word so that SQLite, too, sees that the index applies.
 macro_rules! at_rest {
@@ -1871,16 +1881,6 @@ mod plans {
     use super::*;
     use crate::StoreOptions;
 
-    /// Every state a job can be in.
-    const STATES: [&str; 6] = [
-        "waiting",
-        "waiting_children",
-        "active",
-        "completed",
-        "dead",
-        "discarded",
-    ];
-
     async fn stores() -> Vec<(Store, Option<tempfile::TempDir>)> {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}/agora.db", dir.path().display());
@@ -1966,7 +1966,7 @@ mod plans {
     #[tokio::test]
     async fn listing_and_counting_jobs_use_indexes() {
         for (store, _dir) in stores().await {
-            for state in STATES {
+            for state in JOB_STATES {
                 let sqlite = matches!(store.backend, Backend::Sqlite { .. });
                 let sql = jobs_in_state_sql(state, sqlite).expect("a known state");
                 let steps = plan(

@@ -7,32 +7,14 @@ use std::sync::Arc;
 use agora_core::CoreCommand;
 use agora_core::projector::{PROJECTION, Projector, command_digest};
 use agora_core::sequencer::{Sequencer, SequencerOptions};
-use book::{MarketId, MarketSpec, PlaceOrder, Price, Qty, Side};
+use book::{MarketId, PlaceOrder, Price, Qty, Side};
 use ledger::Owner;
 use store::{ProjectionBatch, Store, StoreError, StoreOptions};
 
 use crate::sequencer::backends;
 
 fn commands() -> Vec<CoreCommand> {
-    let mut commands = vec![
-        CoreCommand::CreateAsset {
-            asset: 1,
-            symbol: "BTC".into(),
-            decimals: 8,
-        },
-        CoreCommand::CreateAsset {
-            asset: 2,
-            symbol: "USD".into(),
-            decimals: 8,
-        },
-        CoreCommand::CreateMarket {
-            spec: MarketSpec::new("BTC-USD", 2, 4, 1, 1),
-            base: 1,
-            quote: 2,
-            maker_fee_bps: 10,
-            taker_fee_bps: 20,
-        },
-    ];
+    let mut commands = agora_core::workload::market();
     for user in 1..=4 {
         commands.push(CoreCommand::Deposit {
             user,

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use agora_core::sequencer::{RecoverFrom, Sequencer, SequencerOptions, SubmitError, recover};
 use agora_core::{CoreCommand, CoreRejection};
-use book::{MarketId, MarketSpec, PlaceOrder, Price, Qty, Side};
+use book::{MarketId, PlaceOrder, Price, Qty, Side};
 use ledger::Rejection;
 use store::{Store, StoreOptions};
 
@@ -59,25 +59,7 @@ pub(crate) fn backends(test: &str) -> Vec<Backend> {
 
 /// The assets and the market every core test starts with.
 pub(crate) fn market_commands() -> Vec<CoreCommand> {
-    vec![
-        CoreCommand::CreateAsset {
-            asset: 1,
-            symbol: "BTC".into(),
-            decimals: 8,
-        },
-        CoreCommand::CreateAsset {
-            asset: 2,
-            symbol: "USD".into(),
-            decimals: 8,
-        },
-        CoreCommand::CreateMarket {
-            spec: MarketSpec::new("BTC-USD", 2, 4, 1, 1),
-            base: 1,
-            quote: 2,
-            maker_fee_bps: 10,
-            taker_fee_bps: 20,
-        },
-    ]
+    agora_core::workload::market()
 }
 
 fn setup_commands() -> Vec<CoreCommand> {
