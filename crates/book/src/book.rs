@@ -135,7 +135,7 @@ pub(crate) enum State {
     Armed,
 }
 
-/// A live order, 112 bytes. Field order keeps the hot matching fields together.
+/// A live order, 120 bytes. Field order keeps the hot matching fields together.
 #[derive(Clone, Debug)]
 pub(crate) struct Order {
     pub(crate) id: OrderId,
@@ -162,6 +162,21 @@ pub(crate) struct Order {
     pub(crate) tier: u8,
     pub(crate) post_only: bool,
     pub(crate) state: State,
+    /// The caller's number for this order, given at placement and never read by the engine
+    /// (the core keeps the id of the order's hold in it).
+    pub(crate) tag: u64,
+}
+
+/// An order that left the book (filled, cancelled, expired, triggered, or moved by a
+/// modify): what the caller needs to settle it after the operation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Departed {
+    /// Order id.
+    pub id: OrderId,
+    /// Owner.
+    pub user: UserId,
+    /// The tag given at placement.
+    pub tag: u64,
 }
 
 /// A price level: a FIFO queue of resting orders (ranked by tier first when the market has tiers).
@@ -259,6 +274,9 @@ pub(crate) struct Book {
     /// Orders with an expiry, by (expire_at, seq).
     pub(crate) expiries: BTreeMap<(Timestamp, u64), u32>,
     pub(crate) live: usize,
+    /// The orders that left their slots during the last operation on this book, in the order
+    /// they left (cleared as each operation starts, so it holds one operation's worth).
+    pub(crate) departed: Vec<Departed>,
     pub(crate) next_seq: u64,
     pub(crate) data: MarketData,
 }
@@ -285,6 +303,7 @@ impl Book {
             stop_prices: FxHashMap::default(),
             expiries: BTreeMap::new(),
             live: 0,
+            departed: Vec::new(),
             next_seq: 1,
             data: MarketData::default(),
         }
@@ -362,6 +381,11 @@ impl Book {
     fn free_order(&mut self, slot: u32) {
         let order = &mut self.orders[slot as usize];
         order.state = State::Free;
+        self.departed.push(Departed {
+            id: order.id,
+            user: order.user,
+            tag: order.tag,
+        });
         if order.expire_at != NEVER {
             self.expiries.remove(&(order.expire_at, order.seq));
         }
@@ -903,7 +927,7 @@ impl Book {
     // ----- operations ----------------------------------------------------------------------
 
     /// The order a valid placement creates.
-    fn new_order(&self, cmd: &PlaceOrder, now: Timestamp) -> Order {
+    fn new_order(&self, cmd: &PlaceOrder, tag: u64, now: Timestamp) -> Order {
         Order {
             id: cmd.id,
             user: cmd.user,
@@ -931,6 +955,7 @@ impl Book {
             tier: self.spec.tier_of(cmd.reputation),
             post_only: cmd.post_only,
             state: State::Free,
+            tag,
         }
     }
 
@@ -954,7 +979,7 @@ impl Book {
         if cmd.order_type.is_conditional() {
             return Ok(());
         }
-        let order = self.new_order(cmd, now);
+        let order = self.new_order(cmd, 0, now);
         let taker = self.taker_from(&order, (order.price != 0).then_some(order.price));
         self.book_refusal(cmd, &taker).map_or(Ok(()), Err)
     }
@@ -964,13 +989,21 @@ impl Book {
         self.validate_modify(cmd).map(|_| ())
     }
 
-    /// Places an order. Emits `Rejected` alone when any check fails.
-    pub(crate) fn place(&mut self, cmd: &PlaceOrder, now: Timestamp, out: &mut Vec<Event>) {
+    /// Places an order carrying the caller's `tag`. Emits `Rejected` alone when any check
+    /// fails.
+    pub(crate) fn place(
+        &mut self,
+        cmd: &PlaceOrder,
+        tag: u64,
+        now: Timestamp,
+        out: &mut Vec<Event>,
+    ) {
+        self.departed.clear();
         if let Err(reason) = self.validate_place(cmd, now) {
             self.reject(cmd.id, reason, out);
             return;
         }
-        let order = self.new_order(cmd, now);
+        let order = self.new_order(cmd, tag, now);
 
         if cmd.order_type.is_conditional() {
             let stop = cmd.stop_price.map_or(0, |p| p.0);
@@ -1178,6 +1211,7 @@ impl Book {
 
     /// Cancels one live order of its owner.
     pub(crate) fn cancel(&mut self, id: OrderId, user: UserId, out: &mut Vec<Event>) {
+        self.departed.clear();
         let slot = match self.owned_slot(id, user) {
             Ok(slot) => slot,
             Err(reason) => return self.reject(id, reason, out),
@@ -1195,6 +1229,7 @@ impl Book {
 
     /// Cancels every live order of the market, or of one user in it, oldest first.
     pub(crate) fn cancel_all(&mut self, user: Option<UserId>, out: &mut Vec<Event>) {
+        self.departed.clear();
         let mut slots: Vec<(u64, u32)> = self
             .orders
             .iter()
@@ -1212,6 +1247,7 @@ impl Book {
     /// keeps the order's place; any other change sends it to the back and, if the new price
     /// crosses, it trades first as a taker.
     pub(crate) fn modify(&mut self, cmd: &ModifyOrder, now: Timestamp, out: &mut Vec<Event>) {
+        self.departed.clear();
         let slot = match self.validate_modify(cmd) {
             Ok(slot) => slot,
             Err(reason) => return self.reject(cmd.id, reason, out),
@@ -1336,6 +1372,7 @@ impl Book {
 
     /// Expires every order whose expiry is at or before `now`, in expiry then acceptance order.
     pub(crate) fn expire(&mut self, now: Timestamp, out: &mut Vec<Event>) {
+        self.departed.clear();
         while let Some((&(at, _), &slot)) = self.expiries.first_key_value() {
             if at > now {
                 break;

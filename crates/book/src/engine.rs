@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::book::{Book, ModifyOrder, NEVER, NIL, PlaceOrder, State};
+use crate::book::{Book, Departed, ModifyOrder, NEVER, NIL, PlaceOrder, State};
 use crate::event::{Event, RejectReason};
 use crate::limits;
 use crate::market::MarketSpec;
@@ -99,6 +99,8 @@ pub struct OrderView {
     pub stp: SelfTradePrevention,
     /// Acceptance sequence within the market (time priority).
     pub seq: u64,
+    /// The caller's tag given at placement (0 when none; see [`Engine::place_tagged`]).
+    pub tag: u64,
 }
 
 /// Resting liquidity near the mid price.
@@ -222,9 +224,48 @@ impl Engine {
     /// Places an order.
     #[inline]
     pub fn place(&mut self, place: &PlaceOrder, out: &mut Vec<Event>) {
+        self.place_tagged(place, 0, out);
+    }
+
+    /// Places an order carrying the caller's `tag`, a number the engine keeps with the order
+    /// and never reads: [`OrderView::tag`] while it is live, [`Departed::tag`] when it leaves.
+    #[inline]
+    pub fn place_tagged(&mut self, place: &PlaceOrder, tag: u64, out: &mut Vec<Event>) {
         let now = self.now;
         if let Some(book) = self.book_or_reject(place.market, place.id, out) {
-            book.place(place, now, out);
+            book.place(place, tag, now, out);
+        }
+    }
+
+    /// The orders that left `market`'s book during the engine's last operation on that market
+    /// (filled, cancelled, expired, triggered, or moved by a modify, which may bring them
+    /// back), in the order they left. Each operation on a market starts by clearing its list.
+    pub fn departed(&self, market: MarketId) -> &[Departed] {
+        self.book(market).map_or(&[], |book| &book.departed)
+    }
+
+    /// Every live order of a market (resting or armed) as its id, owner and tag, in slot
+    /// order: cheaper than [`Engine::orders`] when only these are needed.
+    pub fn tags(&self, market: MarketId) -> impl Iterator<Item = (OrderId, UserId, u64)> + '_ {
+        self.book(market)
+            .map_or(&[][..], |book| &book.orders[..])
+            .iter()
+            .filter(|order| order.state != State::Free)
+            .map(|order| (order.id, order.user, order.tag))
+    }
+
+    /// Sets the tag of a live order (see [`Engine::place_tagged`]), as when restoring a caller's
+    /// own snapshot; `false` when the market has no such order.
+    pub fn set_tag(&mut self, market: MarketId, id: OrderId, tag: u64) -> bool {
+        let Some(book) = self.books.get_mut(market.0 as usize) else {
+            return false;
+        };
+        match book.slot_of(id) {
+            Some(slot) => {
+                book.orders[slot as usize].tag = tag;
+                true
+            }
+            None => false,
         }
     }
 
@@ -317,6 +358,7 @@ impl Engine {
             resting: order.state == State::Resting,
             stp: order.stp,
             seq: order.seq,
+            tag: order.tag,
         })
     }
 

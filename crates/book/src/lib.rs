@@ -20,7 +20,7 @@ mod snapshot;
 mod stats;
 mod types;
 
-pub use book::{ModifyOrder, PlaceOrder};
+pub use book::{Departed, ModifyOrder, PlaceOrder};
 pub use engine::{Command, Depth, Engine, LevelView, Liquidity, OrderView, PriceImpact};
 pub use event::{CancelCause, Event, RejectReason};
 pub use market::{DAY_MS, MarketSpec, MarketSpecError};

@@ -321,6 +321,7 @@ fn decode_order(r: &mut Reader<'_>, book: &mut Book) -> Result<(), SnapshotError
             _ => return Err(r.error("bad flag")),
         },
         state: State::Free,
+        tag: 0,
     };
     order.tier = book.spec.tier_of(order.reputation);
     if order.remaining == 0 || order.seq == 0 || order.seq >= book.next_seq {

@@ -340,12 +340,22 @@ impl Output {
     }
 }
 
-/// What the core keeps of each live order: its owner, and the hold backing it (none for a buy
-/// on an escrow market, which pays off-platform).
+/// What the core tracks of each live order: its owner, and the hold backing it (none for a
+/// buy on an escrow market, which pays off-platform). The engine keeps both with the order:
+/// the owner as such, the hold's id as the order's tag (0 for none; hold ids start at 1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) struct Tracked {
     pub(crate) user: UserId,
     pub(crate) hold: Option<HoldId>,
+}
+
+impl Tracked {
+    fn from_tag(user: UserId, tag: u64) -> Tracked {
+        Tracked {
+            user,
+            hold: (tag != 0).then_some(tag),
+        }
+    }
 }
 
 /// The core state.
@@ -355,9 +365,7 @@ pub struct State {
     ledger: Ledger,
     markets: Vec<MarketConfig>,
     reputations: FxHashMap<UserId, u32>,
-    /// Every live order, from its acceptance until the engine no longer has it.
-    orders: FxHashMap<(MarketId, OrderId), Tracked>,
-    /// Live orders per user: the count of `orders` by user, kept for the per-user limit.
+    /// Live orders per user (the engine's, counted by owner), kept for the per-user limit.
     open_orders: FxHashMap<UserId, u32>,
     withdrawals: FxHashMap<u64, HoldId>,
     escrows: BTreeMap<u64, EscrowTrade>,
@@ -365,6 +373,9 @@ pub struct State {
     next_trade: u64,
     /// Scratch list of the orders a command touched (empty between commands).
     touched: Vec<(MarketId, OrderId)>,
+    /// Scratch list of the orders that left the engine during a command, and the order it
+    /// placed, sorted for lookup (empty between commands).
+    gone: Vec<(MarketId, OrderId, Tracked)>,
 }
 
 impl State {
@@ -394,9 +405,40 @@ impl State {
 
     /// The hold backing a live order.
     pub fn order_hold(&self, market: MarketId, id: OrderId) -> Option<HoldId> {
-        self.orders
-            .get(&(market, id))
-            .and_then(|tracked| tracked.hold)
+        self.engine
+            .order(market, id)
+            .and_then(|order| Tracked::from_tag(order.user, order.tag).hold)
+    }
+
+    /// What the core tracks of an order the command being applied touched: the engine's while
+    /// the order is live, else what it had when it left during the command (`gone`).
+    fn tracked(&self, market: MarketId, id: OrderId) -> Option<Tracked> {
+        match self.engine.order(market, id) {
+            Some(order) => Some(Tracked::from_tag(order.user, order.tag)),
+            None => self.gone_tracked(market, id),
+        }
+    }
+
+    fn gone_tracked(&self, market: MarketId, id: OrderId) -> Option<Tracked> {
+        self.gone
+            .binary_search_by_key(&(market, id), |&(m, i, _)| (m, i))
+            .ok()
+            .map(|at| self.gone[at].2)
+    }
+
+    /// Every live order with what the core tracks of it, sorted: for the state hash and the
+    /// snapshot.
+    pub(crate) fn tracked_orders(&self) -> Vec<((MarketId, OrderId), Tracked)> {
+        let mut orders = Vec::new();
+        for market in self.engine.markets() {
+            orders.extend(
+                self.engine
+                    .tags(market)
+                    .map(|(id, user, tag)| ((market, id), Tracked::from_tag(user, tag))),
+            );
+        }
+        orders.sort_unstable();
+        orders
     }
 
     /// A user's live orders across all markets.
@@ -669,16 +711,18 @@ impl State {
             }
         };
         let start = out.events.len();
-        self.engine.place(&place, &mut out.events);
+        // The order carries the id its hold will have, if it needs one, as its engine tag.
+        let hold = need.map(|_| self.next_hold);
+        self.engine
+            .place_tagged(&place, hold.unwrap_or(0), &mut out.events);
         if let Some(&Event::Rejected { reason, .. }) = out.events.get(start) {
             out.events.truncate(start);
             return Err(CoreRejection::Book(reason));
         }
         // Accepted, and funded: the hold cannot be refused. The engine's events are settled
         // only below, so the hold exists before the order's trades are. An order that does not
-        // stay live is untracked again when its events are settled.
-        let hold = need.map(|(asset, amount)| {
-            let hold = self.next_hold;
+        // stay live is counted out again when its events are settled.
+        if let (Some((asset, amount)), Some(hold)) = (need, hold) {
             self.next_hold += 1;
             self.must(
                 &Op::Hold {
@@ -690,17 +734,17 @@ impl State {
                 },
                 out,
             );
-            hold
-        });
-        self.orders.insert(
-            (place.market, place.id),
+        }
+        *self.open_orders.entry(place.user).or_insert(0) += 1;
+        let placed = (
+            place.market,
+            place.id,
             Tracked {
                 user: place.user,
                 hold,
             },
         );
-        *self.open_orders.entry(place.user).or_insert(0) += 1;
-        self.settle_and_release(start, out);
+        self.settle_and_release(start, Some(placed), out);
         Ok(())
     }
 
@@ -756,7 +800,7 @@ impl State {
             !matches!(out.events.get(start), Some(Event::Rejected { .. })),
             "the engine rejected a modify its dry run accepted"
         );
-        self.settle_and_release(start, out);
+        self.settle_and_release(start, None, out);
         Ok(())
     }
 
@@ -767,31 +811,30 @@ impl State {
             out.events.truncate(start);
             return Err(CoreRejection::Book(reason));
         }
-        self.settle_and_release(start, out);
+        self.settle_and_release(start, None, out);
         Ok(())
     }
 
     /// Settles the trades among `out.events[start..]`, then brings every touched order's hold
-    /// to what it still needs: released in full when the order is gone.
-    fn settle_and_release(&mut self, start: usize, out: &mut Output) {
+    /// to what it still needs: released in full when the order is gone. `placed` is the order
+    /// the command placed, which the engine may never have kept.
+    fn settle_and_release(
+        &mut self,
+        start: usize,
+        placed: Option<(MarketId, OrderId, Tracked)>,
+        out: &mut Output,
+    ) {
         let mut touched = std::mem::take(&mut self.touched);
-        for index in start..out.events.len() {
-            match out.events[index] {
+        let mut trades = false;
+        for event in &out.events[start..] {
+            match *event {
                 Event::Trade {
                     market,
                     maker,
                     taker,
-                    maker_user,
-                    taker_user,
-                    taker_side,
-                    price,
-                    qty,
+                    ..
                 } => {
-                    let (buyer, seller, buyer_is_taker) = match taker_side {
-                        Side::Buy => ((taker, taker_user), (maker, maker_user), true),
-                        Side::Sell => ((maker, maker_user), (taker, taker_user), false),
-                    };
-                    self.settle(market, buyer, seller, buyer_is_taker, price.0, qty.0, out);
+                    trades = true;
                     touched.push((market, maker));
                     touched.push((market, taker));
                 }
@@ -805,13 +848,59 @@ impl State {
                 _ => {}
             }
         }
+        if touched.is_empty() {
+            // Nothing traded or left: every order holds what it needs.
+            self.touched = touched;
+            return;
+        }
         touched.sort_unstable();
         touched.dedup();
+        // What the orders that left the engine during the command had, market by market.
+        let mut last_market = None;
+        for &(market, _) in &touched {
+            if last_market != Some(market) {
+                last_market = Some(market);
+                self.gone.extend(
+                    self.engine
+                        .departed(market)
+                        .iter()
+                        .map(|d| (market, d.id, Tracked::from_tag(d.user, d.tag))),
+                );
+            }
+        }
+        self.gone.extend(placed);
+        if self.gone.len() > 1 {
+            self.gone
+                .sort_unstable_by_key(|&(market, id, _)| (market, id));
+        }
+        // Trades settle in the order they happened.
+        if trades {
+            for index in start..out.events.len() {
+                if let Event::Trade {
+                    market,
+                    maker,
+                    taker,
+                    maker_user,
+                    taker_user,
+                    taker_side,
+                    price,
+                    qty,
+                } = out.events[index]
+                {
+                    let (buyer, seller, buyer_is_taker) = match taker_side {
+                        Side::Buy => ((taker, taker_user), (maker, maker_user), true),
+                        Side::Sell => ((maker, maker_user), (taker, taker_user), false),
+                    };
+                    self.settle(market, buyer, seller, buyer_is_taker, price.0, qty.0, out);
+                }
+            }
+        }
         for &(market, id) in &touched {
             self.release_excess(market, id, out);
         }
         touched.clear();
         self.touched = touched;
+        self.gone.clear();
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -829,12 +918,14 @@ impl State {
         let base = u128::from(qty) * config.base_per_qty;
         let quote = price as u128 * u128::from(qty) * config.quote_per_notional;
         let seller_hold = self
-            .order_hold(market, seller_order)
+            .tracked(market, seller_order)
+            .and_then(|tracked| tracked.hold)
             .expect("a selling order holds its base");
         match config.settlement {
             Settlement::Instant => {
                 let buyer_hold = self
-                    .order_hold(market, buyer_order)
+                    .tracked(market, buyer_order)
+                    .and_then(|tracked| tracked.hold)
                     .expect("a buying order on an instant market holds its quote");
                 let (buyer_bps, seller_bps) = if buyer_is_taker {
                     (config.taker_fee_bps, config.maker_fee_bps)
@@ -894,23 +985,25 @@ impl State {
     }
 
     /// Shrinks an order's hold to what it still needs; when the order is gone, releases the
-    /// hold and stops tracking the order.
+    /// hold and counts the order out.
     fn release_excess(&mut self, market: MarketId, id: OrderId, out: &mut Output) {
-        let Some(tracked) = self.orders.get(&(market, id)).copied() else {
-            return;
-        };
-        let needed = match self.engine.order(market, id) {
+        let (tracked, needed) = match self.engine.order(market, id) {
+            Some(order) => (
+                Tracked::from_tag(order.user, order.tag),
+                self.needed_by(market, &order),
+            ),
             None => {
-                self.orders.remove(&(market, id));
+                let Some(tracked) = self.gone_tracked(market, id) else {
+                    return;
+                };
                 if let Some(count) = self.open_orders.get_mut(&tracked.user) {
                     *count -= 1;
                     if *count == 0 {
                         self.open_orders.remove(&tracked.user);
                     }
                 }
-                0
+                (tracked, 0)
             }
-            Some(order) => self.needed_by(market, &order),
         };
         let Some(hold) = tracked.hold else {
             return;
@@ -939,33 +1032,64 @@ impl State {
     /// hold outlives its order, and the ledger's own invariants. For tests and `journal verify`.
     pub fn verify(&self) -> Result<(), String> {
         self.ledger.verify()?;
+        if self.markets.len() != self.engine.markets().count() {
+            return Err("the core and the engine disagree on the markets".into());
+        }
         let mut counted: FxHashMap<UserId, u32> = FxHashMap::default();
-        for (&(market, id), tracked) in &self.orders {
-            let order = self
-                .engine
-                .order(market, id)
-                .ok_or_else(|| format!("order {id} of market {} is tracked but gone", market.0))?;
-            if order.user != tracked.user {
-                return Err(format!(
-                    "order {id} of market {} is tracked for another user",
-                    market.0
-                ));
-            }
-            *counted.entry(tracked.user).or_insert(0) += 1;
-            let held = tracked
-                .hold
-                .and_then(|h| self.ledger.hold(h))
-                .map_or(0, |h| h.amount);
-            let needed = self.needed_by(market, &order);
-            if held != needed {
-                return Err(format!(
-                    "order {id} of market {}: holds {held}, needs {needed}",
-                    market.0
-                ));
+        let mut order_holds: FxHashMap<HoldId, (MarketId, OrderId)> = FxHashMap::default();
+        for market in self.engine.markets() {
+            let config = &self.markets[market.0 as usize];
+            for order in self.engine.orders(market) {
+                let id = order.id;
+                *counted.entry(order.user).or_insert(0) += 1;
+                let tracked = Tracked::from_tag(order.user, order.tag);
+                let holds_nothing =
+                    order.side == Side::Buy && config.settlement == Settlement::Escrow;
+                if holds_nothing != tracked.hold.is_none() {
+                    return Err(format!(
+                        "order {id} of market {} has a hold it should not have, or lacks one",
+                        market.0
+                    ));
+                }
+                if let Some(hold) = tracked.hold {
+                    match self.ledger.hold(hold) {
+                        Some(found)
+                            if found.kind == HoldKind::Order
+                                && found.owner == Owner::User(order.user) => {}
+                        _ => {
+                            return Err(format!(
+                                "order {id} of market {} has no order hold {hold} of its owner",
+                                market.0
+                            ));
+                        }
+                    }
+                    if order_holds.insert(hold, (market, id)).is_some() {
+                        return Err(format!("hold {hold} backs two orders"));
+                    }
+                }
+                let held = tracked
+                    .hold
+                    .and_then(|h| self.ledger.hold(h))
+                    .map_or(0, |h| h.amount);
+                let needed = self.needed_by(market, &order);
+                if held != needed {
+                    return Err(format!(
+                        "order {id} of market {}: holds {held}, needs {needed}",
+                        market.0
+                    ));
+                }
+                if order.order_type == OrderType::Market {
+                    return Err(format!("market order {id} rests"));
+                }
             }
         }
         if counted != self.open_orders {
             return Err("the per-user open order counts disagree with the live orders".into());
+        }
+        for (hold, found) in self.ledger.holds() {
+            if found.kind == HoldKind::Order && !order_holds.contains_key(&hold) {
+                return Err(format!("order hold {hold} outlives its order"));
+            }
         }
         for (id, &hold) in &self.withdrawals {
             match self.ledger.hold(hold) {
@@ -978,31 +1102,6 @@ impl State {
                 Some(found)
                     if found.kind == HoldKind::Escrow && found.amount == escrow.base_amount => {}
                 _ => return Err(format!("escrow trade {trade} has no matching escrow hold")),
-            }
-        }
-        if self.markets.len() != self.engine.markets().count() {
-            return Err("the core and the engine disagree on the markets".into());
-        }
-        for market in self.engine.markets() {
-            let config = &self.markets[market.0 as usize];
-            for order in self.engine.orders(market) {
-                let holds_nothing =
-                    order.side == Side::Buy && config.settlement == Settlement::Escrow;
-                let Some(tracked) = self.orders.get(&(market, order.id)) else {
-                    return Err(format!(
-                        "order {} of market {} is not tracked",
-                        order.id, market.0
-                    ));
-                };
-                if holds_nothing != tracked.hold.is_none() {
-                    return Err(format!(
-                        "order {} of market {} has a hold it should not have, or lacks one",
-                        order.id, market.0
-                    ));
-                }
-                if order.order_type == OrderType::Market {
-                    return Err(format!("market order {} rests", order.id));
-                }
             }
         }
         Ok(())
@@ -1029,9 +1128,7 @@ impl State {
             hasher.update(user.to_le_bytes());
             hasher.update(reputation.to_le_bytes());
         }
-        let mut orders: Vec<_> = self.orders.iter().collect();
-        orders.sort_unstable();
-        for ((market, id), tracked) in orders {
+        for ((market, id), tracked) in self.tracked_orders() {
             hasher.update(market.0.to_le_bytes());
             hasher.update(id.to_le_bytes());
             hasher.update(tracked.user.to_le_bytes());

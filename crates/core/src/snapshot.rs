@@ -56,12 +56,11 @@ impl State {
             w.u64(*user);
             w.u32(*reputation);
         }
-        let mut orders: Vec<_> = self.orders.iter().collect();
-        orders.sort_unstable();
+        let orders = self.tracked_orders();
         w.u64(orders.len() as u64);
         for ((market, id), tracked) in orders {
             w.u32(market.0);
-            w.u64(*id);
+            w.u64(id);
             w.u64(tracked.user);
             w.opt_u64(tracked.hold);
         }
@@ -145,14 +144,27 @@ impl State {
         for _ in 0..count(&mut r)? {
             state.reputations.insert(r.u64()?, r.u32()?);
         }
+        // The tracked orders, sorted, each a live order of the engine, which keeps its hold's
+        // id as its tag; `verify` below finds any live order left out.
+        let mut previous = None;
         for _ in 0..count(&mut r)? {
-            let key = (MarketId(r.u32()?), r.u64()?);
+            let (market, id) = (MarketId(r.u32()?), r.u64()?);
             let tracked = Tracked {
                 user: r.u64()?,
                 hold: r.opt_u64()?,
             };
-            if state.orders.insert(key, tracked).is_some() {
-                return Err(SnapshotError("an order is tracked twice".into()));
+            if previous >= Some((market, id)) {
+                return Err(SnapshotError("tracked orders out of order or twice".into()));
+            }
+            previous = Some((market, id));
+            if tracked.hold == Some(0)
+                || state.engine.order(market, id).map(|o| o.user) != Some(tracked.user)
+                || !state.engine.set_tag(market, id, tracked.hold.unwrap_or(0))
+            {
+                return Err(SnapshotError(format!(
+                    "tracked order {id} of market {} is not the engine's",
+                    market.0
+                )));
             }
             // The per-user counts are derived from the tracked orders.
             *state.open_orders.entry(tracked.user).or_insert(0) += 1;

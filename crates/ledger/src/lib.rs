@@ -323,6 +323,11 @@ impl Ledger {
         self.holds.get(&hold).copied()
     }
 
+    /// Every live hold, in no particular order.
+    pub fn holds(&self) -> impl Iterator<Item = (HoldId, &Hold)> {
+        self.holds.iter().map(|(&id, hold)| (id, hold))
+    }
+
     /// A registered asset.
     pub fn asset(&self, asset: AssetId) -> Option<&Asset> {
         self.assets.get(&asset)

@@ -8,7 +8,7 @@
 //! except in the scenario that checks them (`book SIDE PRICE QTY/ORDERS`).
 
 use book::{
-    Command, Engine, Event, MarketId, MarketSpec, ModifyOrder, OrderType, PaymentMethods,
+    Command, Departed, Engine, Event, MarketId, MarketSpec, ModifyOrder, OrderType, PaymentMethods,
     PlaceOrder, Price, Qty, SelfTradePrevention, Settlement, Side, TimeInForce,
 };
 
@@ -817,4 +817,52 @@ fn l2_events_report_each_touched_level_once_per_sweep() {
          book buy 98 0/0",
         true,
     );
+}
+
+#[test]
+fn tags_stay_with_orders_and_each_operation_reports_the_orders_that_left() {
+    let mut engine = Engine::new();
+    let mut out = Vec::new();
+    engine.create_market(MarketSpec::new("BTC-USD", 2, 3, 1, 1), &mut out);
+    let m = MarketId(0);
+    let limit =
+        |id, user, side, price, qty| PlaceOrder::limit(m, id, user, side, Price(price), Qty(qty));
+    engine.place_tagged(&limit(1, 1, Side::Sell, 100, 2), 11, &mut out);
+    engine.place_tagged(&limit(2, 2, Side::Sell, 100, 3), 12, &mut out);
+    assert_eq!(engine.order(m, 1).unwrap().tag, 11);
+    assert!(engine.departed(m).is_empty());
+
+    // A buy of 4 fills order 1 and part of order 2; the buy itself never rests.
+    engine.place_tagged(&limit(3, 3, Side::Buy, 100, 4), 13, &mut out);
+    let gone = |id, user, tag| Departed { id, user, tag };
+    assert_eq!(engine.departed(m), [gone(1, 1, 11)]);
+    assert_eq!(engine.order(m, 2).unwrap().tag, 12);
+    assert!(engine.order(m, 3).is_none());
+
+    // Each operation on the market starts a new list, a rejected one too.
+    engine.cancel(m, 2, 2, &mut out);
+    assert_eq!(engine.departed(m), [gone(2, 2, 12)]);
+    engine.cancel(m, 2, 2, &mut out);
+    assert!(engine.departed(m).is_empty());
+
+    // A modify that crosses: the resting buy leaves first, then the moved sell, both filled.
+    engine.place_tagged(&limit(5, 5, Side::Sell, 110, 1), 15, &mut out);
+    engine.place_tagged(&limit(6, 6, Side::Buy, 105, 1), 16, &mut out);
+    let modify = ModifyOrder {
+        market: m,
+        id: 5,
+        user: 5,
+        price: Some(Price(105)),
+        qty: None,
+    };
+    engine.modify(&modify, &mut out);
+    assert_eq!(engine.departed(m), [gone(6, 6, 16), gone(5, 5, 15)]);
+
+    // Untagged placements carry 0; a tag can be set on a live order only.
+    engine.place(&limit(7, 7, Side::Buy, 90, 1), &mut out);
+    assert_eq!(engine.order(m, 7).unwrap().tag, 0);
+    assert!(engine.set_tag(m, 7, 70));
+    assert_eq!(engine.order(m, 7).unwrap().tag, 70);
+    assert!(!engine.set_tag(m, 8, 80));
+    assert!(!engine.set_tag(MarketId(1), 7, 70));
 }
