@@ -15,6 +15,7 @@
 //! state.
 
 use std::collections::BTreeMap;
+use std::collections::hash_map::Entry;
 use std::fmt;
 
 use rustc_hash::FxHashMap;
@@ -268,6 +269,50 @@ impl Balance {
             .checked_add_signed(delta)
             .expect("validated postings keep balances within range");
     }
+}
+
+/// Moves `amount` between two buckets of one account on one look-up of it: refuses with
+/// `short` when the source bucket holds less, and with `BalanceOverflow` when the target
+/// would pass [`limits::BALANCE_MAX`]; otherwise records the undo entry and the two postings.
+/// The asset's total does not move. A free function over the balances, so that a caller may
+/// hold an entry of another map meanwhile.
+fn move_within(
+    balances: &mut FxHashMap<(Owner, AssetId), Balance>,
+    (owner, asset): (Owner, AssetId),
+    (from, to): (Bucket, Bucket),
+    amount: Amount,
+    short: Rejection,
+    postings: &mut Vec<Posting>,
+    undo: &mut Vec<Undo>,
+) -> Result<(), Rejection> {
+    let key = (owner, asset);
+    // An account that does not exist holds nothing, and `amount` is never zero here.
+    let Some(balance) = balances.get_mut(&key) else {
+        return Err(short);
+    };
+    let bucket = |balance: &Balance, bucket| match bucket {
+        Bucket::Available => balance.available,
+        Bucket::Held => balance.held,
+        Bucket::External => unreachable!("external postings have no account"),
+    };
+    if bucket(balance, from) < amount {
+        return Err(short);
+    }
+    match bucket(balance, to).checked_add(amount) {
+        Some(sum) if sum <= limits::BALANCE_MAX => {}
+        _ => return Err(Rejection::BalanceOverflow),
+    }
+    undo.push(Undo::Balance(key, *balance));
+    for (bucket, delta) in [(from, -(amount as i128)), (to, amount as i128)] {
+        balance.change(bucket, delta);
+        postings.push(Posting {
+            owner,
+            asset,
+            bucket,
+            delta,
+        });
+    }
+    Ok(())
 }
 
 /// A registered asset.
@@ -630,31 +675,25 @@ impl Ledger {
                 if amount == 0 {
                     return Err(Rejection::ZeroAmount);
                 }
-                if self.holds.contains_key(&hold) {
+                let Entry::Vacant(slot) = self.holds.entry(hold) else {
                     return Err(Rejection::DuplicateHold);
-                }
-                if self.balance(owner, asset).available < amount {
-                    return Err(Rejection::InsufficientFunds);
-                }
-                self.room_for(owner, asset, Bucket::Held, amount)?;
-                self.shift(
-                    asset,
-                    (owner, Bucket::Available),
-                    (owner, Bucket::Held),
+                };
+                move_within(
+                    &mut self.balances,
+                    (owner, asset),
+                    (Bucket::Available, Bucket::Held),
                     amount,
+                    Rejection::InsufficientFunds,
                     postings,
                     undo,
-                );
+                )?;
                 undo.push(Undo::Hold(hold, None));
-                self.holds.insert(
-                    hold,
-                    Hold {
-                        owner,
-                        asset,
-                        amount,
-                        kind,
-                    },
-                );
+                slot.insert(Hold {
+                    owner,
+                    asset,
+                    amount,
+                    kind,
+                });
             }
             Op::Extend { hold, amount } => {
                 if amount == 0 {
@@ -687,17 +726,33 @@ impl Ledger {
                 );
             }
             Op::Release { hold, amount } => {
-                let found = self.live_hold(hold, amount)?;
-                self.room_for(found.owner, found.asset, Bucket::Available, amount)?;
-                self.shift(
-                    found.asset,
-                    (found.owner, Bucket::Held),
-                    (found.owner, Bucket::Available),
+                // `live_hold`'s checks, in its order, on the one look-up of the hold.
+                if amount == 0 {
+                    return Err(Rejection::ZeroAmount);
+                }
+                let Entry::Occupied(mut slot) = self.holds.entry(hold) else {
+                    return Err(Rejection::UnknownHold);
+                };
+                let found = *slot.get();
+                if amount > found.amount {
+                    return Err(Rejection::HoldExceeded);
+                }
+                // The owner's held balance covers every hold of theirs, this one included.
+                move_within(
+                    &mut self.balances,
+                    (found.owner, found.asset),
+                    (Bucket::Held, Bucket::Available),
                     amount,
+                    Rejection::HoldExceeded,
                     postings,
                     undo,
-                );
-                self.shrink_hold(hold, found, amount, undo);
+                )?;
+                undo.push(Undo::Hold(hold, Some(found)));
+                if amount == found.amount {
+                    slot.remove();
+                } else {
+                    slot.get_mut().amount -= amount;
+                }
             }
             Op::Settle { hold, to, amount } => {
                 let found = self.live_hold(hold, amount)?;

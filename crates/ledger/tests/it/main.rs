@@ -266,6 +266,27 @@ fn refusals_name_the_rule_and_change_nothing() {
             },
             Rejection::DuplicateHold,
         ),
+        // An account that was never credited holds nothing.
+        (
+            Op::Hold {
+                hold: 2,
+                owner: Owner::User(99),
+                asset: USD,
+                amount: 1,
+                kind: HoldKind::Order,
+            },
+            Rejection::InsufficientFunds,
+        ),
+        (
+            Op::Hold {
+                hold: 2,
+                owner: alice,
+                asset: USD,
+                amount: 0,
+                kind: HoldKind::Order,
+            },
+            Rejection::ZeroAmount,
+        ),
         (Op::Release { hold: 7, amount: 1 }, Rejection::UnknownHold),
         (Op::Extend { hold: 7, amount: 1 }, Rejection::UnknownHold),
         (
