@@ -130,6 +130,13 @@ impl IntoResponse for ApiError {
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
+        // A body refused as too large is left unread, so the connection cannot carry another
+        // request: say so, or a client may send its next request on it and lose the answer.
+        if self.status == StatusCode::PAYLOAD_TOO_LARGE {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         response
     }
 }

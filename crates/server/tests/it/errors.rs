@@ -176,12 +176,28 @@ async fn bad_requests_get_4xx_with_the_field_named() {
             "/api/v1/orders",
             &token,
             Some("application/json"),
-            huge.into_bytes(),
+            huge.clone().into_bytes(),
         )
         .await;
         assert_eq!(
             (status, answer["error"]["code"].as_str()),
             (StatusCode::PAYLOAD_TOO_LARGE, Some("PAYLOAD_TOO_LARGE"))
+        );
+        // The rest of such a body is never read, so the answer closes the connection; a
+        // client that reused it would lose its next request's answer.
+        let response = h
+            .client
+            .post(format!("{}/api/v1/orders", h.base))
+            .bearer_auth(&token)
+            .header("content-type", "application/json")
+            .body(huge)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(
+            response.headers().get("connection").map(|v| v.as_bytes()),
+            Some(&b"close"[..])
         );
 
         // 401, 403, 404, 409.
