@@ -167,6 +167,8 @@ pub(crate) struct Order {
     pub(crate) tag: u64,
 }
 
+const _: () = assert!(std::mem::size_of::<Order>() == 120);
+
 /// An order that left the book (filled, cancelled, expired, triggered, or moved by a
 /// modify): what the caller needs to settle it after the operation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
