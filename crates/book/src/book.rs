@@ -380,6 +380,16 @@ impl Book {
 
     /// Releases a slot. Its id entry stays until the slot is reused: removing it here would put
     /// a cache miss on the matching path of every filled maker, and lookups skip free slots.
+    /// Empties the list of departed orders as an operation starts, keeping at most
+    /// [`limits::DEPARTED_KEPT_MAX`] entries' room.
+    fn start_operation(&mut self) {
+        if self.departed.capacity() > limits::DEPARTED_KEPT_MAX {
+            self.departed = Vec::new();
+        } else {
+            self.departed.clear();
+        }
+    }
+
     fn free_order(&mut self, slot: u32) {
         let order = &mut self.orders[slot as usize];
         order.state = State::Free;
@@ -1000,7 +1010,7 @@ impl Book {
         now: Timestamp,
         out: &mut Vec<Event>,
     ) {
-        self.departed.clear();
+        self.start_operation();
         if let Err(reason) = self.validate_place(cmd, now) {
             self.reject(cmd.id, reason, out);
             return;
@@ -1213,7 +1223,7 @@ impl Book {
 
     /// Cancels one live order of its owner.
     pub(crate) fn cancel(&mut self, id: OrderId, user: UserId, out: &mut Vec<Event>) {
-        self.departed.clear();
+        self.start_operation();
         let slot = match self.owned_slot(id, user) {
             Ok(slot) => slot,
             Err(reason) => return self.reject(id, reason, out),
@@ -1231,7 +1241,7 @@ impl Book {
 
     /// Cancels every live order of the market, or of one user in it, oldest first.
     pub(crate) fn cancel_all(&mut self, user: Option<UserId>, out: &mut Vec<Event>) {
-        self.departed.clear();
+        self.start_operation();
         let mut slots: Vec<(u64, u32)> = self
             .orders
             .iter()
@@ -1249,7 +1259,7 @@ impl Book {
     /// keeps the order's place; any other change sends it to the back and, if the new price
     /// crosses, it trades first as a taker.
     pub(crate) fn modify(&mut self, cmd: &ModifyOrder, now: Timestamp, out: &mut Vec<Event>) {
-        self.departed.clear();
+        self.start_operation();
         let slot = match self.validate_modify(cmd) {
             Ok(slot) => slot,
             Err(reason) => return self.reject(cmd.id, reason, out),
@@ -1374,7 +1384,7 @@ impl Book {
 
     /// Expires every order whose expiry is at or before `now`, in expiry then acceptance order.
     pub(crate) fn expire(&mut self, now: Timestamp, out: &mut Vec<Event>) {
-        self.departed.clear();
+        self.start_operation();
         while let Some((&(at, _), &slot)) = self.expiries.first_key_value() {
             if at > now {
                 break;
@@ -1418,6 +1428,7 @@ impl Book {
             + self.free_levels.capacity() * 4
             + self.bids.heap_bytes()
             + self.asks.heap_bytes()
+            + self.departed.capacity() * std::mem::size_of::<Departed>()
     }
 }
 

@@ -33,3 +33,8 @@ pub const DEPTH_LEVELS_MAX: usize = 1_000;
 
 /// Orders one L3 query returns.
 pub const L3_ORDERS_MAX: usize = 10_000;
+
+/// Room a book keeps between operations for the list of orders that left it
+/// ([`crate::Engine::departed`]); a larger list, left by one big sweep or cancel-all, is freed
+/// when the next operation starts.
+pub const DEPARTED_KEPT_MAX: usize = 4_096;

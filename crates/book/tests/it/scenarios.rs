@@ -865,4 +865,15 @@ fn tags_stay_with_orders_and_each_operation_reports_the_orders_that_left() {
     assert_eq!(engine.order(m, 7).unwrap().tag, 70);
     assert!(!engine.set_tag(m, 8, 80));
     assert!(!engine.set_tag(MarketId(1), 7, 70));
+
+    // A cancel-all lists every order it ends; the next operation gives the room back.
+    for id in 100..5_100 {
+        engine.place_tagged(&limit(id, 9, Side::Buy, 50, 1), id, &mut out);
+    }
+    engine.cancel_all(Some(m), Some(9), &mut out);
+    assert_eq!(engine.departed(m).len(), 5_000);
+    let with_list = engine.book_heap_bytes();
+    engine.cancel(m, 100, 9, &mut out);
+    assert!(engine.departed(m).is_empty());
+    assert!(with_list - engine.book_heap_bytes() >= 5_000 * std::mem::size_of::<Departed>());
 }
