@@ -74,6 +74,9 @@ pub mod limits {
     pub const DESTINATION_BYTES_MAX: usize = 256;
     /// Live orders (resting or armed) of one user across all markets.
     pub const OPEN_ORDERS_PER_USER_MAX: u32 = 50_000;
+    /// Room the core keeps between commands for its scratch lists of touched and departed
+    /// orders; a larger list, left by one big cancel-all or sweep, is freed after its command.
+    pub const SCRATCH_KEPT_MAX: usize = 4_096;
 }
 
 /// Everything the core can be asked to do.
@@ -899,8 +902,14 @@ impl State {
             self.release_excess(market, id, out);
         }
         touched.clear();
-        self.touched = touched;
-        self.gone.clear();
+        if touched.capacity() <= limits::SCRATCH_KEPT_MAX {
+            self.touched = touched;
+        }
+        if self.gone.capacity() > limits::SCRATCH_KEPT_MAX {
+            self.gone = Vec::new();
+        } else {
+            self.gone.clear();
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
