@@ -521,8 +521,8 @@ impl Ledger {
         });
     }
 
-    /// Moves `amount` of `asset` from one account's bucket to another's: the two balanced
-    /// postings of every internal movement.
+    /// Moves `amount` of `asset` from a bucket of one account to a bucket of another: the two
+    /// balanced postings of every movement between accounts (`move_within` serves one account).
     fn shift(
         &mut self,
         asset: AssetId,
@@ -532,29 +532,12 @@ impl Ledger {
         postings: &mut Vec<Posting>,
         undo: &mut Vec<Undo>,
     ) {
-        if from.0 != to.0 {
-            self.post(from.0, asset, from.1, -(amount as i128), postings, undo);
-            self.post(to.0, asset, to.1, amount as i128, postings, undo);
-            return;
-        }
-        // Between two buckets of one account (holds made, released, extended): one look-up
-        // of the account, and the asset's total does not move.
-        let owner = from.0;
-        let key = (owner, asset);
-        let balance = self.balances.entry(key).or_default();
-        undo.push(Undo::Balance(key, *balance));
-        for (bucket, delta) in [(from.1, -(amount as i128)), (to.1, amount as i128)] {
-            balance.change(bucket, delta);
-            postings.push(Posting {
-                owner,
-                asset,
-                bucket,
-                delta,
-            });
-        }
-        if *balance == Balance::default() {
-            self.balances.remove(&key);
-        }
+        debug_assert_ne!(
+            from.0, to.0,
+            "moves within one account go through move_within"
+        );
+        self.post(from.0, asset, from.1, -(amount as i128), postings, undo);
+        self.post(to.0, asset, to.1, amount as i128, postings, undo);
     }
 
     /// Moves the asset's supply by an external flow (deposit or withdrawal); the matching
@@ -699,31 +682,21 @@ impl Ledger {
                 if amount == 0 {
                     return Err(Rejection::ZeroAmount);
                 }
-                let found = self
-                    .holds
-                    .get(&hold)
-                    .copied()
-                    .ok_or(Rejection::UnknownHold)?;
-                if self.balance(found.owner, found.asset).available < amount {
-                    return Err(Rejection::InsufficientFunds);
-                }
-                self.room_for(found.owner, found.asset, Bucket::Held, amount)?;
-                self.shift(
-                    found.asset,
-                    (found.owner, Bucket::Available),
-                    (found.owner, Bucket::Held),
+                let Entry::Occupied(mut slot) = self.holds.entry(hold) else {
+                    return Err(Rejection::UnknownHold);
+                };
+                let found = *slot.get();
+                move_within(
+                    &mut self.balances,
+                    (found.owner, found.asset),
+                    (Bucket::Available, Bucket::Held),
                     amount,
+                    Rejection::InsufficientFunds,
                     postings,
                     undo,
-                );
+                )?;
                 undo.push(Undo::Hold(hold, Some(found)));
-                self.holds.insert(
-                    hold,
-                    Hold {
-                        amount: found.amount + amount,
-                        ..found
-                    },
-                );
+                slot.get_mut().amount += amount;
             }
             Op::Release { hold, amount } => {
                 // `live_hold`'s checks, in its order, on the one look-up of the hold.
