@@ -144,12 +144,87 @@ pub enum RecoverFrom {
     Zero,
 }
 
-/// Journal batches read ahead of replay.
+/// Journal batches read from the store at a time during recovery.
 const READ_AHEAD_BATCHES: usize = 256;
 
+/// Recovery's reader hands decoded commands to replay in groups of whole batches, each closed
+/// once it holds this many commands (or at the end of a read).
+const DECODED_GROUP_COMMANDS: usize = 4_096;
+
+/// Decoded groups waiting for replay at most: with [`DECODED_GROUP_COMMANDS`] this bounds the
+/// memory the reader runs ahead by (one oversized batch aside).
+const DECODED_GROUPS_AHEAD: usize = 4;
+
+/// One journal batch as recovery's reader decoded it: its commands up to the first that does
+/// not decode, and that one's problem.
+struct DecodedBatch {
+    batch: u64,
+    first_seq: u64,
+    last_seq: u64,
+    commands: Vec<CoreCommand>,
+    error: Option<DecodeError>,
+}
+
+/// Reads the journal from `first_batch` and decodes it, sending groups of decoded batches in
+/// journal order; stops after a store error or an undecodable batch (sent as the last item),
+/// at the journal's end, or when replay stops listening.
+async fn read_and_decode(
+    store: Arc<Store>,
+    first_batch: u64,
+    groups: mpsc::Sender<Result<Vec<DecodedBatch>, StoreError>>,
+) {
+    let mut next = first_batch;
+    loop {
+        let batches = match store.read(next, READ_AHEAD_BATCHES).await {
+            Ok(batches) => batches,
+            Err(error) => {
+                let _ = groups.send(Err(error)).await;
+                return;
+            }
+        };
+        let Some(last) = batches.last() else {
+            return;
+        };
+        next = last.batch + 1;
+        let mut group = Vec::new();
+        let mut group_commands = 0;
+        for batch in batches {
+            // Every command takes at least one byte: a header claiming more is caught below.
+            let room = usize::try_from(batch.commands).map_or(0, |n| n.min(batch.payload.len()));
+            let mut commands = Vec::with_capacity(room);
+            let mut error = None;
+            for command in codec::decode_each(&batch.payload) {
+                match command {
+                    Ok(command) => commands.push(command),
+                    Err(problem) => error = Some(problem),
+                }
+            }
+            let failed = error.is_some();
+            group_commands += commands.len();
+            group.push(DecodedBatch {
+                batch: batch.batch,
+                first_seq: batch.first_seq,
+                last_seq: batch.last_seq(),
+                commands,
+                error,
+            });
+            if failed || group_commands >= DECODED_GROUP_COMMANDS {
+                if groups.send(Ok(std::mem::take(&mut group))).await.is_err() || failed {
+                    return;
+                }
+                group_commands = 0;
+            }
+        }
+        if !group.is_empty() && groups.send(Ok(group)).await.is_err() {
+            return;
+        }
+    }
+}
+
 /// Rebuilds the state from the store: the newest valid snapshot (its hash checked), then every
-/// later journal batch, each checked against its chain before it is applied. Batches are read
-/// by a separate task, ahead of the replay, so reading and applying overlap.
+/// later journal batch, each checked against its chain before it is applied. A separate task
+/// reads and decodes the batches ahead of replay, so that reading, decoding and applying
+/// overlap (on two cores, decoding leaves the applying core).
 pub async fn recover(
     store: &Arc<Store>,
     from: RecoverFrom,
@@ -188,31 +263,12 @@ pub async fn recover(
             }
         }
     };
-    let (batches, mut incoming) = mpsc::channel(2);
-    let reader_store = store.clone();
-    let reader = tokio::spawn(async move {
-        let mut next = first_batch;
-        loop {
-            let read = reader_store.read(next, READ_AHEAD_BATCHES).await;
-            let done = match &read {
-                Ok(batches) => match batches.last() {
-                    Some(last) => {
-                        next = last.batch + 1;
-                        false
-                    }
-                    None => true,
-                },
-                Err(_) => true,
-            };
-            if batches.send(read).await.is_err() || done {
-                return;
-            }
-        }
-    });
+    let (groups, mut incoming) = mpsc::channel(DECODED_GROUPS_AHEAD);
+    let reader = tokio::spawn(read_and_decode(store.clone(), first_batch, groups));
     let mut replayed = 0;
     let mut out = Output::default();
-    while let Some(read) = incoming.recv().await {
-        for batch in read? {
+    while let Some(group) = incoming.recv().await {
+        for batch in group? {
             let mismatch = || {
                 RecoveryError::Store(StoreError::Corrupt {
                     what: "journal batch",
@@ -223,20 +279,21 @@ pub async fn recover(
             if batch.first_seq != seq + 1 {
                 return Err(mismatch());
             }
-            // Decoded one at a time and applied at once: no list of commands is built.
-            for command in codec::decode_each(&batch.payload) {
-                let command = command.map_err(|error| RecoveryError::Decode {
-                    batch: batch.batch,
-                    error,
-                })?;
+            for command in &batch.commands {
                 seq += 1;
                 out.clear();
                 state
-                    .apply(&command, &mut out)
+                    .apply(command, &mut out)
                     .map_err(|reason| RecoveryError::Diverged { seq, reason })?;
                 replayed += 1;
             }
-            if seq != batch.last_seq() {
+            if let Some(error) = batch.error {
+                return Err(RecoveryError::Decode {
+                    batch: batch.batch,
+                    error,
+                });
+            }
+            if seq != batch.last_seq {
                 return Err(mismatch());
             }
         }

@@ -253,3 +253,60 @@ async fn a_failed_append_stops_the_writer_and_nothing_unacknowledged_survives() 
         assert_eq!((recovery.seq, recovery.state_hash), (5, durable_hash));
     }
 }
+
+/// Recovery reads and decodes ahead of replay in groups; across many reads and groups it
+/// applies every batch once and in order, and a batch that passes its checksum but does not
+/// decode is named, after the commands before it in that batch are applied.
+#[tokio::test]
+async fn recovery_replays_every_batch_in_order_and_names_one_that_does_not_decode() {
+    use agora_core::{Output, State, codec, workload};
+    const USERS: u64 = 8;
+    const BATCHES: u64 = 600;
+    const PER_BATCH: u64 = 9;
+    for backend in backends("decode_ahead") {
+        let store = backend.open().await;
+        let mut state = State::new();
+        let mut out = Output::default();
+        let mut append = async |commands: &[CoreCommand], state: &mut State| {
+            let mut payload = Vec::new();
+            for command in commands {
+                codec::encode(command, &mut payload);
+                out.clear();
+                state.apply(command, &mut out).expect("the mix applies");
+            }
+            store
+                .append(commands.len() as u64, payload)
+                .await
+                .expect("appends");
+        };
+        append(&workload::setup(USERS), &mut state).await;
+        for batch in 0..BATCHES {
+            // The bench's order: users take turns, each with its own place/cancel sequence.
+            let commands: Vec<CoreCommand> = (batch * PER_BATCH..(batch + 1) * PER_BATCH)
+                .map(|k| workload::place_cancel(1 + k % USERS, k / USERS))
+                .collect();
+            append(&commands, &mut state).await;
+        }
+        let total = workload::setup(USERS).len() as u64 + BATCHES * PER_BATCH;
+        let (recovered, recovery) = recover(&store, RecoverFrom::Zero).await.unwrap();
+        assert_eq!((recovery.replayed_commands, recovery.seq), (total, total));
+        assert_eq!(recovered.state_hash(), state.state_hash());
+
+        // One good command, then bytes that are no command: the checksum is right, the
+        // payload is not.
+        let mut payload = Vec::new();
+        codec::encode(&workload::place_cancel(1, 1 << 30), &mut payload);
+        payload.extend_from_slice(&[0xff; 7]);
+        let bad = store.append(2, payload).await.unwrap();
+        let failed = recover(&store, RecoverFrom::Zero).await;
+        match failed {
+            Err(agora_core::sequencer::RecoveryError::Decode { batch, .. }) => {
+                assert_eq!(batch, bad.batch)
+            }
+            other => panic!(
+                "expected a decode error, got {:?}",
+                other.map(|(_, r)| r.seq)
+            ),
+        }
+    }
+}
