@@ -20,6 +20,7 @@
 //! [`limits::BOOK_THROTTLE_MS`], serialized once and shared by every subscriber of that
 //! market, so ten thousand subscribers to one book cost one serialization, not ten thousand.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -31,6 +32,8 @@ use book::{Event, MarketId, MarketSpec, Side};
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use tokio::sync::{Notify, broadcast, mpsc, watch};
 use tokio::time::Instant;
@@ -452,7 +455,7 @@ pub async fn upgrade(
 }
 
 /// The order commands of one connection that are running, each resolving to its answer.
-type InFlight = FuturesUnordered<BoxFuture<'static, Value>>;
+type InFlight = FuturesUnordered<BoxFuture<'static, String>>;
 
 struct Connection {
     app: Arc<App>,
@@ -591,7 +594,7 @@ async fn connection(app: Arc<App>, caller: Option<Caller>, socket: WebSocket) {
                 }
             }
             Some(answer) = in_flight.next(), if !in_flight.is_empty() => {
-                if !conn.send(answer) { break End::Slow }
+                if !conn.send_text(answer) { break End::Slow }
             }
             published = next_from(&mut conn.commands) => match published {
                 Ok(published) => if !conn.publish(&published).await { break End::Slow },
@@ -679,9 +682,12 @@ impl Drop for Connection {
 impl Connection {
     /// Queues a message; false when the buffer is full (a slow consumer).
     fn send(&self, value: Value) -> bool {
-        self.out
-            .try_send(Message::Text(value.to_string().into()))
-            .is_ok()
+        self.send_text(value.to_string())
+    }
+
+    /// Queues a message already written as JSON; false when the buffer is full.
+    fn send_text(&self, text: String) -> bool {
+        self.out.try_send(Message::Text(text.into())).is_ok()
     }
 
     fn error(&self, id: &Value, code: &str, message: &str) -> bool {
@@ -691,55 +697,64 @@ impl Connection {
     /// Handles one client message; order commands join `in_flight` and are answered when
     /// they finish. False when the client is a slow consumer.
     async fn handle(&mut self, text: &str, in_flight: &mut InFlight) -> bool {
-        let Ok(Value::Object(message)) = serde_json::from_str::<Value>(text) else {
+        // Only an object is a message (a struct would also accept an array).
+        let message = match text.trim_start().starts_with('{') {
+            true => serde_json::from_str::<ClientMessage>(text).ok(),
+            false => None,
+        };
+        let Some(message) = message else {
             return self.error(
                 &Value::Null,
                 "MALFORMED_JSON",
                 "each message must be a JSON object",
             );
         };
-        let id = message.get("id").cloned().unwrap_or(Value::Null);
-        let op = message.get("op").and_then(Value::as_str).unwrap_or("");
-        match op {
-            "ping" => self.send(json!({"type": "pong", "id": id})),
+        let op = message.text(message.op).unwrap_or_default();
+        let id = || {
+            message
+                .id
+                .and_then(|raw| serde_json::from_str(raw.get()).ok())
+                .unwrap_or(Value::Null)
+        };
+        match &*op {
+            "ping" => self.send(json!({"type": "pong", "id": id()})),
             "auth" => {
-                let Some(token) = message.get("token").and_then(Value::as_str) else {
-                    return self.error(&id, "INVALID_FIELD", "auth needs token");
+                let Some(token) = message.text(message.token) else {
+                    return self.error(&id(), "INVALID_FIELD", "auth needs token");
                 };
-                match self.app.auth.verify_token(token) {
+                match self.app.auth.verify_token(&token) {
                     Ok(caller) => {
                         self.caller = Some(caller);
-                        self.send(json!({"type": "authenticated", "id": id, "user": caller.user}))
+                        self.send(json!({"type": "authenticated", "id": id(), "user": caller.user}))
                     }
-                    Err(e) => self.error(&id, "UNAUTHORIZED", &e.message),
+                    Err(e) => self.error(&id(), "UNAUTHORIZED", &e.message),
                 }
             }
             "subscribe" | "unsubscribe" => {
-                let Some(channel) = message.get("channel").and_then(Value::as_str) else {
-                    return self.error(&id, "INVALID_FIELD", "name a channel");
+                let Some(channel) = message.text(message.channel) else {
+                    return self.error(&id(), "INVALID_FIELD", "name a channel");
                 };
-                self.subscription(op == "subscribe", channel, &id).await
+                self.subscription(op == "subscribe", &channel, &id()).await
             }
             "place" | "cancel" | "modify" => {
                 let Some(caller) = self.caller else {
-                    return self.error(&id, "UNAUTHORIZED", "authenticate first");
+                    return self.error(&id(), "UNAUTHORIZED", "authenticate first");
                 };
-                let args = message
-                    .get("args")
-                    .cloned()
-                    .unwrap_or(Value::Object(Default::default()));
+                let null = serde_json::value::RawValue::NULL;
                 in_flight.push(Box::pin(command(
                     self.app.clone(),
                     caller,
-                    op.to_string(),
-                    args,
-                    message.get("idempotency_key").cloned(),
-                    id,
+                    op.into_owned(),
+                    message
+                        .args
+                        .map_or_else(|| "{}".to_string(), |raw| raw.get().to_string()),
+                    message.idempotency_key.map(ToOwned::to_owned),
+                    message.id.unwrap_or(null).to_owned(),
                 )));
                 true
             }
             _ => self.error(
-                &id,
+                &id(),
                 "UNKNOWN_OP",
                 "op must be auth, ping, subscribe, unsubscribe, place, cancel or modify",
             ),
@@ -1057,28 +1072,61 @@ impl Connection {
     }
 }
 
+/// A client message: each field is taken as the client wrote it and read when the operation
+/// needs it, so a field of the wrong type is that operation's error, the request id is echoed
+/// as sent, and a command's `args` reach its REST twin without being parsed and written again.
+#[derive(Deserialize)]
+struct ClientMessage<'a> {
+    #[serde(default, borrow)]
+    id: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    op: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    token: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    channel: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    args: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    idempotency_key: Option<&'a RawValue>,
+}
+
+impl<'a> ClientMessage<'a> {
+    /// A field's text when it is a JSON string.
+    fn text(&self, field: Option<&'a RawValue>) -> Option<Cow<'a, str>> {
+        field.and_then(|raw| serde_json::from_str(raw.get()).ok())
+    }
+}
+
 /// An order command, answered as its REST twin answers: status and body, with the request's
-/// id, and `"replayed": true` when it is the stored answer of an earlier command with its
-/// idempotency key. It owns what it needs, so that several run at once beside the
-/// connection's loop.
+/// id as the client wrote it, and `"replayed": true` when it is the stored answer of an
+/// earlier command with its idempotency key. It owns what it needs, so that several run at
+/// once beside the connection's loop; the answer is written out here, the route's JSON body
+/// spliced in as the route wrote it.
 async fn command(
     app: Arc<App>,
     caller: Caller,
     op: String,
-    args: Value,
-    key: Option<Value>,
-    id: Value,
-) -> Value {
-    let result = crate::api::ws_command(&app, caller, &op, args, key.as_ref()).await;
-    match result {
-        Ok(answer) if answer.replayed => json!({"type": "response", "id": id,
-            "status": answer.status, "body": answer.body, "replayed": true}),
-        Ok(answer) => {
-            json!({"type": "response", "id": id, "status": answer.status, "body": answer.body})
+    args: String,
+    key: Option<Box<RawValue>>,
+    id: Box<RawValue>,
+) -> String {
+    let result = crate::api::ws_command(&app, caller, &op, &args, key.as_deref()).await;
+    let (status, body, replayed) = match result {
+        Ok(answer) => (answer.status, answer.body, answer.replayed),
+        Err(error) => {
+            let body = json!({"error": {"code": error.code, "message": error.message, "field": error.field}});
+            let body = serde_json::value::to_raw_value(&body)
+                .unwrap_or_else(|_| RawValue::NULL.to_owned());
+            (error.status.as_u16(), body, false)
         }
-        Err(error) => json!({"type": "response", "id": id, "status": error.status.as_u16(),
-            "body": {"error": {"code": error.code, "message": error.message, "field": error.field}}}),
-    }
+    };
+    let replayed = if replayed { r#","replayed":true"# } else { "" };
+    format!(
+        r#"{{"type":"response","id":{},"status":{status},"body":{}{replayed}}}"#,
+        id.get(),
+        body.get()
+    )
 }
 
 fn queue_event_name(event: &queue::EventKind) -> &'static str {

@@ -672,46 +672,52 @@ async fn my_trades(
 }
 
 /// An order command arriving over the WebSocket, answered as its REST twin answers.
-#[derive(Debug, PartialEq)]
+#[derive(Debug)]
 pub struct WsAnswer {
     /// The HTTP status the REST route gives.
     pub status: u16,
-    /// Its JSON body (`null` for none).
-    pub body: serde_json::Value,
+    /// Its JSON body, as the route wrote it (`null` for none).
+    pub body: Box<serde_json::value::RawValue>,
     /// The stored answer of an earlier command with the same idempotency key.
     pub replayed: bool,
+}
+
+/// The target of a cancel or a modify: the `id` of its `args`.
+#[derive(serde::Deserialize)]
+struct WsTarget<'a> {
+    #[serde(default, borrow)]
+    id: Option<&'a serde_json::value::RawValue>,
 }
 
 /// An order command arriving over the WebSocket, run by the same handler as its REST twin
 /// and through the same idempotency step: `key` (the message's `idempotency_key`) or a
 /// placement's `client_order_id` is looked up in the same per-user key space as the
-/// `Idempotency-Key` header, for the twin's method and path and the command's `args`.
+/// `Idempotency-Key` header, for the twin's method and path and the command's `args`, which
+/// stand for the twin's body as the client wrote them (`{}` when absent).
 pub async fn ws_command(
     app: &Arc<App>,
     caller: Caller,
     op: &str,
-    args: serde_json::Value,
-    key: Option<&serde_json::Value>,
+    args: &str,
+    key: Option<&serde_json::value::RawValue>,
 ) -> Result<WsAnswer, ApiError> {
     use axum::http::Method;
     let order_id = || {
-        args.get("id")
-            .and_then(serde_json::Value::as_u64)
+        serde_json::from_str::<WsTarget>(args)
+            .ok()
+            .and_then(|target| target.id)
+            .and_then(|id| serde_json::from_str::<u64>(id.get()).ok())
             .ok_or_else(|| ApiError::invalid("INVALID_FIELD", "id", "id must be an order id"))
     };
     let without_id = || {
-        let mut fields = args.clone();
+        let mut fields: serde_json::Value = crate::error::parse_json(args.as_bytes())?;
         if let Some(map) = fields.as_object_mut() {
             map.remove("id");
         }
         serde_json::to_vec(&fields).map_err(ApiError::internal)
     };
     let (method, id, body) = match op {
-        "place" => (
-            Method::POST,
-            None,
-            serde_json::to_vec(&args).map_err(ApiError::internal)?,
-        ),
+        "place" => (Method::POST, None, args.as_bytes().to_vec()),
         "cancel" => (Method::DELETE, Some(order_id()?), Vec::new()),
         "modify" => (Method::PATCH, Some(order_id()?), without_id()?),
         _ => {
@@ -722,15 +728,11 @@ pub async fn ws_command(
             ));
         }
     };
-    let key = match key {
-        None | Some(serde_json::Value::Null) if op == "place" => {
-            crate::idempotency::placement_key(&body)?
-        }
-        None | Some(serde_json::Value::Null) => None,
-        Some(serde_json::Value::String(key)) => {
-            Some(crate::idempotency::checked_key(key, "idempotency_key")?)
-        }
-        Some(_) => Some(crate::idempotency::checked_key("", "idempotency_key")?),
+    let key = match key.map(|raw| serde_json::from_str::<String>(raw.get())) {
+        None if op == "place" => crate::idempotency::placement_key(&body)?,
+        None => None,
+        Some(Ok(key)) => Some(crate::idempotency::checked_key(&key, "idempotency_key")?),
+        Some(Err(_)) => Some(crate::idempotency::checked_key("", "idempotency_key")?),
     };
     let run = |chosen: Option<ChosenOrderId>| {
         let app = app.clone();
@@ -784,7 +786,14 @@ pub async fn ws_command(
     let body = axum::body::to_bytes(response.into_body(), usize::MAX)
         .await
         .map_err(ApiError::internal)?;
-    let body = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+    // The routes write JSON; anything else (an empty body) is answered as `null`.
+    let body = std::str::from_utf8(&body)
+        .ok()
+        .and_then(|text| serde_json::from_str::<&serde_json::value::RawValue>(text).ok())
+        .map_or_else(
+            || serde_json::value::RawValue::NULL.to_owned(),
+            |raw| raw.to_owned(),
+        );
     Ok(WsAnswer {
         status,
         body,

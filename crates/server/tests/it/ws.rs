@@ -640,3 +640,80 @@ async fn socket_commands_share_idempotency_keys_with_rest() {
         h.stop().await;
     }
 }
+
+/// Messages are read field by field: a message that is no object is malformed, a field of
+/// the wrong type is its operation's error, and an order command's answer carries the
+/// request id exactly as the client wrote it, even one no 64-bit number holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_messages_are_read_field_by_field_and_ids_echo_as_written() {
+    for h in harnesses("ws_fields").await {
+        let admin = h.admin().await;
+        h.market(&admin).await;
+        let (bob, bob_token) = h.user(&admin, "bob").await;
+        h.deposit(&admin, bob, "USDT", "100000").await;
+        let mut socket = signed_in(&h, &bob_token).await;
+
+        let id = "123456789012345678901234567890";
+        let text = format!(
+            r#"{{"op":"place","id":{id},"args":{{"market":"BTC-USDT","side":"buy","price":"40000","qty":"0.001"}}}}"#
+        );
+        socket.send(Message::Text(text.into())).await.unwrap();
+        let answer = loop {
+            let message = tokio::time::timeout(Duration::from_secs(5), socket.next())
+                .await
+                .expect("an answer within 5 s")
+                .expect("the socket is open")
+                .unwrap();
+            if let Message::Text(text) = message
+                && text.contains(r#""type":"response""#)
+            {
+                break text;
+            }
+        };
+        assert!(
+            answer.contains(&format!(r#""id":{id},"#)),
+            "{}: {answer}",
+            h.backend
+        );
+        let answer: Value = serde_json::from_str(&answer).unwrap();
+        assert_eq!(answer["status"], 201, "{answer}");
+
+        // Not an object: malformed, whatever it holds.
+        for text in ["[]", "[\"place\"]", "5", "not json"] {
+            socket.send(Message::Text(text.into())).await.unwrap();
+            let error = next_of(&mut socket, "error").await;
+            assert_eq!(error["code"], "MALFORMED_JSON", "{text}: {error}");
+        }
+        // A field of the wrong type: that operation's error, with the id echoed.
+        for (message, code) in [
+            (json!({"op": 5, "id": "a"}), "UNKNOWN_OP"),
+            (
+                json!({"op": "subscribe", "channel": 5, "id": "b"}),
+                "INVALID_FIELD",
+            ),
+            (
+                json!({"op": "auth", "token": ["x"], "id": "c"}),
+                "INVALID_FIELD",
+            ),
+        ] {
+            let expected_id = message["id"].clone();
+            send(&mut socket, message).await;
+            let error = next_of(&mut socket, "error").await;
+            assert_eq!((&error["code"], &error["id"]), (&json!(code), &expected_id));
+        }
+        // A command whose args are no object is refused; one without a target names `id`.
+        for (message, field) in [
+            (json!({"op": "place", "id": "d", "args": 5}), Value::Null),
+            (
+                json!({"op": "cancel", "id": "e", "args": {"id": "x"}}),
+                json!("id"),
+            ),
+            (json!({"op": "cancel", "id": "f"}), json!("id")),
+        ] {
+            let refused = command(&mut socket, message).await;
+            assert_eq!(refused["status"], 422, "{refused}");
+            assert_eq!(refused["body"]["error"]["field"], field, "{refused}");
+        }
+        h.stop().await;
+    }
+}
