@@ -347,6 +347,40 @@ pub struct AuditReport {
 /// Rows per multi-row insert statement (well below both backends' parameter limits).
 const INSERT_ROWS_MAX: usize = 500;
 
+/// Prepared statements each connection keeps (sqlx's default is 100). The multi-row
+/// statements come in a few shapes per table (see [`statement_chunks`]), and the projection
+/// and the queue share the SQLite writer's connection.
+const STATEMENT_CACHE_CAPACITY: usize = 256;
+
+/// Splits `rows` for multi-row statements. On SQLite: chunks of `max` rows, then, for the
+/// rest, of the powers of two below `max` that it needs (300 rows: 256, 32, 8 and 4). A
+/// statement's text follows its row count, and a connection prepares each text once and then
+/// finds it in its statement cache; with these lengths a table has at most a dozen texts,
+/// where any row count would give most writes a text of their own, parsed again in the
+/// writer's thread. On PostgreSQL every statement is a round trip, so the rest goes in one:
+/// chunks of `max` rows and one of what remains.
+pub(crate) fn statement_chunks<T>(
+    rows: &[T],
+    max: usize,
+    sqlite: bool,
+) -> impl Iterator<Item = &[T]> {
+    let max = max.max(1);
+    let mut rest = rows;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let take = match rest.len() {
+            n if n >= max => max,
+            n if sqlite => 1 << n.ilog2(),
+            n => n,
+        };
+        let (chunk, tail) = rest.split_at(take);
+        rest = tail;
+        Some(chunk)
+    })
+}
+
 /// The outcome of checking the whole journal.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct JournalReport {
@@ -507,6 +541,7 @@ impl Store {
                 .foreign_keys(true)
                 // Checkpoints run beside the writer (see `append`), not inside its commits.
                 .pragma("wal_autocheckpoint", "0")
+                .statement_cache_capacity(STATEMENT_CACHE_CAPACITY)
                 .disable_statement_logging();
             let writer = SqlitePoolOptions::new()
                 .max_connections(1)
@@ -523,7 +558,9 @@ impl Store {
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let mut connect =
                 PgConnectOptions::from_str(url).map_err(|e| invalid(e.to_string()))?;
-            connect = connect.disable_statement_logging();
+            connect = connect
+                .statement_cache_capacity(STATEMENT_CACHE_CAPACITY)
+                .disable_statement_logging();
             if let Some(schema) = &options.pg_schema {
                 let valid = !schema.is_empty()
                     && schema.len() <= 63
@@ -570,6 +607,10 @@ impl Store {
         let tail = store.load_tail().await?;
         *store.tail.lock().expect("tail lock") = tail;
         Ok(store)
+    }
+
+    fn is_sqlite(&self) -> bool {
+        matches!(self.backend, Backend::Sqlite { .. })
     }
 
     /// `sqlite` or `postgres`.
@@ -936,7 +977,7 @@ impl Store {
             // An upsert statement may not change one row twice (PostgreSQL refuses it), and a
             // batch may change an order several times: its last row is its state.
             let orders = last_per_key(&batch.orders, |o| (o.market, o.order_id, o.accepted_seq));
-            for chunk in orders.chunks(INSERT_ROWS_MAX) {
+            for chunk in statement_chunks(&orders, INSERT_ROWS_MAX, self.is_sqlite()) {
                 let mut query = sqlx::QueryBuilder::new(
                     "INSERT INTO orders (market, order_id, accepted_seq, user_id, side, order_type, price, qty, filled, open_qty, status, updated_seq) ",
                 );
@@ -959,7 +1000,7 @@ impl Store {
                 );
                 query.build().execute(&mut *tx).await?;
             }
-            for chunk in batch.trades.chunks(INSERT_ROWS_MAX) {
+            for chunk in statement_chunks(&batch.trades, INSERT_ROWS_MAX, self.is_sqlite()) {
                 let mut query = sqlx::QueryBuilder::new(
                     "INSERT INTO trades (seq, n, market, maker, taker, maker_user, taker_user, taker_side, price, qty) ",
                 );
@@ -977,7 +1018,7 @@ impl Store {
                 });
                 query.build().execute(&mut *tx).await?;
             }
-            for chunk in batch.balances.chunks(INSERT_ROWS_MAX) {
+            for chunk in statement_chunks(&batch.balances, INSERT_ROWS_MAX, self.is_sqlite()) {
                 let mut query = sqlx::QueryBuilder::new(
                     "INSERT INTO balance_changes (seq, n, owner, asset, bucket, delta) ",
                 );
@@ -991,7 +1032,7 @@ impl Store {
                 });
                 query.build().execute(&mut *tx).await?;
             }
-            for chunk in batch.audit.chunks(INSERT_ROWS_MAX) {
+            for chunk in statement_chunks(&batch.audit, INSERT_ROWS_MAX, self.is_sqlite()) {
                 let mut query = sqlx::QueryBuilder::new(
                     "INSERT INTO audit (seq, kind, detail, command_digest, prev_hash, hash) ",
                 );
@@ -1006,7 +1047,7 @@ impl Store {
                 query.build().execute(&mut *tx).await?;
             }
             let withdrawals = last_per_key(&batch.withdrawals, |w| w.id);
-            for chunk in withdrawals.chunks(INSERT_ROWS_MAX) {
+            for chunk in statement_chunks(&withdrawals, INSERT_ROWS_MAX, self.is_sqlite()) {
                 let mut query = sqlx::QueryBuilder::new(
                     "INSERT INTO withdrawals (id, user_id, asset, amount, destination, status, requested_seq, updated_seq) ",
                 );
@@ -1289,4 +1330,32 @@ where
         });
     }
     Ok(snapshot)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::statement_chunks;
+
+    #[test]
+    fn statement_chunks_cover_the_rows_in_order_with_few_lengths() {
+        let mut lengths = std::collections::BTreeSet::new();
+        for n in 0..=2_100usize {
+            let rows: Vec<usize> = (0..n).collect();
+            let chunks: Vec<&[usize]> = statement_chunks(&rows, 500, true).collect();
+            assert_eq!(chunks.concat(), rows, "{n} rows, in order, each once");
+            for chunk in &chunks {
+                assert!(!chunk.is_empty() && chunk.len() <= 500);
+                lengths.insert(chunk.len());
+            }
+        }
+        // 500 and the powers of two below it: ten statement texts per table, not 500.
+        assert_eq!(
+            lengths.into_iter().collect::<Vec<_>>(),
+            [1, 2, 4, 8, 16, 32, 64, 128, 256, 500]
+        );
+        let three_hundred: Vec<usize> = statement_chunks(&[0u8; 300], 500, true)
+            .map(<[u8]>::len)
+            .collect();
+        assert_eq!(three_hundred, [256, 32, 8, 4]);
+    }
 }

@@ -704,7 +704,7 @@ macro_rules! add_jobs {
         }
         // The rest in multi-row inserts. Ids grow in insertion order, so the returned ids,
         // sorted, belong to the rows in the order they were given.
-        for chunk in plain.chunks(INSERT_JOBS_MAX) {
+        for chunk in crate::statement_chunks(&plain, INSERT_JOBS_MAX, !$postgres) {
             let mut insert = QueryBuilder::new(
                 "INSERT INTO jobs (queue, kind, payload, priority, state, run_at_ms, attempts_max, backoff, backoff_ms, backoff_max_ms, jitter_pct, timeout_ms, dedup_key, dedup_until_ms, created_ms, \
                  on_child_failure, keep_completed_ms, keep_failed_ms, schedule, schedule_tick_ms) ",
@@ -786,7 +786,7 @@ macro_rules! add_jobs {
             if counted != 1 {
                 return Err(StoreError::ParentNotWaiting(*parent));
             }
-            for chunk in ids.chunks(INSERT_JOBS_MAX) {
+            for chunk in crate::statement_chunks(ids, INSERT_JOBS_MAX, !$postgres) {
                 let mut link = QueryBuilder::new("UPDATE jobs SET parent_id = ");
                 link.push_bind(*parent).push(" WHERE id IN (");
                 let mut list = link.separated(", ");
@@ -1139,7 +1139,7 @@ impl Store {
         };
         let until = now_ms.saturating_add(lease_ms as i64);
         let mut held = std::collections::HashSet::with_capacity(jobs.len());
-        on_writer!(self, pool => for chunk in jobs.chunks(COMPLETE_ROWS_MAX) {
+        on_writer!(self, pool => for chunk in crate::statement_chunks(jobs, COMPLETE_ROWS_MAX, self.is_sqlite()) {
             let mut update = QueryBuilder::new("WITH v (id, lease) AS (VALUES ");
             for (n, (id, lease)) in chunk.iter().enumerate() {
                 if n > 0 {
@@ -1206,7 +1206,7 @@ impl Store {
         let settled = on_writer!(self, pool => {
             let mut tx = pool.begin().await?;
             let mut ended = std::collections::HashMap::with_capacity(completions.len());
-            for chunk in completions.chunks(COMPLETE_ROWS_MAX) {
+            for chunk in crate::statement_chunks(completions, COMPLETE_ROWS_MAX, self.is_sqlite()) {
                 // Jobs kept for no time after completing (and not counted by a parent) are
                 // deleted rather than marked completed: the purge would delete them next.
                 let mut statement = QueryBuilder::new("WITH v (id, lease, result) AS (VALUES ");
