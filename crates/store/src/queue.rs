@@ -360,6 +360,23 @@ fn state_filter(state: &str) -> Option<&'static str> {
 const DROPPED_ON_COMPLETION: &str =
     "COALESCE(jobs.keep_completed_ms, -1) = 0 AND jobs.parent_id IS NULL";
 
+/// What a PostgreSQL completion returns of each job it ends.
+const PG_ENDED_COLUMNS: &str =
+    "jobs.id, jobs.lease, jobs.queue, jobs.kind, jobs.attempts, jobs.started_ms, jobs.parent_id";
+
+/// A PostgreSQL completion of a chunk of jobs (binds: ids, leases and results as arrays, the
+/// time): jobs kept for no time are deleted, the others marked completed, each under its
+/// lease.
+static PG_COMPLETE_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "WITH v (id, lease, result) AS (SELECT * FROM unnest($1::BIGINT[], $2::BIGINT[], $3::TEXT[])), \
+                     gone AS (DELETE FROM jobs USING v WHERE jobs.id = v.id AND jobs.lease = v.lease AND jobs.state = 'active' AND {DROPPED_ON_COMPLETION} RETURNING {PG_ENDED_COLUMNS}), \
+                     kept AS (UPDATE jobs SET state = 'completed', result = v.result, lease_until_ms = NULL, finished_ms = $4, purge_at_ms = $4 + keep_completed_ms \
+                     FROM v WHERE jobs.id = v.id AND jobs.lease = v.lease AND jobs.state = 'active' AND NOT ({DROPPED_ON_COMPLETION}) RETURNING {PG_ENDED_COLUMNS}) \
+                     SELECT * FROM gone UNION ALL SELECT * FROM kept"
+    )
+});
+
 /// Pushes the `(id, lease, result)` rows of a completion statement's VALUES list (a macro:
 /// the query builder's type differs per backend).
 macro_rules! push_completions {
@@ -1188,71 +1205,91 @@ impl Store {
         completions: &[(i64, i64, Option<String>)],
         now_ms: i64,
     ) -> Result<Settled, StoreError> {
-        // One statement per chunk: the completions as a VALUES list joined to the jobs.
-        let postgres = matches!(self.backend, Backend::Postgres(_));
-        let (bigint, text, returning) = if postgres {
-            (
-                "::BIGINT",
-                "::TEXT",
-                "jobs.id, jobs.lease, jobs.queue, jobs.kind, jobs.attempts, jobs.started_ms, jobs.parent_id",
-            )
-        } else {
-            (
-                "",
-                "",
-                "id, lease, queue, kind, attempts, started_ms, parent_id",
-            )
-        };
-        let settled = on_writer!(self, pool => {
-            let mut tx = pool.begin().await?;
-            let mut ended = std::collections::HashMap::with_capacity(completions.len());
-            for chunk in crate::statement_chunks(completions, COMPLETE_ROWS_MAX, self.is_sqlite()) {
-                // Jobs kept for no time after completing (and not counted by a parent) are
-                // deleted rather than marked completed: the purge would delete them next.
-                let mut statement = QueryBuilder::new("WITH v (id, lease, result) AS (VALUES ");
-                push_completions!(statement, chunk, bigint, text);
-                statement.push(")");
-                if postgres {
-                    // One statement: the deletions and the updates as two parts of it.
-                    statement.push(", gone AS (DELETE FROM jobs USING v WHERE jobs.id = v.id AND jobs.lease = v.lease AND jobs.state = 'active' AND ");
-                    statement.push(DROPPED_ON_COMPLETION).push(" RETURNING ").push(returning).push("), kept AS (");
-                    push_completed_update!(statement, now_ms);
-                    statement.push(" AND NOT (").push(DROPPED_ON_COMPLETION).push(") RETURNING ").push(returning);
-                    statement.push(") SELECT * FROM gone UNION ALL SELECT * FROM kept");
-                } else {
-                    // SQLite has no data-modifying WITH parts: the deletions first, then the
-                    // updates, which no longer see the deleted jobs.
-                    statement.push(" DELETE FROM jobs WHERE (id, lease) IN (SELECT id, lease FROM v) AND state = 'active' AND ");
-                    statement.push(DROPPED_ON_COMPLETION).push(" RETURNING ").push(returning);
+        // Settles the jobs `$ended` holds (by id and lease) in the order given, reports the
+        // stale ones as `None`, lets parents react, and commits `$tx`.
+        macro_rules! settle {
+            ($tx:expr, $ended:expr) => {{
+                let mut tx = $tx;
+                let mut ended = $ended;
+                let mut settled = Settled {
+                    jobs: Vec::with_capacity(completions.len()),
+                    parents: Vec::new(),
+                };
+                for (id, lease, _) in completions {
+                    let Some((job, parent)) = ended.remove(&(*id, *lease)) else {
+                        settled.jobs.push(None);
+                        continue;
+                    };
+                    if parent.is_some() {
+                        child_ended!(&mut *tx, *id, parent, None, now_ms, &mut settled.parents)?;
+                    }
+                    settled.jobs.push(Some(job));
+                }
+                tx.commit().await?;
+                settled
+            }};
+        }
+        let mut ended = std::collections::HashMap::with_capacity(completions.len());
+        let settled = match &self.backend {
+            Backend::Postgres(pool) => {
+                // One statement per chunk, its text the same whatever the chunk's length:
+                // the completions arrive as three arrays, so PostgreSQL parses and plans it
+                // once per connection instead of once per commit. The deletions and the
+                // updates are two parts of it.
+                let sql = PG_COMPLETE_SQL.as_str();
+                let mut tx = pool.begin().await?;
+                for chunk in completions.chunks(COMPLETE_ROWS_MAX) {
+                    let ids: Vec<i64> = chunk.iter().map(|c| c.0).collect();
+                    let leases: Vec<i64> = chunk.iter().map(|c| c.1).collect();
+                    let results: Vec<Option<&str>> = chunk.iter().map(|c| c.2.as_deref()).collect();
+                    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+                        .bind(ids)
+                        .bind(leases)
+                        .bind(results)
+                        .bind(now_ms)
+                        .fetch_all(&mut *tx)
+                        .await?;
+                    for row in rows {
+                        let key: (i64, i64) = (row.try_get("id")?, row.try_get("lease")?);
+                        ended.insert(key, decode_ended(&row)?);
+                    }
+                }
+                settle!(tx, ended)
+            }
+            Backend::Sqlite { writer: pool, .. } => {
+                // Per chunk, the completions as a VALUES list joined to the jobs. SQLite has
+                // no data-modifying WITH parts: the deletions first, then the updates, which
+                // no longer see the deleted jobs.
+                let returning = "id, lease, queue, kind, attempts, started_ms, parent_id";
+                let mut tx = pool.begin().await?;
+                for chunk in crate::statement_chunks(completions, COMPLETE_ROWS_MAX, true) {
+                    // Jobs kept for no time after completing (and not counted by a parent)
+                    // are deleted rather than marked completed: the purge would delete them
+                    // next.
+                    let mut statement = QueryBuilder::new("WITH v (id, lease, result) AS (VALUES ");
+                    push_completions!(statement, chunk, "", "");
+                    statement.push(") DELETE FROM jobs WHERE (id, lease) IN (SELECT id, lease FROM v) AND state = 'active' AND ");
+                    statement
+                        .push(DROPPED_ON_COMPLETION)
+                        .push(" RETURNING ")
+                        .push(returning);
                     for row in statement.build().fetch_all(&mut *tx).await? {
                         let key: (i64, i64) = (row.try_get("id")?, row.try_get("lease")?);
                         ended.insert(key, decode_ended(&row)?);
                     }
-                    statement = QueryBuilder::new("WITH v (id, lease, result) AS (VALUES ");
-                    push_completions!(statement, chunk, bigint, text);
+                    let mut statement = QueryBuilder::new("WITH v (id, lease, result) AS (VALUES ");
+                    push_completions!(statement, chunk, "", "");
                     statement.push(") ");
                     push_completed_update!(statement, now_ms);
                     statement.push(" RETURNING ").push(returning);
+                    for row in statement.build().fetch_all(&mut *tx).await? {
+                        let key: (i64, i64) = (row.try_get("id")?, row.try_get("lease")?);
+                        ended.insert(key, decode_ended(&row)?);
+                    }
                 }
-                for row in statement.build().fetch_all(&mut *tx).await? {
-                    let key: (i64, i64) = (row.try_get("id")?, row.try_get("lease")?);
-                    ended.insert(key, decode_ended(&row)?);
-                }
+                settle!(tx, ended)
             }
-            let mut settled = Settled { jobs: Vec::with_capacity(completions.len()), parents: Vec::new() };
-            for (id, lease, _) in completions {
-                let Some((job, parent)) = ended.remove(&(*id, *lease)) else {
-                    settled.jobs.push(None);
-                    continue;
-                };
-                if parent.is_some() {
-                    child_ended!(&mut *tx, *id, parent, None, now_ms, &mut settled.parents)?;
-                }
-                settled.jobs.push(Some(job));
-            }
-            tx.commit().await?;
-            settled
-        });
+        };
         for parent in &settled.parents {
             if parent.state == "waiting" {
                 self.wake_workers(&parent.queue);
