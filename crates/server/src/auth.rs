@@ -26,6 +26,9 @@ pub mod limits {
     pub const PASSWORD_BYTES_MIN: usize = 8;
     /// Leeway on a token's expiry for clock skew, in seconds.
     pub const TOKEN_LEEWAY_S: u64 = 5;
+    /// Session tokens remembered as verified (each until it expires); when full, the memory
+    /// is emptied and tokens are verified again as they come.
+    pub const VERIFIED_TOKENS_MAX: usize = 16_384;
 }
 
 /// Header naming the API key of a signed request.
@@ -134,6 +137,10 @@ pub struct Authenticator {
     window_ms: i64,
     /// Signature → when it may be forgotten (ms).
     seen: Mutex<HashMap<[u8; 32], i64>>,
+    /// Session tokens verified before → their caller and expiry (seconds since the epoch). A
+    /// bot sends the same token with every request: its signature and claims are checked
+    /// once, its expiry every time.
+    verified: Mutex<HashMap<Box<str>, (Caller, u64)>>,
 }
 
 impl Authenticator {
@@ -151,6 +158,7 @@ impl Authenticator {
             session_ttl_s,
             window_ms: (window_s * 1000) as i64,
             seen: Mutex::new(HashMap::new()),
+            verified: Mutex::new(HashMap::new()),
         }
     }
 
@@ -171,6 +179,15 @@ impl Authenticator {
 
     /// The caller a session token names, if it is valid.
     pub fn verify_token(&self, token: &str) -> Result<Caller, ApiError> {
+        // Tokens cannot be revoked: one whose signature and claims held once holds until it
+        // expires, which is checked as the full validation checks it.
+        let now_s = jsonwebtoken::get_current_timestamp();
+        let live = |exp: u64| now_s <= exp.saturating_add(limits::TOKEN_LEEWAY_S);
+        if let Some(&(caller, exp)) = self.verified_tokens().get(token)
+            && live(exp)
+        {
+            return Ok(caller);
+        }
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
             .map_err(|e| ApiError::unauthorized(format!("invalid session token: {e}")))?;
         let user = data
@@ -178,11 +195,25 @@ impl Authenticator {
             .sub
             .parse()
             .map_err(|_| ApiError::unauthorized("invalid session token: bad subject"))?;
-        Ok(Caller {
+        let caller = Caller {
             user,
             role: data.claims.role,
             method: Method::Session,
-        })
+        };
+        if live(data.claims.exp) {
+            let mut verified = self.verified_tokens();
+            if verified.len() >= limits::VERIFIED_TOKENS_MAX {
+                verified.clear();
+            }
+            verified.insert(token.into(), (caller, data.claims.exp));
+        }
+        Ok(caller)
+    }
+
+    fn verified_tokens(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, (Caller, u64)>> {
+        self.verified
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Checks a signed request: the timestamp within the window, the signature right for
@@ -331,6 +362,29 @@ mod tests {
         assert_eq!(decode_hex(&encode_hex(&bytes)).unwrap(), bytes);
         assert!(decode_hex("zz").is_none());
         assert!(decode_hex("abc").is_none());
+    }
+
+    /// A token verified once is remembered, but only until it expires; a tampered copy is
+    /// another token and is verified in full.
+    #[test]
+    fn remembered_tokens_still_expire_and_tampered_ones_are_checked() {
+        let auth = Authenticator::new(b"a secret of enough length", "agora", 60, 30);
+        let now = jsonwebtoken::get_current_timestamp();
+        // Issued so that it expires (leeway included) within two seconds.
+        let issued_at = now + 1 - limits::TOKEN_LEEWAY_S - 60;
+        let (token, _) = auth.issue(7, Role::User, issued_at).unwrap();
+        assert_eq!(auth.verify_token(&token).unwrap().user, 7);
+        assert_eq!(auth.verify_token(&token).unwrap().user, 7, "remembered");
+        // One character of the signature's middle changed.
+        let at = token.len() - 10;
+        let swapped = if &token[at..=at] == "A" { "B" } else { "A" };
+        let tampered = format!("{}{swapped}{}", &token[..at], &token[at + 1..]);
+        assert!(auth.verify_token(&tampered).is_err());
+        std::thread::sleep(std::time::Duration::from_millis(2_100));
+        assert!(
+            auth.verify_token(&token).is_err(),
+            "an expired token is refused though remembered"
+        );
     }
 
     #[test]
