@@ -740,7 +740,6 @@ impl Connection {
                 let Some(caller) = self.caller else {
                     return self.error(&id(), "UNAUTHORIZED", "authenticate first");
                 };
-                let null = serde_json::value::RawValue::NULL;
                 in_flight.push(Box::pin(command(
                     self.app.clone(),
                     caller,
@@ -749,7 +748,7 @@ impl Connection {
                         .args
                         .map_or_else(|| "{}".to_string(), |raw| raw.get().to_string()),
                     message.idempotency_key.map(ToOwned::to_owned),
-                    message.id.unwrap_or(null).to_owned(),
+                    message.id.unwrap_or(RawValue::NULL).to_owned(),
                 )));
                 true
             }

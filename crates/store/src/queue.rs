@@ -377,20 +377,16 @@ static PG_COMPLETE_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|
     )
 });
 
-/// Pushes the `(id, lease, result)` rows of a completion statement's VALUES list (a macro:
-/// the query builder's type differs per backend).
+/// Pushes the `(id, lease, result)` rows of a SQLite completion statement's VALUES list.
 macro_rules! push_completions {
-    ($statement:expr, $chunk:expr, $bigint:expr, $text:expr) => {
+    ($statement:expr, $chunk:expr) => {
         for (n, (id, lease, result)) in $chunk.iter().enumerate() {
             if n > 0 {
                 $statement.push(", ");
             }
-            $statement.push("(").push_bind(*id).push($bigint).push(", ");
-            $statement.push_bind(*lease).push($bigint).push(", ");
-            $statement
-                .push_bind(result.as_deref())
-                .push($text)
-                .push(")");
+            $statement.push("(").push_bind(*id).push(", ");
+            $statement.push_bind(*lease).push(", ");
+            $statement.push_bind(result.as_deref()).push(")");
         }
     };
 }
@@ -1267,7 +1263,7 @@ impl Store {
                     // are deleted rather than marked completed: the purge would delete them
                     // next.
                     let mut statement = QueryBuilder::new("WITH v (id, lease, result) AS (VALUES ");
-                    push_completions!(statement, chunk, "", "");
+                    push_completions!(statement, chunk);
                     statement.push(") DELETE FROM jobs WHERE (id, lease) IN (SELECT id, lease FROM v) AND state = 'active' AND ");
                     statement
                         .push(DROPPED_ON_COMPLETION)
@@ -1278,7 +1274,7 @@ impl Store {
                         ended.insert(key, decode_ended(&row)?);
                     }
                     let mut statement = QueryBuilder::new("WITH v (id, lease, result) AS (VALUES ");
-                    push_completions!(statement, chunk, "", "");
+                    push_completions!(statement, chunk);
                     statement.push(") ");
                     push_completed_update!(statement, now_ms);
                     statement.push(" RETURNING ").push(returning);
