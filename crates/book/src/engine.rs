@@ -248,8 +248,8 @@ impl Engine {
     /// order: cheaper than [`Engine::orders`] when only these are needed.
     pub fn tags(&self, market: MarketId) -> impl Iterator<Item = (OrderId, UserId, u64)> + '_ {
         self.book(market)
-            .map_or(&[][..], |book| &book.orders[..])
-            .iter()
+            .into_iter()
+            .flat_map(|book| book.orders.iter())
             .filter(|order| order.state != State::Free)
             .map(|order| (order.id, order.user, order.tag))
     }

@@ -16,6 +16,7 @@ mod event;
 mod ladder;
 pub mod limits;
 mod market;
+mod slab;
 mod snapshot;
 mod stats;
 mod types;
