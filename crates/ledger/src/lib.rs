@@ -333,7 +333,7 @@ pub struct Asset {
 pub struct Ledger {
     assets: BTreeMap<AssetId, Asset>,
     balances: FxHashMap<(Owner, AssetId), Balance>,
-    holds: HashMap<HoldId, Hold, BuildHasherDefault<SequentialIds>>,
+    holds: Holds,
     /// Per asset, the running sum of every account's available plus held, kept to check the
     /// supply invariant in constant time after each operation.
     totals: FxHashMap<AssetId, Amount>,
@@ -341,16 +341,72 @@ pub struct Ledger {
     undo: Vec<Undo>,
 }
 
-/// The hasher of the hold table. Callers hand hold ids out in sequence, and an order's hold is
-/// mostly touched again soon after it was made, so the hash keeps an id's low bits as they are
-/// (the table's bucket index comes from them: neighbouring ids share cache lines) and mixes
-/// only the top seven (the tag the table compares before keys). Hold ids are never chosen by
-/// users, so the absence of mixing offers nothing to an attacker.
+/// Live holds by id, in [`HOLD_SHARDS`] tables picked by the id's low bits. A hash table grows
+/// all at once (a larger table, every entry moved), which with a million holds stalls one
+/// operation for milliseconds; split in sixteen, each table grows on its own, a sixteenth of
+/// the work at a time, and holds made one after the other land in turn in every table.
+#[derive(Clone, Debug, Default)]
+struct Holds([HashMap<HoldId, Hold, BuildHasherDefault<SequentialIds>>; HOLD_SHARDS]);
+
+/// log2 of [`HOLD_SHARDS`].
+const HOLD_SHARD_BITS: u32 = 4;
+/// Tables of the hold index.
+const HOLD_SHARDS: usize = 1 << HOLD_SHARD_BITS;
+
+impl Holds {
+    #[inline]
+    fn table(&self, id: HoldId) -> &HashMap<HoldId, Hold, BuildHasherDefault<SequentialIds>> {
+        &self.0[(id as usize) & (HOLD_SHARDS - 1)]
+    }
+
+    #[inline]
+    fn table_mut(
+        &mut self,
+        id: HoldId,
+    ) -> &mut HashMap<HoldId, Hold, BuildHasherDefault<SequentialIds>> {
+        &mut self.0[(id as usize) & (HOLD_SHARDS - 1)]
+    }
+
+    #[inline]
+    fn get(&self, id: &HoldId) -> Option<&Hold> {
+        self.table(*id).get(id)
+    }
+
+    #[inline]
+    fn insert(&mut self, id: HoldId, hold: Hold) -> Option<Hold> {
+        self.table_mut(id).insert(id, hold)
+    }
+
+    #[inline]
+    fn remove(&mut self, id: &HoldId) -> Option<Hold> {
+        self.table_mut(*id).remove(id)
+    }
+
+    #[inline]
+    fn entry(&mut self, id: HoldId) -> Entry<'_, HoldId, Hold> {
+        self.table_mut(id).entry(id)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&HoldId, &Hold)> {
+        self.0.iter().flat_map(HashMap::iter)
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Hold> {
+        self.0.iter().flat_map(HashMap::values)
+    }
+}
+
+/// The hasher of the hold tables. Callers hand hold ids out in sequence, and an order's hold
+/// is mostly touched again soon after it was made. So the hash keeps the id's bits above the
+/// table-picking ones as they are (a table's bucket index comes from the hash's low bits: the
+/// holds made one after the other sit in neighbouring buckets, in memory the cache already
+/// holds) and mixes only the top seven (the tag a table compares before keys). Hold ids are
+/// never chosen by users, so the absence of mixing offers nothing to an attacker.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SequentialIds(u64);
 
 impl SequentialIds {
-    /// The bits the table uses as a tag: the top seven of a 64-bit hash.
+    /// The bits a table uses as a tag: the top seven of a 64-bit hash.
     const TAG: u64 = !0 << 57;
     const MIX: u64 = 0x9E37_79B9_7F4A_7C15;
 }
@@ -358,7 +414,7 @@ impl SequentialIds {
 impl Hasher for SequentialIds {
     #[inline]
     fn write_u64(&mut self, id: u64) {
-        self.0 = (id & !Self::TAG) ^ (id.wrapping_mul(Self::MIX) & Self::TAG);
+        self.0 = ((id >> HOLD_SHARD_BITS) & !Self::TAG) ^ (id.wrapping_mul(Self::MIX) & Self::TAG);
     }
 
     /// Any other key shape (never a hold id): multiply and rotate, byte by byte.
@@ -1193,17 +1249,18 @@ impl<'a> SnapshotReader<'a> {
 mod tests {
     use std::hash::{BuildHasher, BuildHasherDefault};
 
-    use super::{HoldId, SequentialIds};
+    use super::{HOLD_SHARDS, HoldId, SequentialIds};
 
-    /// Consecutive hold ids keep consecutive low bits (the table's bucket index), while the top
-    /// seven bits (the tag compared before keys) still differ from id to id.
+    /// Hold ids that follow each other in one table keep consecutive low bits (the table's
+    /// bucket index), while the top seven bits (the tag compared before keys) still differ
+    /// from id to id.
     #[test]
     fn hold_ids_keep_their_neighbours_and_get_mixed_tags() {
         let hasher = BuildHasherDefault::<SequentialIds>::default();
         let hash = |id: HoldId| hasher.hash_one(id);
         let low = |h: u64| h & ((1 << 57) - 1);
         for id in [1_u64, 1_000, 1 << 40] {
-            assert_eq!(low(hash(id + 1)), low(hash(id)) + 1);
+            assert_eq!(low(hash(id + HOLD_SHARDS as u64)), low(hash(id)) + 1);
         }
         let tags: std::collections::BTreeSet<u64> = (1..=64).map(|id| hash(id) >> 57).collect();
         assert!(tags.len() > 32, "only {} distinct tags", tags.len());
