@@ -1,8 +1,9 @@
 //! One market's order book: resting orders, armed conditional orders, expiries and matching.
 //!
-//! Orders live in a slab (`Vec<Order>` plus a free list) and are linked into per-level FIFO
-//! queues by slab index. An index-only hash table maps order ids to slab slots, so an id costs a
-//! few bytes of index beyond the order itself. Every operation validates first and mutates only
+//! Orders live in a slab (chunks of 4,096 `Order`s that never move, plus a free list) and are
+//! linked into per-level FIFO queues by slab index. Index-only hash tables (sixteen, so that
+//! each grows on its own) map order ids to slab slots, so an id costs a few bytes of index
+//! beyond the order itself. Every operation validates first and mutates only
 //! after every check has passed, so a rejection changes nothing.
 
 use std::cmp::Reverse;

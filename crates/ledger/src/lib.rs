@@ -403,7 +403,7 @@ impl Holds {
 /// holds) and mixes only the top seven (the tag a table compares before keys). Hold ids are
 /// never chosen by users, so the absence of mixing offers nothing to an attacker.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct SequentialIds(u64);
+struct SequentialIds(u64);
 
 impl SequentialIds {
     /// The bits a table uses as a tag: the top seven of a 64-bit hash.
