@@ -10,7 +10,6 @@ use std::cmp::Reverse;
 use std::collections::BTreeMap;
 use std::hash::BuildHasher;
 
-use crate::slab::Chunked;
 use hashbrown::HashTable;
 use rustc_hash::{FxBuildHasher, FxHashMap};
 
@@ -18,6 +17,7 @@ use crate::event::{CancelCause, Event, RejectReason};
 use crate::ladder::{Ladder, key};
 use crate::limits;
 use crate::market::MarketSpec;
+use crate::slab::Chunked;
 use crate::stats::MarketData;
 use crate::types::{
     MarketId, OrderId, OrderType, PaymentMethods, Price, Qty, SelfTradePrevention, Side,
