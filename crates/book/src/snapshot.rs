@@ -239,6 +239,9 @@ impl Engine {
             if orders > crate::limits::ORDERS_PER_MARKET_MAX {
                 return Err(r.error("too many orders"));
             }
+            // Room for the orders the bytes left can hold at most, so that a false count
+            // cannot make the index reserve more than the snapshot's size warrants.
+            book.reserve_ids(orders.min((bytes.len() - r.at) / ORDER_BYTES_MIN));
             for _ in 0..orders {
                 decode_order(&mut r, &mut book)?;
             }
@@ -292,6 +295,9 @@ fn decode_spec(r: &mut Reader<'_>) -> Result<MarketSpec, SnapshotError> {
     }
     Ok(spec)
 }
+
+/// The fewest bytes an encoded order takes (see [`decode_order`]).
+const ORDER_BYTES_MIN: usize = 94;
 
 fn decode_order(r: &mut Reader<'_>, book: &mut Book) -> Result<(), SnapshotError> {
     let mut order = Order {
@@ -525,5 +531,27 @@ impl<'a> Reader<'a> {
         }
         let bytes = self.take(len)?;
         String::from_utf8(bytes.to_vec()).map_err(|_| self.error("string is not UTF-8"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ORDER_BYTES_MIN;
+    use crate::{Engine, MarketId, MarketSpec, OrderId, PlaceOrder, Price, Qty, Side};
+
+    /// A plain resting limit order, the smallest kind, adds exactly `ORDER_BYTES_MIN` bytes
+    /// to a snapshot: the bound a restore reserves by is never above the truth.
+    #[test]
+    fn the_smallest_order_takes_order_bytes_min() {
+        let mut engine = Engine::new();
+        let mut out = Vec::new();
+        engine.create_market(MarketSpec::new("BTC-USD", 2, 4, 1, 1), &mut out);
+        let before = engine.snapshot().len();
+        let id: OrderId = 1;
+        engine.place(
+            &PlaceOrder::limit(MarketId(0), id, 7, Side::Buy, Price(100), Qty(1)),
+            &mut out,
+        );
+        assert_eq!(engine.snapshot().len() - before, ORDER_BYTES_MIN);
     }
 }

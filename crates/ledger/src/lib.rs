@@ -387,6 +387,14 @@ impl Holds {
         self.table_mut(id).entry(id)
     }
 
+    /// Makes room for `holds` more, as a restore does before adding them.
+    fn reserve(&mut self, holds: usize) {
+        // The core's ids run in sequence, so the tables share them evenly.
+        for table in &mut self.0 {
+            table.reserve(holds / HOLD_SHARDS + 16);
+        }
+    }
+
     fn iter(&self) -> impl Iterator<Item = (&HoldId, &Hold)> {
         self.0.iter().flat_map(HashMap::iter)
     }
@@ -1135,6 +1143,9 @@ impl Ledger {
             ledger.totals.insert(asset, 0);
         }
         let entries = r.count(usize::MAX)?;
+        ledger
+            .balances
+            .reserve(entries.min(r.left() / BALANCE_BYTES_MIN));
         for _ in 0..entries {
             let owner = r.owner()?;
             let asset = r.u32()?;
@@ -1156,6 +1167,9 @@ impl Ledger {
             }
         }
         let holds = r.count(usize::MAX)?;
+        // Room for as many holds as the bytes left can hold at most, so that a false count
+        // cannot make the tables reserve more than the snapshot's size warrants.
+        ledger.holds.reserve(holds.min(r.left() / HOLD_BYTES_MIN));
         for _ in 0..holds {
             let id = r.u64()?;
             let hold = Hold {
@@ -1192,7 +1206,17 @@ struct SnapshotReader<'a> {
     at: usize,
 }
 
+/// The fewest bytes a balance entry of a ledger snapshot takes: owner (the fee account: one
+/// byte), asset, available and held.
+const BALANCE_BYTES_MIN: usize = 1 + 4 + 16 + 16;
+/// The fewest bytes a hold of a ledger snapshot takes: id, owner, asset, amount and kind.
+const HOLD_BYTES_MIN: usize = 8 + 1 + 4 + 16 + 1;
+
 impl<'a> SnapshotReader<'a> {
+    fn left(&self) -> usize {
+        self.bytes.len() - self.at
+    }
+
     fn error(&self, problem: &str) -> SnapshotError {
         SnapshotError {
             offset: self.at,
@@ -1249,7 +1273,44 @@ impl<'a> SnapshotReader<'a> {
 mod tests {
     use std::hash::{BuildHasher, BuildHasherDefault};
 
-    use super::{HOLD_SHARDS, HoldId, SequentialIds};
+    use super::{
+        BALANCE_BYTES_MIN, HOLD_BYTES_MIN, HOLD_SHARDS, HoldId, HoldKind, Ledger, Op, Owner,
+        SequentialIds,
+    };
+
+    /// A user's balance entry and hold take the fewest bytes plus the user id the fee
+    /// account's would not carry: the bounds a restore reserves by are never above the truth.
+    #[test]
+    fn snapshot_entries_take_at_least_their_minimum() {
+        let mut ledger = Ledger::new();
+        let mut postings = Vec::new();
+        let ops = [
+            Op::CreateAsset {
+                asset: 1,
+                symbol: "USD".into(),
+                decimals: 2,
+            },
+            Op::Deposit {
+                user: 7,
+                asset: 1,
+                amount: 100,
+            },
+        ];
+        ledger.apply(&ops[0], &mut postings).unwrap();
+        let before = ledger.snapshot().len();
+        ledger.apply(&ops[1], &mut postings).unwrap();
+        let with_balance = ledger.snapshot().len();
+        assert_eq!(with_balance - before, BALANCE_BYTES_MIN + 8);
+        let hold = Op::Hold {
+            hold: 1,
+            owner: Owner::User(7),
+            asset: 1,
+            amount: 10,
+            kind: HoldKind::Order,
+        };
+        ledger.apply(&hold, &mut postings).unwrap();
+        assert_eq!(ledger.snapshot().len() - with_balance, HOLD_BYTES_MIN + 8);
+    }
 
     /// Hold ids that follow each other in one table keep consecutive low bits (the table's
     /// bucket index), while the top seven bits (the tag compared before keys) still differ
