@@ -1254,8 +1254,7 @@ impl<'a> SnapshotReader<'a> {
     /// refused before anything is allocated for it.
     fn count(&mut self, max: usize) -> Result<usize, SnapshotError> {
         let count = self.u64()?;
-        let left = (self.bytes.len() - self.at) as u64;
-        if count > left || count > max as u64 {
+        if count > self.left() as u64 || count > max as u64 {
             return Err(self.error("count larger than the snapshot"));
         }
         Ok(count as usize)
