@@ -642,6 +642,10 @@ async fn orders(bench: &WsBenchOptions) -> anyhow::Result<()> {
     if let Some(error) = &all.first_error {
         println!("first refusal: {error}");
     }
+    match server_timings(&server.http).await {
+        Ok(lines) => lines.iter().for_each(|l| println!("server: {l}")),
+        Err(e) => eprintln!("the server's metrics could not be read: {e}"),
+    }
     if all.unanswered > 0 || failed > 0 || !closed.is_empty() {
         println!(
             "{} commands unanswered after the deadline + 10 s, {} connections failed, {} closed by the server \
@@ -1102,4 +1106,52 @@ async fn subscribers(bench: &WsBenchOptions) -> anyhow::Result<()> {
         println!("subscribers closed before the end: {closed:?}");
     }
     Ok(())
+}
+
+/// The server's own view of a run, from its `/metrics`: for each of the core's timing
+/// histograms, how many were recorded, their mean and the bucket bounds holding the median
+/// and the 99th percentile, so that a client latency can be set beside the group commit's
+/// and the projector's times.
+async fn server_timings(http: &str) -> anyhow::Result<Vec<String>> {
+    let root = http.trim_end_matches("/api/v1");
+    let text = reqwest::get(format!("{root}/metrics"))
+        .await?
+        .text()
+        .await?;
+    let mut lines = Vec::new();
+    for (name, unit, what) in [
+        (agora_core::names::APPEND_SECONDS, 1e3, " ms"),
+        (agora_core::names::PROJECTION_WRITE_SECONDS, 1e3, " ms"),
+        (agora_core::names::BATCH_COMMANDS, 1.0, ""),
+    ] {
+        let value = |suffix: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name}{suffix} ")))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        };
+        let (Some(count), Some(sum)) = (value("_count"), value("_sum")) else {
+            continue;
+        };
+        let buckets: Vec<(f64, f64)> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix(&format!("{name}_bucket{{le=\"")))
+            .filter_map(|rest| {
+                let (le, n) = rest.split_once("\"} ")?;
+                Some((le.parse().unwrap_or(f64::INFINITY), n.trim().parse().ok()?))
+            })
+            .collect();
+        let bound = |q: f64| {
+            buckets
+                .iter()
+                .find(|(_, n)| *n >= q * count)
+                .map_or(f64::INFINITY, |b| b.0 * unit)
+        };
+        lines.push(format!(
+            "{name}: {count:.0} recorded, mean {:.3}{what}, p50 <= {}{what}, p99 <= {}{what}",
+            sum / count.max(1.0) * unit,
+            bound(0.5),
+            bound(0.99),
+        ));
+    }
+    Ok(lines)
 }
