@@ -9,7 +9,8 @@ use clap::{Parser, Subcommand};
 
 /// mimalloc instead of the system allocator: the server frees on one thread what another
 /// allocated (requests, answers, journal batches), where glibc's allocator spent about a
-/// sixth of the REST benchmark's CPU (see docs/performance.md).
+/// sixth of the REST benchmark's CPU (see docs/performance.md). With the crate's `override`
+/// feature it also replaces `malloc` and `free` for the C code linked in, SQLite above all.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
