@@ -550,3 +550,20 @@ async fn the_dead_letter_queue_is_searched_summarised_and_redriven() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_claim_reads_the_ready_index_on_a_table_never_analysed() {
+    for target in targets("claim_plan") {
+        let (queue, _) = queue_on(&target).await;
+        // Filled at once, as a burst of jobs arrives, before any statistics exist.
+        let specs: Vec<JobSpec> = (0..limits::BULK_JOBS_MAX).map(|_| job("send")).collect();
+        for _ in 0..5 {
+            queue.add_bulk(&specs).await.unwrap();
+        }
+        let plan = queue.store().claim_plan("mail", 500, T0).await.unwrap();
+        // Read in the ready index's order, a claim stops after the jobs it takes; through the
+        // due-time index it would sort every waiting job first.
+        assert!(plan.contains("jobs_ready"), "{plan}");
+        assert!(!plan.contains("jobs_due"), "{plan}");
+    }
+}
