@@ -56,6 +56,26 @@ fn noop(i: u64) -> JobSpec {
     })
 }
 
+/// The workloads, each run on a fresh store (a SQLite file or a PostgreSQL schema of its own).
+const WORKLOADS: [&str; 5] = ["e2e10", "e2e50", "single", "bulk", "latency"];
+
+/// Drops the PostgreSQL schemas the workloads made under `base`, so that a run leaves nothing
+/// behind in the database it was given.
+async fn drop_schemas(url: &str, base: &str) -> anyhow::Result<()> {
+    use sqlx::Connection;
+    let mut connection = sqlx::PgConnection::connect(url).await?;
+    for label in WORKLOADS {
+        // The names are the benchmark's own: a prefix, a process id and a workload label.
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP SCHEMA IF EXISTS {base}_{label} CASCADE"
+        )))
+        .execute(&mut connection)
+        .await?;
+    }
+    connection.close().await?;
+    Ok(())
+}
+
 async fn fresh_queue(url: &str, options: &StoreOptions, label: &str) -> anyhow::Result<Queue> {
     let mut options = options.clone();
     if let Some(schema) = &options.pg_schema {
@@ -204,12 +224,13 @@ async fn run_backend(
     bench: &QueueBenchOptions,
 ) -> anyhow::Result<Figures> {
     eprintln!("measuring {name}…");
-    let e2e_10 = e2e(&fresh_queue(url, options, "e2e10").await?, bench.jobs, 10).await?;
-    let e2e_50 = e2e(&fresh_queue(url, options, "e2e50").await?, bench.jobs, 50).await?;
-    let single = add_single(&fresh_queue(url, options, "single").await?, bench.single).await?;
-    let bulk = add_bulk(&fresh_queue(url, options, "bulk").await?, bench.jobs).await?;
+    let [e2e10, e2e50, single, bulk, latest] = WORKLOADS;
+    let e2e_10 = e2e(&fresh_queue(url, options, e2e10).await?, bench.jobs, 10).await?;
+    let e2e_50 = e2e(&fresh_queue(url, options, e2e50).await?, bench.jobs, 50).await?;
+    let single = add_single(&fresh_queue(url, options, single).await?, bench.single).await?;
+    let bulk = add_bulk(&fresh_queue(url, options, bulk).await?, bench.jobs).await?;
     let (p50_ms, p99_ms) =
-        latency(&fresh_queue(url, options, "latency").await?, bench.samples).await?;
+        latency(&fresh_queue(url, options, latest).await?, bench.samples).await?;
     Ok(Figures {
         name: name.to_string(),
         e2e_10,
@@ -279,11 +300,16 @@ pub async fn run(bench: QueueBenchOptions) -> anyhow::Result<()> {
         ours.push(run_backend(name, &url, &options, &bench).await?);
     }
     if let Some(url) = &bench.postgres_url {
+        let base = format!("agora_qbench_{}", std::process::id());
         let options = StoreOptions {
-            pg_schema: Some(format!("agora_qbench_{}", std::process::id())),
+            pg_schema: Some(base.clone()),
             ..StoreOptions::default()
         };
-        ours.push(run_backend("agora postgres (fsync on)", url, &options, &bench).await?);
+        let figures = run_backend("agora postgres (fsync on)", url, &options, &bench).await;
+        if let Err(error) = drop_schemas(url, &base).await {
+            eprintln!("the benchmark's schemas ({base}_*) could not be dropped: {error}");
+        }
+        ours.push(figures?);
     }
     let theirs = match &bench.peers_script {
         Some(script) => peers(script, &bench)?,
