@@ -224,13 +224,13 @@ async fn run_backend(
     bench: &QueueBenchOptions,
 ) -> anyhow::Result<Figures> {
     eprintln!("measuring {name}…");
-    let [e2e10, e2e50, single, bulk, latest] = WORKLOADS;
-    let e2e_10 = e2e(&fresh_queue(url, options, e2e10).await?, bench.jobs, 10).await?;
-    let e2e_50 = e2e(&fresh_queue(url, options, e2e50).await?, bench.jobs, 50).await?;
-    let single = add_single(&fresh_queue(url, options, single).await?, bench.single).await?;
-    let bulk = add_bulk(&fresh_queue(url, options, bulk).await?, bench.jobs).await?;
+    let [e2e10_at, e2e50_at, single_at, bulk_at, latency_at] = WORKLOADS;
+    let e2e_10 = e2e(&fresh_queue(url, options, e2e10_at).await?, bench.jobs, 10).await?;
+    let e2e_50 = e2e(&fresh_queue(url, options, e2e50_at).await?, bench.jobs, 50).await?;
+    let single = add_single(&fresh_queue(url, options, single_at).await?, bench.single).await?;
+    let bulk = add_bulk(&fresh_queue(url, options, bulk_at).await?, bench.jobs).await?;
     let (p50_ms, p99_ms) =
-        latency(&fresh_queue(url, options, latest).await?, bench.samples).await?;
+        latency(&fresh_queue(url, options, latency_at).await?, bench.samples).await?;
     Ok(Figures {
         name: name.to_string(),
         e2e_10,
