@@ -151,8 +151,23 @@ pub fn command_digest(command: &CoreCommand) -> [u8; 32] {
 impl Projector {
     /// Catches its private state up to the stored offset (without writing), ready to project
     /// what follows.
+    ///
+    /// Read models that are ahead of the journal are emptied and rebuilt from it. On SQLite
+    /// they live in a file of their own, committed without an fsync, beside a journal that
+    /// may itself be committed without one (`synchronous=NORMAL`): after a power loss the two
+    /// files can disagree, and the journal is the truth.
     pub async fn start(store: Arc<Store>) -> Result<Projector, RecoveryError> {
-        let offset = store.projection_offset(PROJECTION).await?;
+        let mut offset = store.projection_offset(PROJECTION).await?;
+        let journal_end = store.tail().seq;
+        if offset > journal_end {
+            tracing::warn!(
+                projected = offset,
+                journal_end,
+                "the read models are ahead of the journal; rebuilding them from the journal"
+            );
+            store.reset_projection(PROJECTION).await?;
+            offset = 0;
+        }
         let stored_head = store.audit_head().await?;
         let mut projector = Projector {
             listener: None,

@@ -412,7 +412,7 @@ impl Store {
         let sql = format!(
             "SELECT {ORDER_COLUMNS} FROM orders WHERE market = $1 AND order_id = $2 ORDER BY accepted_seq DESC LIMIT 1"
         );
-        let order = on_pool!(self, pool => {
+        let order = on_read_models!(self, pool => {
             sqlx::query(sqlx::AssertSqlSafe(sql))
                 .bind(i64::from(market))
                 .bind(order_id as i64)
@@ -431,7 +431,7 @@ impl Store {
         let sql = format!(
             "SELECT {ORDER_COLUMNS} FROM orders WHERE order_id = $1 ORDER BY accepted_seq DESC LIMIT 1"
         );
-        let order = on_pool!(self, pool => {
+        let order = on_read_models!(self, pool => {
             sqlx::query(sqlx::AssertSqlSafe(sql))
                 .bind(order_id as i64)
                 .fetch_optional(pool)
@@ -458,7 +458,7 @@ impl Store {
     ) -> Result<Vec<OrderRow>, StoreError> {
         // Each combination of filters is its own statement, so that each gets the plan of the
         // index that serves it (orders_by_user with a status, orders_by_user_seq without).
-        let orders = on_pool!(self, pool => {
+        let orders = on_read_models!(self, pool => {
             let mut query =
                 sqlx::QueryBuilder::new(format!("SELECT {ORDER_COLUMNS} FROM orders WHERE user_id = "));
             query.push_bind(user as i64);
@@ -502,7 +502,7 @@ impl Store {
              SELECT {TRADE_COLUMNS} FROM (SELECT {TRADE_COLUMNS} FROM trades WHERE taker_user = $1 AND maker_user <> $1 AND ($2 IS NULL OR market = $2) ORDER BY seq DESC, n DESC LIMIT $3) AS took \
              ORDER BY seq DESC, n DESC LIMIT $3"
         );
-        let trades = on_pool!(self, pool => {
+        let trades = on_read_models!(self, pool => {
             sqlx::query(sqlx::AssertSqlSafe(sql))
                 .bind(user as i64)
                 .bind(market.map(i64::from))
@@ -526,7 +526,7 @@ impl Store {
         let sql = format!(
             "SELECT {TRADE_COLUMNS} FROM trades WHERE market = $1 ORDER BY seq DESC, n DESC LIMIT $2"
         );
-        let trades = on_pool!(self, pool => {
+        let trades = on_read_models!(self, pool => {
             sqlx::query(sqlx::AssertSqlSafe(sql))
                 .bind(i64::from(market))
                 .bind(page_limit(limit))
@@ -543,7 +543,7 @@ impl Store {
     pub async fn max_order_id(&self) -> Result<u64, StoreError> {
         let sql = "SELECT COALESCE(MAX(order_id), 0) AS id FROM orders";
         let id: i64 =
-            on_pool!(self, pool => sqlx::query(sql).fetch_one(pool).await?.try_get("id")?);
+            on_read_models!(self, pool => sqlx::query(sql).fetch_one(pool).await?.try_get("id")?);
         Ok(id as u64)
     }
 }

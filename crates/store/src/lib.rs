@@ -7,7 +7,7 @@
 //! `postgres://…`. Both run the same versioned migrations, written once per dialect.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -54,6 +54,8 @@ pub mod limits {
 }
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+/// The read models' own file on SQLite (see [`sqlite_read_models_path`]).
+static SQLITE_READ_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite_read");
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
 /// What can go wrong in the store.
@@ -393,12 +395,16 @@ pub struct JournalReport {
 }
 
 enum Backend {
-    /// SQLite allows one writer at a time. Every write goes through `writer`, a pool of one
-    /// connection, so writers queue for it in order instead of sleeping in SQLite's busy
-    /// handler; reads use `readers`, which WAL mode lets run beside the writer.
+    /// SQLite allows one writer at a time per file. Every write to the database file goes
+    /// through `writer`, a pool of one connection, so writers queue for it in order instead of
+    /// sleeping in SQLite's busy handler; reads use `readers`, which WAL mode lets run beside
+    /// the writer. The read models live in a second file with its own pair of pools, so that
+    /// projecting them runs beside the journal's appends instead of between them.
     Sqlite {
         readers: SqlitePool,
         writer: SqlitePool,
+        read_models: SqlitePool,
+        read_models_writer: SqlitePool,
     },
     Postgres(PgPool),
 }
@@ -408,6 +414,32 @@ macro_rules! on_pool {
     ($store:expr, $pool:ident => $body:expr) => {
         match &$store.backend {
             Backend::Sqlite { readers: $pool, .. } => $body,
+            Backend::Postgres($pool) => $body,
+        }
+    };
+}
+
+/// Runs the same query code against whichever pool reads the read models (the tables the
+/// projector writes: orders, trades, balance changes, audit, withdrawals, offsets).
+macro_rules! on_read_models {
+    ($store:expr, $pool:ident => $body:expr) => {
+        match &$store.backend {
+            Backend::Sqlite {
+                read_models: $pool, ..
+            } => $body,
+            Backend::Postgres($pool) => $body,
+        }
+    };
+}
+
+/// Runs the same query code against whichever pool writes the read models.
+macro_rules! on_read_models_writer {
+    ($store:expr, $pool:ident => $body:expr) => {
+        match &$store.backend {
+            Backend::Sqlite {
+                read_models_writer: $pool,
+                ..
+            } => $body,
             Backend::Postgres($pool) => $body,
         }
     };
@@ -489,6 +521,27 @@ fn snapshot_checksum(seq: u64, state_hash: &[u8; 32], payload: &[u8]) -> [u8; 32
     hasher.finalize().into()
 }
 
+/// The file of a SQLite store's read models, beside its database file: the database file's
+/// name with `.read` before its extension (`agora.db` → `agora.read.db`), or after the name
+/// when it has none (`journal` → `journal.read`).
+pub fn sqlite_read_models_path(database: &str) -> PathBuf {
+    let path = Path::new(database);
+    let name = match (path.file_stem(), path.extension()) {
+        (Some(stem), Some(extension)) => {
+            let mut name = stem.to_os_string();
+            name.push(".read.");
+            name.push(extension);
+            name
+        }
+        _ => {
+            let mut name = path.file_name().unwrap_or_default().to_os_string();
+            name.push(".read");
+            name
+        }
+    };
+    path.with_file_name(name)
+}
+
 fn to_db(value: u64) -> i64 {
     i64::try_from(value).expect("sequence numbers stay below 2^63")
 }
@@ -552,9 +605,34 @@ impl Store {
             let readers = SqlitePoolOptions::new()
                 .max_connections(connections)
                 .acquire_timeout(acquire)
-                .connect_with(connect)
+                .connect_with(connect.clone())
                 .await?;
-            Backend::Sqlite { readers, writer }
+            // The read models are rebuilt from the journal whenever they fall behind it, so
+            // their commits need no fsync of their own (`synchronous=NORMAL`: a killed process
+            // loses nothing, a power loss at most the newest projection transactions, which
+            // the projector writes again from its stored offset); SQLite checkpoints their log
+            // itself, inside the projector's commits, which nothing waits for.
+            let read_connect = connect
+                .filename(sqlite_read_models_path(path))
+                .synchronous(SqliteSynchronous::Normal)
+                .pragma("wal_autocheckpoint", "1000");
+            let read_models_writer = SqlitePoolOptions::new()
+                .max_connections(1)
+                .acquire_timeout(acquire)
+                .connect_with(read_connect.clone())
+                .await?;
+            SQLITE_READ_MIGRATIONS.run(&read_models_writer).await?;
+            let read_models = SqlitePoolOptions::new()
+                .max_connections(connections)
+                .acquire_timeout(acquire)
+                .connect_with(read_connect)
+                .await?;
+            Backend::Sqlite {
+                readers,
+                writer,
+                read_models,
+                read_models_writer,
+            }
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let mut connect =
                 PgConnectOptions::from_str(url).map_err(|e| invalid(e.to_string()))?;
@@ -933,7 +1011,7 @@ impl Store {
     /// How far the named projection has applied the journal (0: nothing yet).
     pub async fn projection_offset(&self, name: &str) -> Result<u64, StoreError> {
         let sql = "SELECT seq FROM projection_offsets WHERE name = $1";
-        let seq: Option<i64> = on_pool!(self, pool => {
+        let seq: Option<i64> = on_read_models!(self, pool => {
             match sqlx::query(sql).bind(name).fetch_optional(pool).await? {
                 Some(row) => Some(row.try_get("seq")?),
                 None => None,
@@ -957,7 +1035,7 @@ impl Store {
         {
             return Err(StoreError::Injected);
         }
-        on_writer!(self, pool => {
+        on_read_models_writer!(self, pool => {
             let mut tx = pool.begin().await?;
             let stored: Option<i64> = sqlx::query("SELECT seq FROM projection_offsets WHERE name = $1")
                 .bind(name)
@@ -1080,7 +1158,7 @@ impl Store {
 
     /// Empties the read models and the named offset, so they can be rebuilt from the journal.
     pub async fn reset_projection(&self, name: &str) -> Result<(), StoreError> {
-        on_writer!(self, pool => {
+        on_read_models_writer!(self, pool => {
             let mut tx = pool.begin().await?;
             for sql in ["DELETE FROM orders", "DELETE FROM trades", "DELETE FROM balance_changes", "DELETE FROM audit", "DELETE FROM withdrawals"] {
                 sqlx::query(sql).execute(&mut *tx).await?;
@@ -1099,7 +1177,7 @@ impl Store {
             .enumerate()
         {
             let sql = format!("SELECT COUNT(*) AS n FROM {table}");
-            let n: i64 = on_pool!(self, pool => {
+            let n: i64 = on_read_models!(self, pool => {
                 sqlx::query(sqlx::AssertSqlSafe(sql.clone())).fetch_one(pool).await?.try_get("n")?
             });
             counts[slot] = n as u64;
@@ -1111,7 +1189,7 @@ impl Store {
     /// funds: equal to the ledger's balances when the projection is complete.
     pub async fn projected_balances(&self) -> Result<BTreeMap<(String, u32), i128>, StoreError> {
         let sql = "SELECT owner, asset, delta FROM balance_changes WHERE bucket <> 'external'";
-        let rows: Vec<(String, i64, String)> = on_pool!(self, pool => {
+        let rows: Vec<(String, i64, String)> = on_read_models!(self, pool => {
             sqlx::query(sql)
                 .fetch_all(pool)
                 .await?
@@ -1135,7 +1213,7 @@ impl Store {
     /// How many projected orders have each status.
     pub async fn order_statuses(&self) -> Result<BTreeMap<String, u64>, StoreError> {
         let sql = "SELECT status, COUNT(*) AS n FROM orders GROUP BY status";
-        let rows: Vec<(String, i64)> = on_pool!(self, pool => {
+        let rows: Vec<(String, i64)> = on_read_models!(self, pool => {
             sqlx::query(sql)
                 .fetch_all(pool)
                 .await?
@@ -1152,7 +1230,7 @@ impl Store {
     /// The hash of the last audit entry (zeros when there is none).
     pub async fn audit_head(&self) -> Result<[u8; 32], StoreError> {
         let sql = "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1";
-        let head = on_pool!(self, pool => {
+        let head = on_read_models!(self, pool => {
             match sqlx::query(sql).fetch_optional(pool).await? {
                 None => [0; 32],
                 Some(row) => {
@@ -1177,7 +1255,7 @@ impl Store {
         };
         let sql = "SELECT seq, kind, detail, command_digest, prev_hash, hash FROM audit WHERE seq >= $1 ORDER BY seq LIMIT 1000";
         loop {
-            let rows: Vec<AuditRow> = on_pool!(self, pool => {
+            let rows: Vec<AuditRow> = on_read_models!(self, pool => {
                 sqlx::query(sql)
                     .bind(to_db(report.entries + 1))
                     .fetch_all(pool)
@@ -1234,9 +1312,16 @@ impl Store {
     /// Closes the pool, waiting for connections to finish.
     pub async fn close(&self) {
         match &self.backend {
-            Backend::Sqlite { readers, writer } => {
+            Backend::Sqlite {
+                readers,
+                writer,
+                read_models,
+                read_models_writer,
+            } => {
                 readers.close().await;
                 writer.close().await;
+                read_models.close().await;
+                read_models_writer.close().await;
             }
             Backend::Postgres(pool) => pool.close().await,
         }

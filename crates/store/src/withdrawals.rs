@@ -84,7 +84,7 @@ impl Store {
     /// The withdrawal with this id.
     pub async fn withdrawal(&self, id: u64) -> Result<Option<WithdrawalRow>, StoreError> {
         let sql = format!("SELECT {COLUMNS} FROM withdrawals WHERE id = $1");
-        let row = on_pool!(self, pool => {
+        let row = on_read_models!(self, pool => {
             sqlx::query(sqlx::AssertSqlSafe(sql))
                 .bind(id as i64)
                 .fetch_optional(pool)
@@ -103,7 +103,7 @@ impl Store {
         filter: &WithdrawalFilter<'_>,
         limit: usize,
     ) -> Result<Vec<WithdrawalRow>, StoreError> {
-        let rows = on_pool!(self, pool => {
+        let rows = on_read_models!(self, pool => {
             let mut query =
                 sqlx::QueryBuilder::new(format!("SELECT {COLUMNS} FROM withdrawals WHERE 1 = 1"));
             if let Some(user) = filter.user {
@@ -133,7 +133,7 @@ impl Store {
     pub async fn max_withdrawal_id(&self) -> Result<u64, StoreError> {
         let sql = "SELECT COALESCE(MAX(id), 0) AS id FROM withdrawals";
         let id: i64 =
-            on_pool!(self, pool => sqlx::query(sql).fetch_one(pool).await?.try_get("id")?);
+            on_read_models!(self, pool => sqlx::query(sql).fetch_one(pool).await?.try_get("id")?);
         Ok(id as u64)
     }
 }

@@ -83,8 +83,12 @@ async fn verify_reports_ok_then_the_damaged_batch() {
     );
     assert!(report.contains("result: OK"), "{report}");
 
-    // A rewritten audit entry is found.
-    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    // A rewritten audit entry is found (the read models have their own file).
+    let read_models = store::sqlite_read_models_path(path.to_str().unwrap());
+    assert!(read_models.exists(), "{}", read_models.display());
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", read_models.display()))
+        .await
+        .unwrap();
     sqlx::query("UPDATE audit SET detail = 'forged' WHERE seq = 3")
         .execute(&pool)
         .await

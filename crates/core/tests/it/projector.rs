@@ -282,7 +282,8 @@ async fn a_step_projects_one_read_of_the_journal_and_returns() {
 #[tokio::test]
 async fn a_tampered_audit_entry_is_found() {
     let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}/agora.db", dir.path().display());
+    let path = dir.path().join("agora.db");
+    let url = format!("sqlite://{}", path.display());
     let store = Arc::new(Store::open(&url, &StoreOptions::default()).await.unwrap());
     let (_, digests) = journal(&store, &commands()[..12]).await;
     Projector::start(store.clone())
@@ -291,7 +292,10 @@ async fn a_tampered_audit_entry_is_found() {
         .catch_up()
         .await
         .unwrap();
-    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    let read_models = store::sqlite_read_models_path(path.to_str().unwrap());
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", read_models.display()))
+        .await
+        .unwrap();
     sqlx::query("UPDATE audit SET detail = 'user 1 asset 1 amount 1' WHERE seq = 5")
         .execute(&pool)
         .await
@@ -299,4 +303,33 @@ async fn a_tampered_audit_entry_is_found() {
     pool.close().await;
     let report = store.verify_audit(Some(&digests)).await.unwrap();
     assert_eq!(report.problem.map(|p| p.0), Some(5));
+}
+
+#[tokio::test]
+async fn read_models_ahead_of_the_journal_are_rebuilt_from_it() {
+    for backend in backends("projector_ahead") {
+        let store = backend.open().await;
+        let (balances, digests) = journal(&store, &commands()).await;
+        let end = digests.len() as u64;
+        let mut projector = Projector::start(store.clone()).await.unwrap();
+        projector.catch_up().await.unwrap();
+        let counts = store.projection_counts().await.unwrap();
+        // What a power loss can leave on SQLite with `synchronous=NORMAL`: the read models'
+        // file kept projections of journal batches that the database file lost.
+        let lost = ProjectionBatch {
+            first_seq: end + 1,
+            last_seq: end + 5,
+            ..ProjectionBatch::default()
+        };
+        store.write_projection(PROJECTION, &lost).await.unwrap();
+        assert_eq!(store.projection_offset(PROJECTION).await.unwrap(), end + 5);
+
+        let mut rebuilt = Projector::start(store.clone()).await.unwrap();
+        assert_eq!(rebuilt.catch_up().await.unwrap(), end);
+        assert_eq!(store.projection_offset(PROJECTION).await.unwrap(), end);
+        assert_eq!(store.projection_counts().await.unwrap(), counts);
+        assert_eq!(store.projected_balances().await.unwrap(), balances);
+        let audit = store.verify_audit(Some(&digests)).await.unwrap();
+        assert_eq!((audit.entries, audit.problem), (end, None));
+    }
 }

@@ -437,16 +437,16 @@ async fn unknown_names_in_the_read_models_are_reported_as_corruption() {
         let backend = store.backend_name();
         project_orders_and_trades(&store).await;
         target
-            .tamper("UPDATE orders SET side = 'up' WHERE order_id = 2")
+            .tamper_read_models("UPDATE orders SET side = 'up' WHERE order_id = 2")
             .await;
         target
-            .tamper("UPDATE orders SET status = 'gone' WHERE order_id = 3")
+            .tamper_read_models("UPDATE orders SET status = 'gone' WHERE order_id = 3")
             .await;
         target
-            .tamper("UPDATE orders SET order_type = 'iceberg' WHERE order_id = 4")
+            .tamper_read_models("UPDATE orders SET order_type = 'iceberg' WHERE order_id = 4")
             .await;
         target
-            .tamper("UPDATE trades SET taker_side = 'BUY' WHERE seq = 6")
+            .tamper_read_models("UPDATE trades SET taker_side = 'BUY' WHERE seq = 6")
             .await;
         let corrupt = |result: Result<_, StoreError>| match result {
             Err(StoreError::Corrupt {

@@ -24,8 +24,21 @@ impl Target {
 
     /// Runs raw SQL against the store's tables, as a disk fault or an operator would.
     async fn tamper(&self, sql: &str) {
+        self.tamper_file(sql, false).await
+    }
+
+    /// Like [`Target::tamper`], for the read models' tables (their own file on SQLite).
+    async fn tamper_read_models(&self, sql: &str) {
+        self.tamper_file(sql, true).await
+    }
+
+    async fn tamper_file(&self, sql: &str, read_models: bool) {
         if let Some(path) = self.url.strip_prefix("sqlite://") {
-            let pool = sqlx::SqlitePool::connect(&format!("sqlite://{path}"))
+            let path = match read_models {
+                true => store::sqlite_read_models_path(path),
+                false => std::path::PathBuf::from(path),
+            };
+            let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
                 .await
                 .unwrap();
             sqlx::query(sqlx::AssertSqlSafe(sql.to_string()))
@@ -262,4 +275,79 @@ async fn a_reader_that_holds_the_wal_back_cannot_grow_it_without_bound() {
     assert_eq!(store.wal_frames_behind(), 0);
     assert_eq!(store.verify_journal().await.unwrap().batches, 2 * every);
     reader.close().await;
+}
+
+#[tokio::test]
+async fn sqlite_read_models_have_their_own_file_and_do_not_hold_appends_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agora.db");
+    let store = Store::open(
+        &format!("sqlite://{}", path.display()),
+        &StoreOptions::default(),
+    )
+    .await
+    .unwrap();
+    store.append(2, vec![1, 2]).await.unwrap();
+    let batch = store::ProjectionBatch {
+        first_seq: 1,
+        last_seq: 2,
+        ..store::ProjectionBatch::default()
+    };
+    store.write_projection("read-models", &batch).await.unwrap();
+
+    let read_models = store::sqlite_read_models_path(path.to_str().unwrap());
+    assert_eq!(read_models, dir.path().join("agora.read.db"));
+    assert_eq!(
+        store::sqlite_read_models_path("/data/journal"),
+        std::path::Path::new("/data/journal.read")
+    );
+    let tables = "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name";
+    let main = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    let main_tables: Vec<String> = sqlx::query_scalar(tables).fetch_all(&main).await.unwrap();
+    assert!(
+        main_tables.contains(&"journal".to_string()),
+        "{main_tables:?}"
+    );
+    for table in [
+        "orders",
+        "trades",
+        "balance_changes",
+        "audit",
+        "withdrawals",
+        "projection_offsets",
+    ] {
+        assert!(
+            !main_tables.contains(&table.to_string()),
+            "{table} in {main_tables:?}"
+        );
+    }
+    let read = sqlx::SqlitePool::connect(&format!("sqlite://{}", read_models.display()))
+        .await
+        .unwrap();
+    let offset: i64 =
+        sqlx::query_scalar("SELECT seq FROM projection_offsets WHERE name = 'read-models'")
+            .fetch_one(&read)
+            .await
+            .unwrap();
+    assert_eq!(offset, 2);
+
+    // A transaction writing the read models (the projector's, say) holds their file's write
+    // lock; the journal's appends go on beside it.
+    let mut projecting = read.begin().await.unwrap();
+    sqlx::query("INSERT INTO projection_offsets (name, seq) VALUES ('other', 0)")
+        .execute(&mut *projecting)
+        .await
+        .unwrap();
+    let appended =
+        tokio::time::timeout(std::time::Duration::from_secs(2), store.append(1, vec![3]))
+            .await
+            .expect("an append waited for the read models' lock")
+            .unwrap();
+    assert_eq!(appended.first_seq, 3);
+    projecting.rollback().await.unwrap();
+    main.close().await;
+    read.close().await;
+    store.close().await;
 }
