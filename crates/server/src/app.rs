@@ -217,12 +217,16 @@ impl App {
             markets: std::sync::RwLock::new(Vec::new()),
         });
         let handles = vec![
-            tokio::spawn(project_loop(
-                app.clone(),
-                projector,
-                projected_tx,
-                stopped.clone(),
-            )),
+            // The projector replays and encodes thousands of commands per step without
+            // yielding: on its own thread, not on one of the runtime's workers, whose other
+            // tasks (sockets, requests) would wait behind it. It still uses the runtime's
+            // timers and I/O.
+            {
+                let runtime = tokio::runtime::Handle::current();
+                let projecting =
+                    project_loop(app.clone(), projector, projected_tx, stopped.clone());
+                tokio::task::spawn_blocking(move || runtime.block_on(projecting))
+            },
             tokio::spawn(crate::ws::fan_out(app.clone(), stopped.clone())),
             tokio::spawn(clock_loop(app.clone(), stopped)),
         ];
