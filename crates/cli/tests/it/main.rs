@@ -308,6 +308,43 @@ fn the_core_benchmark_runs_end_to_end_on_a_small_load() {
     );
 }
 
+#[test]
+fn the_websocket_orders_benchmark_counts_answers_and_no_errors() {
+    let output = agora()
+        .args([
+            "bench",
+            "ws",
+            "--only",
+            "orders",
+            "--connections",
+            "2",
+            "--in-flight",
+            "3",
+            "--seconds",
+            "1",
+            "--durability",
+            "normal",
+        ])
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{report}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // | store | connections x in flight | commands/s | p50 | p99 | p99.9 | errors | …
+    let row = report
+        .lines()
+        .find(|l| l.starts_with("| SQLite `synchronous=NORMAL` | 2 x 3 |"))
+        .unwrap_or_else(|| panic!("no result row in {report}"));
+    let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+    let per_second: f64 = cells[3].parse().unwrap();
+    assert!(per_second > 0.0, "{report}");
+    assert_eq!(cells[7], "0", "errors: {report}");
+    assert!(!report.contains("unanswered"), "{report}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_prints_a_books_snapshot_from_a_running_server() {
     let dir = tempfile::tempdir().unwrap();
