@@ -273,6 +273,12 @@ export async function runPeer(adapter, cfg) {
     log(adapter.name, `failed: ${result.error}`);
     code = 1;
   }
+  // Dropping the database (`with (force)`) also cuts connections a library's pool
+  // still holds after its own close; their errors come after the figures and must not
+  // crash the process before it writes them.
+  const ignore = (e) => log(adapter.name, `during cleanup: ${e && e.message ? e.message : e}`);
+  process.on("uncaughtException", ignore);
+  process.on("unhandledRejection", ignore);
   await cleanup();
   process.stdout.write(JSON.stringify(result) + "\n");
   // Some client libraries keep timers alive; the result is out, so leave.
