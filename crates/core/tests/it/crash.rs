@@ -4,7 +4,11 @@
 //! - every acknowledged command is in the journal exactly once, at its sequence number;
 //! - nothing is half-applied: the recovered state passes every invariant, and each asset's
 //!   supply equals the journaled deposits minus withdrawals;
-//! - the state recovered from the newest snapshot has the hash of a replay from zero.
+//! - the state recovered from the newest snapshot has the hash of a replay from zero;
+//! - the read models, projected beside the sequencer until the kill (on SQLite in a file of
+//!   their own), are never ahead of the journal and, once caught up, hold every journaled
+//!   command exactly once: an unbroken audit chain over the journal's commands, and balances
+//!   equal to the ledger's.
 //!
 //! Rounds per backend come from `AGORA_CRASH_ROUNDS` (default 20; a soak runs hundreds).
 
@@ -15,11 +19,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agora_core::codec::{decode_all, encode};
+use agora_core::projector::{PROJECTION, Projector, command_digest};
 use agora_core::sequencer::{RecoverFrom, Sequencer, SequencerOptions, recover};
 use agora_core::{CoreCommand, State};
 
 use crate::sequencer::{backends, market_commands};
 use book::{MarketId, PlaceOrder, Price, Qty, Side};
+use ledger::Owner;
 use store::{Store, StoreOptions};
 
 const CHILD_URL: &str = "AGORA_CRASH_CHILD_URL";
@@ -55,8 +61,18 @@ fn crash_child() {
             snapshot_every_commands: 300,
             ..SequencerOptions::default()
         };
-        let (sequencer, _tasks, recovery) =
-            Sequencer::start(store, sequencer_options).await.unwrap();
+        let (sequencer, _tasks, recovery) = Sequencer::start(store.clone(), sequencer_options)
+            .await
+            .unwrap();
+        // The read models follow the journal in steps, as the server's projector does, so
+        // that kills land inside projection transactions too.
+        let mut projector = Projector::start(store).await.unwrap();
+        tokio::spawn(async move {
+            loop {
+                projector.step().await.unwrap();
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        });
         let print = |seq: u64, command: &CoreCommand| {
             let mut stdout = std::io::stdout().lock();
             writeln!(stdout, "ack {seq} {}", hex(&fingerprint(command))).unwrap();
@@ -155,6 +171,8 @@ async fn kill_minus_9_loses_nothing_acknowledged() {
         // Acknowledged fingerprints by sequence number, over every round.
         let mut acked: HashMap<u64, String> = HashMap::new();
         let mut total_acks = 0;
+        // Rounds whose child had projected something before it was killed.
+        let mut projections_checked = 0;
         for round in 0..rounds {
             let mut child = Command::new(std::env::current_exe().unwrap())
                 .args([
@@ -251,14 +269,47 @@ async fn kill_minus_9_loses_nothing_acknowledged() {
                 );
             }
             assert_supply_matches_journal(&state, &journal);
+
+            // The read models: behind the journal or level with it, never ahead; caught up,
+            // each journaled command is in them once.
+            let projected = store.projection_offset(PROJECTION).await.unwrap();
+            assert!(
+                projected <= recovery.seq,
+                "round {round}: read models at {projected}, journal at {}",
+                recovery.seq
+            );
+            let mut projector = Projector::start(store.clone()).await.unwrap();
+            projector.catch_up().await.unwrap();
+            assert_eq!(
+                store.projection_offset(PROJECTION).await.unwrap(),
+                recovery.seq
+            );
+            let digests: Vec<[u8; 32]> = journal.iter().map(command_digest).collect();
+            let audit = store.verify_audit(Some(&digests)).await.unwrap();
+            assert_eq!(
+                (audit.entries, audit.problem),
+                (recovery.seq, None),
+                "round {round}: the audit trail"
+            );
+            assert_eq!(
+                store.projected_balances().await.unwrap(),
+                ledger_balances(&state),
+                "round {round}: projected balances"
+            );
+            projections_checked += u64::from(projected > 0);
             store.close().await;
         }
         assert!(
             total_acks > rounds,
             "the children acknowledged too little work ({total_acks} acks)"
         );
+        assert!(
+            projections_checked > 0,
+            "no child projected anything before its kill"
+        );
         eprintln!(
-            "{}: {rounds} kills, {total_acks} acknowledged commands, all present",
+            "{}: {rounds} kills, {total_acks} acknowledged commands, all present; read models \
+             checked in the {projections_checked} rounds whose child had projected before its kill",
             backend.url.split(':').next().unwrap()
         );
     }
@@ -291,6 +342,28 @@ async fn wait_for_orphaned_writes(store: &Store) {
         last = now;
     }
     panic!("the killed child's writes never stopped");
+}
+
+/// Every account's balance (available plus held) that is not zero, named as the read models
+/// name owners.
+fn ledger_balances(state: &State) -> std::collections::BTreeMap<(String, u32), i128> {
+    let mut owners = vec![Owner::Fees];
+    owners.extend((1..=SUBMITTERS).map(Owner::User));
+    let mut sums = std::collections::BTreeMap::new();
+    for owner in owners {
+        for asset in [1u32, 2] {
+            let balance = state.ledger().balance(owner, asset);
+            let total = (balance.available + balance.held) as i128;
+            if total != 0 {
+                let name = match owner {
+                    Owner::User(user) => format!("user:{user}"),
+                    Owner::Fees => "fees".into(),
+                };
+                sums.insert((name, asset), total);
+            }
+        }
+    }
+    sums
 }
 
 /// Per asset, the ledger's supply equals the journal's deposits minus completed withdrawals.
