@@ -619,7 +619,10 @@ impl Store {
             let read_models_writer = SqlitePoolOptions::new()
                 .max_connections(1)
                 .acquire_timeout(acquire)
-                .connect_with(read_connect.clone())
+                // A projection's multi-row INSERTs each keep a statement journal (the pages
+                // they change, to undo the statement alone if it fails); in memory, instead of
+                // a temporary file per transaction written page by page.
+                .connect_with(read_connect.clone().pragma("temp_store", "MEMORY"))
                 .await?;
             SQLITE_READ_MIGRATIONS.run(&read_models_writer).await?;
             let read_models = SqlitePoolOptions::new()
