@@ -23,9 +23,8 @@ use agora_core::projector::{PROJECTION, Projector, command_digest};
 use agora_core::sequencer::{RecoverFrom, Sequencer, SequencerOptions, recover};
 use agora_core::{CoreCommand, State};
 
-use crate::sequencer::{backends, market_commands};
+use crate::sequencer::{backends, ledger_balances, market_commands};
 use book::{MarketId, PlaceOrder, Price, Qty, Side};
-use ledger::Owner;
 use store::{Store, StoreOptions};
 
 const CHILD_URL: &str = "AGORA_CRASH_CHILD_URL";
@@ -293,7 +292,7 @@ async fn kill_minus_9_loses_nothing_acknowledged() {
             );
             assert_eq!(
                 store.projected_balances().await.unwrap(),
-                ledger_balances(&state),
+                ledger_balances(&state, SUBMITTERS),
                 "round {round}: projected balances"
             );
             projections_checked += u64::from(projected > 0);
@@ -342,28 +341,6 @@ async fn wait_for_orphaned_writes(store: &Store) {
         last = now;
     }
     panic!("the killed child's writes never stopped");
-}
-
-/// Every account's balance (available plus held) that is not zero, named as the read models
-/// name owners.
-fn ledger_balances(state: &State) -> std::collections::BTreeMap<(String, u32), i128> {
-    let mut owners = vec![Owner::Fees];
-    owners.extend((1..=SUBMITTERS).map(Owner::User));
-    let mut sums = std::collections::BTreeMap::new();
-    for owner in owners {
-        for asset in [1u32, 2] {
-            let balance = state.ledger().balance(owner, asset);
-            let total = (balance.available + balance.held) as i128;
-            if total != 0 {
-                let name = match owner {
-                    Owner::User(user) => format!("user:{user}"),
-                    Owner::Fees => "fees".into(),
-                };
-                sums.insert((name, asset), total);
-            }
-        }
-    }
-    sums
 }
 
 /// Per asset, the ledger's supply equals the journal's deposits minus completed withdrawals.

@@ -8,10 +8,9 @@ use agora_core::CoreCommand;
 use agora_core::projector::{PROJECTION, Projector, command_digest};
 use agora_core::sequencer::{Sequencer, SequencerOptions};
 use book::{MarketId, PlaceOrder, Price, Qty, Side};
-use ledger::Owner;
 use store::{ProjectionBatch, Store, StoreError, StoreOptions};
 
-use crate::sequencer::backends;
+use crate::sequencer::{backends, ledger_balances};
 
 fn commands() -> Vec<CoreCommand> {
     let mut commands = agora_core::workload::market();
@@ -98,29 +97,7 @@ async fn journal(
         }
     }
     let balances = sequencer
-        .read(|state| {
-            let mut sums = BTreeMap::new();
-            for owner in [
-                Owner::Fees,
-                Owner::User(1),
-                Owner::User(2),
-                Owner::User(3),
-                Owner::User(4),
-            ] {
-                for asset in [1u32, 2] {
-                    let balance = state.ledger().balance(owner, asset);
-                    let total = (balance.available + balance.held) as i128;
-                    if total != 0 {
-                        let name = match owner {
-                            Owner::User(user) => format!("user:{user}"),
-                            Owner::Fees => "fees".into(),
-                        };
-                        sums.insert((name, asset), total);
-                    }
-                }
-            }
-            sums
-        })
+        .read(|state| ledger_balances(state, 4))
         .await
         .unwrap();
     drop(sequencer);

@@ -57,6 +57,31 @@ pub(crate) fn backends(test: &str) -> Vec<Backend> {
     backends
 }
 
+/// Every account's balance (available plus held) in assets 1 and 2 that is not zero, for the
+/// fee account and users 1 to `users`, named as the read models name owners.
+pub(crate) fn ledger_balances(
+    state: &agora_core::State,
+    users: u64,
+) -> std::collections::BTreeMap<(String, u32), i128> {
+    let mut owners = vec![ledger::Owner::Fees];
+    owners.extend((1..=users).map(ledger::Owner::User));
+    let mut sums = std::collections::BTreeMap::new();
+    for owner in owners {
+        for asset in [1u32, 2] {
+            let balance = state.ledger().balance(owner, asset);
+            let total = (balance.available + balance.held) as i128;
+            if total != 0 {
+                let name = match owner {
+                    ledger::Owner::User(user) => format!("user:{user}"),
+                    ledger::Owner::Fees => "fees".into(),
+                };
+                sums.insert((name, asset), total);
+            }
+        }
+    }
+    sums
+}
+
 /// The assets and the market every core test starts with.
 pub(crate) fn market_commands() -> Vec<CoreCommand> {
     agora_core::workload::market()
