@@ -158,7 +158,9 @@ impl Projector {
     /// files can disagree, and the journal is the truth.
     pub async fn start(store: Arc<Store>) -> Result<Projector, RecoveryError> {
         let mut offset = store.projection_offset(PROJECTION).await?;
-        let journal_end = store.tail().seq;
+        // Read after the offset, from the database: a server writing the same store from
+        // another process may have appended and projected since this store was opened.
+        let journal_end = store.journal_end().await?;
         if offset > journal_end {
             tracing::warn!(
                 projected = offset,

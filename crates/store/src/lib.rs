@@ -707,6 +707,13 @@ impl Store {
         *self.tail.lock().expect("tail lock")
     }
 
+    /// The sequence number of the journal's last command as the database holds it now (the
+    /// store's [`Store::tail`] is as this process last appended or loaded it; another process
+    /// may have appended since).
+    pub async fn journal_end(&self) -> Result<u64, StoreError> {
+        Ok(self.load_tail().await?.seq)
+    }
+
     async fn load_tail(&self) -> Result<Tail, StoreError> {
         let sql =
             "SELECT batch, first_seq, commands, checksum FROM journal ORDER BY batch DESC LIMIT 1";

@@ -310,3 +310,27 @@ async fn read_models_ahead_of_the_journal_are_rebuilt_from_it() {
         assert_eq!((audit.entries, audit.problem), (end, None));
     }
 }
+
+#[tokio::test]
+async fn a_projector_beside_another_process_does_not_take_its_progress_for_a_loss() {
+    for backend in backends("projector_beside") {
+        // Opened first, this store still holds the journal's end as empty when the other
+        // (another process, in life) has appended and projected.
+        let ours = backend.open().await;
+        let theirs = backend.open().await;
+        let (balances, digests) = journal(&theirs, &commands()).await;
+        let end = digests.len() as u64;
+        Projector::start(theirs.clone())
+            .await
+            .unwrap()
+            .catch_up()
+            .await
+            .unwrap();
+        assert_eq!(ours.tail().seq, 0);
+
+        let mut beside = Projector::start(ours.clone()).await.unwrap();
+        assert_eq!(beside.catch_up().await.unwrap(), 0, "it rebuilt them");
+        assert_eq!(ours.projection_offset(PROJECTION).await.unwrap(), end);
+        assert_eq!(ours.projected_balances().await.unwrap(), balances);
+    }
+}
