@@ -462,6 +462,13 @@ struct OrderLog {
     closed_at: Option<Instant>,
 }
 
+/// A close frame as `code reason` (empty when the server sent none).
+fn close_reason(frame: Option<tokio_tungstenite::tungstenite::protocol::CloseFrame>) -> String {
+    frame
+        .map(|f| format!("{} {}", u16::from(f.code), f.reason))
+        .unwrap_or_default()
+}
+
 /// What the orders run reads of an answer: its request id, status and placed order's id. The
 /// rest is skipped unparsed (serde ignores unknown fields), so that the load generator spends
 /// little of the two cores it shares with the server.
@@ -528,11 +535,7 @@ async fn order_connection(
             let text = match message {
                 Some(Ok(Message::Text(text))) => text,
                 Some(Ok(Message::Close(frame))) => {
-                    log.closed = Some(
-                        frame
-                            .map(|f| format!("{} {}", u16::from(f.code), f.reason))
-                            .unwrap_or_default(),
-                    );
+                    log.closed = Some(close_reason(frame));
                     break;
                 }
                 Some(Ok(_)) => Default::default(),
@@ -915,11 +918,7 @@ async fn subscriber(
         let text = match message {
             Some(Ok(Message::Text(text))) => text,
             Some(Ok(Message::Close(frame))) => {
-                log.closed = Some(
-                    frame
-                        .map(|f| format!("{} {}", u16::from(f.code), f.reason))
-                        .unwrap_or_default(),
-                );
+                log.closed = Some(close_reason(frame));
                 break;
             }
             Some(Ok(_)) => continue,

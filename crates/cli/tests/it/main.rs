@@ -13,6 +13,18 @@ fn agora() -> Command {
     Command::new(env!("CARGO_BIN_EXE_agora"))
 }
 
+/// Runs the command, checks that it succeeded, and returns what it printed.
+fn succeeds(command: &mut Command) -> String {
+    let output = command.output().unwrap();
+    let report = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{report}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    report
+}
+
 fn replay(input: &str) -> Vec<Value> {
     let mut child = agora()
         .args(["book", "replay"])
@@ -277,29 +289,23 @@ fn the_example_in_docs_replay_md_is_what_agora_prints() {
 
 #[test]
 fn the_core_benchmark_runs_end_to_end_on_a_small_load() {
-    let output = agora()
-        .args([
-            "bench",
-            "core",
-            "--commands",
-            "2000",
-            "--submitters",
-            "64",
-            "--offered",
-            "2000",
-            "--latency-seconds",
-            "1",
-            "--snapshot-orders",
-            "2000",
-        ])
-        .env_remove("AGORA_BENCH_POSTGRES_URL")
-        .output()
-        .unwrap();
-    let report = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{report}{}",
-        String::from_utf8_lossy(&output.stderr)
+    let report = succeeds(
+        agora()
+            .args([
+                "bench",
+                "core",
+                "--commands",
+                "2000",
+                "--submitters",
+                "64",
+                "--offered",
+                "2000",
+                "--latency-seconds",
+                "1",
+                "--snapshot-orders",
+                "2000",
+            ])
+            .env_remove("AGORA_BENCH_POSTGRES_URL"),
     );
     assert!(report.contains("| sqlite (synchronous=FULL) |"), "{report}");
     assert!(
@@ -310,29 +316,20 @@ fn the_core_benchmark_runs_end_to_end_on_a_small_load() {
 
 #[test]
 fn the_websocket_orders_benchmark_counts_answers_and_no_errors() {
-    let output = agora()
-        .args([
-            "bench",
-            "ws",
-            "--only",
-            "orders",
-            "--connections",
-            "2",
-            "--in-flight",
-            "3",
-            "--seconds",
-            "1",
-            "--durability",
-            "normal",
-        ])
-        .output()
-        .unwrap();
-    let report = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{report}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let report = succeeds(agora().args([
+        "bench",
+        "ws",
+        "--only",
+        "orders",
+        "--connections",
+        "2",
+        "--in-flight",
+        "3",
+        "--seconds",
+        "1",
+        "--durability",
+        "normal",
+    ]));
     // | store | connections x in flight | commands/s | p50 | p99 | p99.9 | errors | …
     let row = report
         .lines()
