@@ -10,13 +10,10 @@
 //! are refused first, then normal, then high, and cancels keep a reserve of their own. Health
 //! and metrics are critical: probes and scrapers keep answering when the server is busiest.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::Method;
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
 
 use crate::app::App;
 use crate::error::ApiError;
@@ -124,22 +121,21 @@ impl InFlightRequests {
     }
 }
 
-/// The layer: admits the request by its class or answers 503 `OVERLOADED` at once.
-pub async fn admission(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
+/// Admits a request by its class, or refuses it with 503 `OVERLOADED`, to be answered at
+/// once. The place is held until the returned [`Admitted`] is dropped.
+pub fn admit<'a>(app: &'a App, request: &Request) -> Result<Admitted<'a>, ApiError> {
     let class = Class::of(request.method(), request.uri().path());
     let max = app.config.limits.requests_in_flight_max;
-    let Some(_admitted) = app.requests.admit(class, max) else {
+    app.requests.admit(class, max).ok_or_else(|| {
         metrics::counter!("agora_http_shed_total", "class" => class.as_str()).increment(1);
-        return ApiError::unavailable(
+        ApiError::unavailable(
             "OVERLOADED",
             format!(
                 "the server is at capacity for {} priority requests; retry shortly",
                 class.as_str()
             ),
         )
-        .into_response();
-    };
-    next.run(request).await
+    })
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use axum::body::Body as HttpBody;
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::{HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -141,8 +141,10 @@ pub(crate) fn placement_key(body: &[u8]) -> Result<Option<String>, ApiError> {
 }
 
 /// The layer: runs after authentication and before the handlers.
+/// The step between authentication and the handlers: a mutating request with a key (the
+/// header, or a placement's client order id) runs under [`keyed`]; any other goes on.
 pub async fn idempotency(
-    State(app): State<Arc<App>>,
+    app: &Arc<App>,
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
@@ -189,7 +191,7 @@ pub async fn idempotency(
         }
         next.run(request)
     };
-    keyed(&app, caller, &key, (&method, &path, &bytes), placement, run).await
+    keyed(app, caller, &key, (&method, &path, &bytes), placement, run).await
 }
 
 /// Runs the command `run` under `key`, the same for a request over HTTP and a command over

@@ -9,13 +9,10 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{ConnectInfo, Request};
 use axum::http::StatusCode;
-use axum::middleware::Next;
-use axum::response::Response;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
@@ -176,29 +173,23 @@ impl RateLimits {
     }
 }
 
-/// The layer: runs after authentication, so it knows the user.
-pub async fn rate_limit(
-    State(app): State<Arc<App>>,
-    request: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
+/// Counts a request against its client address and, once authenticated, its user: refused
+/// when either is over its rate. Health and metrics are exempt.
+pub fn check_request(app: &App, request: &Request) -> Result<(), ApiError> {
     let path = request.uri().path();
-    let exempt = path.starts_with("/health/") || path == "/metrics";
-    if !exempt {
-        let forwarded_for = request
-            .headers()
-            .get(FORWARDED_FOR_HEADER)
-            .and_then(|v| v.to_str().ok());
-        let ip = request
-            .extensions()
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|info| {
-                client_address(info.0.ip(), forwarded_for, &app.rate_limits.trusted_proxies)
-            });
-        let user = request.extensions().get::<Caller>().map(|c| c.user);
-        app.rate_limits.check(ip, user)?;
+    if path.starts_with("/health/") || path == "/metrics" {
+        return Ok(());
     }
-    Ok(next.run(request).await)
+    let forwarded_for = request
+        .headers()
+        .get(FORWARDED_FOR_HEADER)
+        .and_then(|v| v.to_str().ok());
+    let ip = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|info| client_address(info.0.ip(), forwarded_for, &app.rate_limits.trusted_proxies));
+    let user = request.extensions().get::<Caller>().map(|c| c.user);
+    app.rate_limits.check(ip, user)
 }
 
 #[cfg(test)]

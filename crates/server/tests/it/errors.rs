@@ -426,6 +426,29 @@ async fn overload_is_shed_with_503_not_queued() {
     h.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_over_its_time_gets_503_and_frees_its_place() {
+    use tokio::io::AsyncReadExt;
+    // Long enough for a login, whose password hash is slow on purpose.
+    let h = Harness::start("sqlite", None, None, |config| {
+        config.limits.request_timeout_ms = 3_000;
+    })
+    .await;
+    let admin = h.admin().await;
+    let mut socket = stalled_placement(&h, &admin).await;
+    let mut answer = vec![0; 4096];
+    let read = tokio::time::timeout(std::time::Duration::from_secs(30), socket.read(&mut answer))
+        .await
+        .expect("the server answers a request that ran out of time")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..read]).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("\"TIMEOUT\""), "{answer}");
+    assert!(answer.contains("x-request-id: "), "{answer}");
+    assert_eq!(in_flight(&h).await, 0);
+    h.stop().await;
+}
+
 /// A placement whose body never finishes arriving: it stays in flight (admitted, its handler
 /// waiting for the body) until the socket is dropped.
 async fn stalled_placement(h: &Harness, token: &str) -> tokio::net::TcpStream {
