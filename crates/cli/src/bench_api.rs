@@ -15,6 +15,9 @@
 //! - **open loop** (`--rate N`): requests are due on a fixed schedule, N a second spread over
 //!   the connections, whatever the answers; a request's latency runs from when it was due,
 //!   so a late answer also counts against the requests queued behind it.
+//!
+//! Besides the run's percentiles it prints the p99 of each second, which shows whether a
+//! tail comes from the start or from stalls along the way.
 
 use std::time::{Duration, Instant};
 
@@ -132,7 +135,8 @@ fn order_id(body: &[u8]) -> Option<u64> {
 /// What one connection measured.
 #[derive(Default)]
 struct Tally {
-    latencies: Vec<Duration>,
+    /// Each request's latency, with the second of the run it was due (or sent) in.
+    latencies: Vec<(u32, Duration)>,
     errors: u64,
     first_error: Option<String>,
 }
@@ -157,6 +161,7 @@ enum Failure {
 /// counts from then; without, the next request goes as soon as the last is answered.
 async fn drive(
     mut connection: Connection,
+    run_started: Instant,
     deadline: Instant,
     interval: Option<Duration>,
     phase: Duration,
@@ -222,7 +227,8 @@ async fn drive(
                 }
             }
         };
-        tally.latencies.push(started.elapsed());
+        let second = started.saturating_duration_since(run_started).as_secs() as u32;
+        tally.latencies.push((second, started.elapsed()));
         match answer {
             Ok(()) => {}
             Err(Failure::Refused(error)) => tally.error(error),
@@ -277,21 +283,22 @@ async fn measure(bench: &ApiBenchOptions) -> anyhow::Result<()> {
             let phase = interval.map_or(Duration::ZERO, |i| {
                 i.mul_f64(c as f64 / bench.connections as f64)
             });
-            tokio::spawn(drive(connection, deadline, interval, phase))
+            tokio::spawn(drive(connection, started, deadline, interval, phase))
         })
         .collect();
-    let mut latencies = Vec::new();
+    let mut samples = Vec::new();
     let mut errors = 0;
     let mut first_error = None;
     for task in tasks {
         let mut tally = task.await?;
-        latencies.append(&mut tally.latencies);
+        samples.append(&mut tally.latencies);
         errors += tally.errors;
         first_error = first_error.or(tally.first_error);
     }
     let elapsed = started.elapsed();
     let server_cpu = server.cpu().saturating_sub(server_cpu);
     let own_cpu = bench_ws::cpu_time("/proc/self/stat").saturating_sub(own_cpu);
+    let mut latencies: Vec<Duration> = samples.iter().map(|(_, latency)| *latency).collect();
     latencies.sort_unstable();
     let load = match bench.rate {
         Some(rate) => format!("open loop, {rate} requests/s offered"),
@@ -310,10 +317,26 @@ async fn measure(bench: &ApiBenchOptions) -> anyhow::Result<()> {
         server_cpu.as_secs_f64() / elapsed.as_secs_f64() * 100.0,
         own_cpu.as_secs_f64() / elapsed.as_secs_f64() * 100.0,
     );
+    println!("p99 by second of the run: {}", p99_by_second(samples));
     if let Some(error) = first_error {
         println!("first error: {error}");
     }
     Ok(())
+}
+
+/// The p99 of each second's requests, in order: where a run's tail comes from (a start-up,
+/// a stall) shows there, which the run's percentiles alone hide.
+fn p99_by_second(mut samples: Vec<(u32, Duration)>) -> String {
+    samples.sort_unstable();
+    samples
+        .chunk_by(|a, b| a.0 == b.0)
+        .map(|second| {
+            let latencies: Vec<Duration> = second.iter().map(|(_, latency)| *latency).collect();
+            format!("{:.1}", bench_ws::at(&latencies, 0.99).as_secs_f64() * 1e3)
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+        + " ms"
 }
 
 /// `HOST:PORT` of the server's API.

@@ -342,6 +342,34 @@ fn the_websocket_orders_benchmark_counts_answers_and_no_errors() {
     assert!(!report.contains("unanswered"), "{report}");
 }
 
+#[test]
+fn the_rest_orders_benchmark_reports_each_seconds_p99() {
+    let report = succeeds(agora().args([
+        "bench",
+        "api",
+        "--connections",
+        "4",
+        "--seconds",
+        "2",
+        "--rate",
+        "200",
+        "--durability",
+        "normal",
+    ]));
+    assert!(report.contains(", 0 errors;"), "{report}");
+    let seconds = report
+        .lines()
+        .find_map(|l| l.strip_prefix("p99 by second of the run: "))
+        .unwrap_or_else(|| panic!("no p99 by second in {report}"));
+    let seconds: Vec<f64> = seconds
+        .trim_end_matches(" ms")
+        .split(' ')
+        .map(|v| v.parse().unwrap())
+        .collect();
+    assert_eq!(seconds.len(), 2, "{report}");
+    assert!(seconds.iter().all(|p99| *p99 > 0.0), "{report}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_prints_a_books_snapshot_from_a_running_server() {
     let dir = tempfile::tempdir().unwrap();
