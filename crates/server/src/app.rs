@@ -26,11 +26,6 @@ pub mod limits {
     pub const PROJECTION_WAIT_MS: u64 = 2_000;
     /// How long the projector sleeps when nothing wakes it.
     pub const PROJECTOR_IDLE_MS: u64 = 200;
-    /// After a pass that wrote something, how long the projector lets journal batches gather
-    /// before the next: under load one projection transaction then covers many batches
-    /// instead of taking the single writer connection once per batch. Reads that wait for
-    /// the read models wait up to this much longer.
-    pub const PROJECTOR_LINGER_MS: u64 = 10;
     /// How long the projector waits after a failure before trying again.
     pub const PROJECTOR_RETRY_MS: u64 = 1_000;
     /// How often expired idempotency keys are deleted.
@@ -55,6 +50,8 @@ pub struct App {
     next_withdrawal_id: AtomicU64,
     last_acked: AtomicU64,
     projector_wake: Notify,
+    /// A read is waiting for the read models: the projector does not linger.
+    projection_wanted: Notify,
     projected: watch::Receiver<u64>,
     /// Set when the server begins to shut down: long-lived connections end.
     pub closing: watch::Sender<bool>,
@@ -212,6 +209,7 @@ impl App {
             next_withdrawal_id: AtomicU64::new(next_withdrawal_id),
             last_acked: AtomicU64::new(recovery.seq),
             projector_wake: Notify::new(),
+            projection_wanted: Notify::new(),
             projected,
             admin_lock: tokio::sync::Mutex::new(()),
             markets: std::sync::RwLock::new(Vec::new()),
@@ -343,6 +341,9 @@ impl App {
     pub async fn caught_up(&self) -> Result<(), ApiError> {
         let target = self.last_acked.load(Ordering::Relaxed);
         let mut projected = self.projected.clone();
+        if *projected.borrow() < target {
+            self.projection_wanted.notify_one();
+        }
         let wait = projected.wait_for(|seq| *seq >= target);
         match tokio::time::timeout(Duration::from_millis(limits::PROJECTION_WAIT_MS), wait).await {
             Ok(Ok(_)) => Ok(()),
@@ -422,6 +423,11 @@ async fn project_loop(
     projected: watch::Sender<u64>,
     mut stopped: watch::Receiver<bool>,
 ) {
+    // After a pass that wrote something the projector lets journal batches gather: under load
+    // one projection transaction then covers many batches, and the pages every transaction
+    // changes (the ends of the tables and of their indexes) are written once for all of them.
+    // A read waiting for its own writes cuts the pause short.
+    let linger = Duration::from_millis(app.config.projector_linger_ms);
     let feed = app.feed.clone();
     projector.set_listener(Box::new(move |seq, _command, output| {
         feed.publish(seq, output);
@@ -435,7 +441,8 @@ async fn project_loop(
                 projected.send_replace(projector.seq());
                 if written > 0 {
                     tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_millis(limits::PROJECTOR_LINGER_MS)) => {}
+                        _ = tokio::time::sleep(linger) => {}
+                        _ = app.projection_wanted.notified() => {}
                         _ = stopped.changed() => {}
                     }
                     continue;

@@ -5,6 +5,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+/// The longest `projector_linger_ms`.
+pub const PROJECTOR_LINGER_MS_MAX: u64 = 60_000;
+
 /// Everything `agora serve` can be told.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -28,6 +31,10 @@ pub struct Config {
     /// How often the server moves the core's clock, in milliseconds (expiries, day cut-offs and
     /// 24 h statistics follow it).
     pub clock_tick_ms: u64,
+    /// After a projection pass that wrote something, how long the projector lets journal
+    /// batches gather before the next, in milliseconds: longer costs less CPU under load and
+    /// delays the WebSocket feeds more (a read waiting for its own writes does not wait for it).
+    pub projector_linger_ms: u64,
     /// How long an idempotency key is remembered, in seconds.
     pub idempotency_ttl_s: u64,
 }
@@ -90,6 +97,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             limits: LimitsConfig::default(),
             clock_tick_ms: 1_000,
+            projector_linger_ms: 25,
             idempotency_ttl_s: 24 * 3600,
         }
     }
@@ -222,6 +230,7 @@ impl Config {
                     .collect()
             }
             "AGORA_CLOCK_TICK_MS" => self.clock_tick_ms = number(name, &value)?,
+            "AGORA_PROJECTOR_LINGER_MS" => self.projector_linger_ms = number(name, &value)?,
             "AGORA_IDEMPOTENCY_TTL_S" => self.idempotency_ttl_s = number(name, &value)?,
             _ => {}
         }
@@ -305,6 +314,9 @@ impl Config {
         }
         if !(10..=60_000).contains(&self.clock_tick_ms) {
             return invalid("clock_tick_ms", "must be 10 ms to 60 s");
+        }
+        if self.projector_linger_ms > PROJECTOR_LINGER_MS_MAX {
+            return invalid("projector_linger_ms", "must be 0 to 60,000 ms");
         }
         Ok(())
     }

@@ -955,3 +955,44 @@ async fn a_halted_market_takes_cancels_but_no_orders_until_resumed() {
         h.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_of_history_does_not_wait_out_the_projectors_pause() {
+    // A pause far longer than a read waits for the read models (two seconds): each read
+    // below gets its own writes only because it cuts the pause short.
+    let h = crate::Harness::start("sqlite", None, None, |config| {
+        config.projector_linger_ms = 60_000;
+    })
+    .await;
+    let admin = h.admin().await;
+    h.market(&admin).await;
+    let (alice, token) = h.user(&admin, "alice").await;
+    h.deposit(&admin, alice, "BTC", "1").await;
+    for n in 1..=3u64 {
+        let placed = h
+            .expect(
+                StatusCode::CREATED,
+                Method::POST,
+                "/api/v1/orders",
+                Some(&token),
+                Some(json!({"market": "BTC-USDT", "side": "sell", "price": "50000", "qty": "0.1"})),
+            )
+            .await;
+        let listed = h
+            .expect(
+                StatusCode::OK,
+                Method::GET,
+                "/api/v1/orders",
+                Some(&token),
+                None,
+            )
+            .await;
+        let listed = listed.as_array().unwrap();
+        assert_eq!(listed.len() as u64, n, "{listed:?}");
+        assert_eq!(
+            listed[0]["id"], placed["order"]["id"],
+            "newest first: {listed:?}"
+        );
+    }
+    h.stop().await;
+}
