@@ -77,6 +77,9 @@ pub mod limits {
     /// Room the core keeps between commands for its scratch lists of touched and departed
     /// orders; a larger list, left by one big cancel-all or sweep, is freed after its command.
     pub const SCRATCH_KEPT_MAX: usize = 4_096;
+    /// Live orders from which [`crate::State::state_hash`] computes the engine's digest on a
+    /// second thread, beside the ledger's; below it a thread costs more than it saves.
+    pub const PARALLEL_HASH_ORDERS_MIN: usize = 50_000;
 }
 
 /// Everything the core can be asked to do.
@@ -1117,10 +1120,45 @@ impl State {
     }
 
     /// SHA-256 over the engine's and the ledger's state hashes and the core's own tables.
+    ///
+    /// The engine's digest and the ledger's read different data, so for a large state the
+    /// engine's is computed on a second thread while this one computes the ledger's and
+    /// sorts the tracked orders; they are combined in the same order either way.
     pub fn state_hash(&self) -> [u8; 32] {
+        let orders: usize = self
+            .engine
+            .markets()
+            .map(|market| self.engine.live_orders(market))
+            .sum();
+        self.state_hash_on(if orders >= limits::PARALLEL_HASH_ORDERS_MIN {
+            2
+        } else {
+            1
+        })
+    }
+
+    /// [`State::state_hash`] on one thread or two.
+    fn state_hash_on(&self, threads: u32) -> [u8; 32] {
+        let (engine, ledger, tracked) = if threads > 1 {
+            std::thread::scope(|scope| {
+                let engine = scope.spawn(|| self.engine.state_hash());
+                let ledger = self.ledger.state_hash();
+                let tracked = self.tracked_orders();
+                let engine = engine
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                (engine, ledger, tracked)
+            })
+        } else {
+            (
+                self.engine.state_hash(),
+                self.ledger.state_hash(),
+                self.tracked_orders(),
+            )
+        };
         let mut hasher = Sha256::new();
-        hasher.update(self.engine.state_hash());
-        hasher.update(self.ledger.state_hash());
+        hasher.update(engine);
+        hasher.update(ledger);
         for config in &self.markets {
             hasher.update(config.base.to_le_bytes());
             hasher.update(config.quote.to_le_bytes());
@@ -1137,7 +1175,7 @@ impl State {
             hasher.update(user.to_le_bytes());
             hasher.update(reputation.to_le_bytes());
         }
-        for ((market, id), tracked) in self.tracked_orders() {
+        for ((market, id), tracked) in tracked {
             hasher.update(market.0.to_le_bytes());
             hasher.update(id.to_le_bytes());
             hasher.update(tracked.user.to_le_bytes());
@@ -1158,5 +1196,64 @@ impl State {
         hasher.update(self.next_hold.to_le_bytes());
         hasher.update(self.next_trade.to_le_bytes());
         hasher.finalize().into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use book::{Price, Qty};
+
+    use super::*;
+
+    #[test]
+    fn the_state_hash_on_two_threads_equals_the_hash_on_one() {
+        let mut state = State::new();
+        let mut out = Output::default();
+        let setup = [
+            CoreCommand::CreateAsset {
+                asset: 1,
+                symbol: "BTC".into(),
+                decimals: 8,
+            },
+            CoreCommand::CreateAsset {
+                asset: 2,
+                symbol: "USD".into(),
+                decimals: 8,
+            },
+            CoreCommand::CreateMarket {
+                spec: MarketSpec::new("BTC-USD", 2, 4, 1, 1),
+                base: 1,
+                quote: 2,
+                maker_fee_bps: 10,
+                taker_fee_bps: 20,
+            },
+        ];
+        for command in setup {
+            state.apply(&command, &mut out).unwrap();
+        }
+        let market = MarketId(0);
+        for user in 1..=4 {
+            for asset in [1, 2] {
+                let deposit = CoreCommand::Deposit {
+                    user,
+                    asset,
+                    amount: 1 << 50,
+                };
+                state.apply(&deposit, &mut out).unwrap();
+            }
+        }
+        // Resting orders on both sides, some crossed, with holds, trades and fees.
+        for id in 1..=200u64 {
+            let (side, price) = if id % 2 == 0 {
+                (Side::Buy, 900 + (id % 50) as i64)
+            } else {
+                (Side::Sell, 940 + (id % 50) as i64)
+            };
+            let place = PlaceOrder::limit(market, id, id % 4 + 1, side, Price(price), Qty(id));
+            state.apply(&CoreCommand::Place(place), &mut out).unwrap();
+        }
+        assert!(state.engine().live_orders(market) > 100);
+        assert_eq!(state.state_hash_on(2), state.state_hash_on(1));
+        assert_eq!(state.state_hash(), state.state_hash_on(1));
     }
 }
