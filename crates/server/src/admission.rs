@@ -55,8 +55,20 @@ impl Class {
 
     /// The class of a request, by method and path.
     pub fn of(method: &Method, path: &str) -> Class {
-        let segments: Vec<&str> = path.trim_end_matches('/').split('/').collect();
-        match (method, segments.as_slice()) {
+        // No pattern below has more than six fixed segments: a longer path keeps its first
+        // seven, which tell it apart from all of them, without a list allocated per request.
+        let mut parts = [""; 7];
+        let mut count = 0;
+        for segment in path.trim_end_matches('/').split('/') {
+            if count == parts.len() {
+                count += 1;
+                break;
+            }
+            parts[count] = segment;
+            count += 1;
+        }
+        let segments = &parts[..count.min(parts.len())];
+        match (method, segments) {
             (_, ["", "health", ..] | ["", "metrics"]) => Class::Critical,
             (&Method::DELETE, ["", "api", "v1", "orders"] | ["", "api", "v1", "orders", _]) => {
                 Class::Critical
@@ -159,6 +171,11 @@ mod tests {
             (Method::GET, "/api/v1/queues/default/dead", Class::Low),
             (Method::GET, "/api/v1/markets/BTC-USDT/candles", Class::Low),
             (Method::GET, "/api/v1/failures/summary", Class::Low),
+            (Method::POST, "/api/v1/jobs/3/complete/", Class::High),
+            (Method::POST, "/api/v1/jobs/3/complete/x", Class::Normal),
+            (Method::POST, "/api/v1/jobs/3/complete/x/y/z", Class::Normal),
+            (Method::GET, "/api/v1/admin/users/1/2/3/4/5", Class::Low),
+            (Method::GET, "/health/live/a/b/c/d/e/f/g", Class::Critical),
         ];
         for (method, path, class) in cases {
             assert_eq!(Class::of(&method, path), class, "{method} {path}");

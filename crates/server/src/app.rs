@@ -64,6 +64,8 @@ pub struct App {
     pub rate_limits: crate::limit::RateLimits,
     /// Requests in flight, admitted by priority class.
     pub requests: crate::admission::InFlightRequests,
+    /// The HTTP metrics' handles by route, method and status.
+    pub http_metrics: crate::api::HttpMetrics,
     /// Every market's spec, by id. Specs never change once created, so this is filled from
     /// the state on a miss and never invalidated.
     markets: std::sync::RwLock<Vec<book::MarketSpec>>,
@@ -197,6 +199,7 @@ impl App {
             queue: queue::Queue::new(store.clone()),
             rate_limits: crate::limit::RateLimits::new(&config.limits),
             requests: crate::admission::InFlightRequests::default(),
+            http_metrics: crate::api::HttpMetrics::default(),
             in_flight: Default::default(),
             closing: watch::channel(false).0,
             feed: crate::ws::Feed::new(),

@@ -130,10 +130,8 @@ pub fn router(app: Arc<App>) -> Router {
 async fn front(State(app): AppState, mut request: Request, next: Next) -> Response {
     let started = Instant::now();
     let id = request_id(&request);
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let matched = request.extensions().get::<MatchedPath>().cloned();
+    let route = matched.as_ref().map_or("unmatched", MatchedPath::as_str);
     let method = request.method().clone();
     if let Ok(value) = HeaderValue::from_str(&id) {
         request.headers_mut().insert(REQUEST_ID_HEADER, value);
@@ -152,14 +150,7 @@ async fn front(State(app): AppState, mut request: Request, next: Next) -> Respon
     let mut response = plain_errors_as_json(response).await;
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
-    let labels = [
-        ("route", route.clone()),
-        ("method", method.to_string()),
-        ("status", status.to_string()),
-    ];
-    metrics::counter!("agora_http_requests_total", &labels).increment(1);
-    metrics::histogram!("agora_http_request_duration_seconds", &labels)
-        .record(elapsed.as_secs_f64());
+    app.http_metrics.record(route, &method, status, elapsed);
     tracing::info!(
         request_id = %id,
         %method,
@@ -172,6 +163,90 @@ async fn front(State(app): AppState, mut request: Request, next: Next) -> Respon
         response.headers_mut().insert(REQUEST_ID_HEADER, value);
     }
     response
+}
+
+/// Series of the HTTP metrics kept with their handles.
+pub const HTTP_METRIC_SERIES_MAX: usize = 1_024;
+
+/// The handles of `agora_http_requests_total` and `agora_http_request_duration_seconds` by
+/// route, method and status, so that a request neither builds its labels nor looks them up
+/// in the registry each time. Methods outside the standard ones are counted as `other`, so
+/// a client cannot add series by making methods up.
+#[derive(Default)]
+pub struct HttpMetrics {
+    series: std::sync::Mutex<HttpSeries>,
+}
+
+#[derive(Default)]
+struct HttpSeries {
+    by_route: std::collections::HashMap<String, Vec<(&'static str, u16, HttpHandles)>>,
+    count: usize,
+}
+
+#[derive(Clone)]
+struct HttpHandles {
+    requests: metrics::Counter,
+    duration: metrics::Histogram,
+}
+
+impl HttpMetrics {
+    fn record(&self, route: &str, method: &axum::http::Method, status: u16, elapsed: Duration) {
+        let method = method_label(method);
+        let handles = {
+            let mut series = self.series.lock().expect("HTTP metrics lock");
+            let known = series.by_route.get(route).and_then(|known| {
+                known
+                    .iter()
+                    .find(|(m, s, _)| *m == method && *s == status)
+                    .map(|(_, _, handles)| handles.clone())
+            });
+            match known {
+                Some(handles) => handles,
+                None => {
+                    let labels = [
+                        ("route", route.to_string()),
+                        ("method", method.to_string()),
+                        ("status", status.to_string()),
+                    ];
+                    let handles = HttpHandles {
+                        requests: metrics::counter!("agora_http_requests_total", &labels),
+                        duration: metrics::histogram!(
+                            "agora_http_request_duration_seconds",
+                            &labels
+                        ),
+                    };
+                    if series.count < HTTP_METRIC_SERIES_MAX {
+                        series.count += 1;
+                        series.by_route.entry(route.to_string()).or_default().push((
+                            method,
+                            status,
+                            handles.clone(),
+                        ));
+                    }
+                    handles
+                }
+            }
+        };
+        handles.requests.increment(1);
+        handles.duration.record(elapsed.as_secs_f64());
+    }
+}
+
+/// A request method as a metric label.
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method as M;
+    match *method {
+        M::GET => "GET",
+        M::POST => "POST",
+        M::PUT => "PUT",
+        M::PATCH => "PATCH",
+        M::DELETE => "DELETE",
+        M::HEAD => "HEAD",
+        M::OPTIONS => "OPTIONS",
+        M::CONNECT => "CONNECT",
+        M::TRACE => "TRACE",
+        _ => "other",
+    }
 }
 
 /// The steps inside the admission and the timeout: authentication, the rate limits,

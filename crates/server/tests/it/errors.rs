@@ -314,6 +314,30 @@ async fn health_and_metrics_answer() {
             .await
             .unwrap();
         assert_eq!(response.headers()["x-request-id"], "test-123");
+        // Every request is counted under its route, method and status; a method made up by
+        // the client is counted as `other`, so it cannot add series.
+        let brew = Method::from_bytes(b"BREW").unwrap();
+        for _ in 0..3 {
+            let response = h
+                .client
+                .request(brew.clone(), format!("{}/health/live", h.base))
+                .send()
+                .await
+                .unwrap();
+            assert!(response.status().is_client_error(), "{}", response.status());
+        }
+        let text = h.metrics().await;
+        let count = |method: &str| {
+            text.lines()
+                .filter(|l| l.starts_with("agora_http_requests_total{"))
+                .filter(|l| l.contains("route=\"/health/live\"") && l.contains(method))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>()
+        };
+        // The first check above, then the one with a request id.
+        assert_eq!(count("method=\"GET\""), 2.0, "{text}");
+        assert_eq!(count("method=\"other\""), 3.0, "{text}");
+        assert!(!text.contains("BREW"), "{text}");
         h.stop().await;
     }
 }
