@@ -1298,9 +1298,15 @@ impl Store {
                         .push(DROPPED_ON_COMPLETION)
                         .push(" RETURNING ")
                         .push(returning);
-                    for row in statement.build().fetch_all(&mut *tx).await? {
+                    let deleted = statement.build().fetch_all(&mut *tx).await?;
+                    let all_deleted = deleted.len() == chunk.len();
+                    for row in deleted {
                         let key: (i64, i64) = (row.try_get("id")?, row.try_get("lease")?);
                         ended.insert(key, decode_ended(&row)?);
+                    }
+                    if all_deleted {
+                        // Each (id, lease) names one job: none is left to mark completed.
+                        continue;
                     }
                     let mut statement = QueryBuilder::new("WITH v (id, lease, result) AS (VALUES ");
                     push_completions!(statement, chunk);
