@@ -1209,39 +1209,10 @@ mod tests {
     fn the_state_hash_on_two_threads_equals_the_hash_on_one() {
         let mut state = State::new();
         let mut out = Output::default();
-        let setup = [
-            CoreCommand::CreateAsset {
-                asset: 1,
-                symbol: "BTC".into(),
-                decimals: 8,
-            },
-            CoreCommand::CreateAsset {
-                asset: 2,
-                symbol: "USD".into(),
-                decimals: 8,
-            },
-            CoreCommand::CreateMarket {
-                spec: MarketSpec::new("BTC-USD", 2, 4, 1, 1),
-                base: 1,
-                quote: 2,
-                maker_fee_bps: 10,
-                taker_fee_bps: 20,
-            },
-        ];
-        for command in setup {
+        for command in workload::setup(4) {
             state.apply(&command, &mut out).unwrap();
         }
         let market = MarketId(0);
-        for user in 1..=4 {
-            for asset in [1, 2] {
-                let deposit = CoreCommand::Deposit {
-                    user,
-                    asset,
-                    amount: 1 << 50,
-                };
-                state.apply(&deposit, &mut out).unwrap();
-            }
-        }
         // Resting orders on both sides, some crossed, with holds, trades and fees.
         for id in 1..=200u64 {
             let (side, price) = if id % 2 == 0 {
