@@ -1141,12 +1141,18 @@ impl State {
     fn state_hash_on(&self, threads: u32) -> [u8; 32] {
         let (engine, ledger, tracked) = if threads > 1 {
             std::thread::scope(|scope| {
-                let engine = scope.spawn(|| self.engine.state_hash());
+                // A thread the system refuses to start leaves the work to this one.
+                let engine = std::thread::Builder::new()
+                    .name("state-hash".into())
+                    .spawn_scoped(scope, || self.engine.state_hash());
                 let ledger = self.ledger.state_hash();
                 let tracked = self.tracked_orders();
-                let engine = engine
-                    .join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                let engine = match engine {
+                    Ok(thread) => thread
+                        .join()
+                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+                    Err(_) => self.engine.state_hash(),
+                };
                 (engine, ledger, tracked)
             })
         } else {

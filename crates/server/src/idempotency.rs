@@ -140,7 +140,6 @@ pub(crate) fn placement_key(body: &[u8]) -> Result<Option<String>, ApiError> {
     Ok(client_order_id(body)?.map(|id| format!("client-order-id:{id}")))
 }
 
-/// The layer: runs after authentication and before the handlers.
 /// The step between authentication and the handlers: a mutating request with a key (the
 /// header, or a placement's client order id) runs under [`keyed`]; any other goes on.
 pub async fn idempotency(

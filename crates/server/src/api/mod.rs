@@ -125,8 +125,8 @@ pub fn router(app: Arc<App>) -> Router {
 }
 
 /// Every step a request takes before its handler, in order, as one layer: each layer of a
-/// router boxes every route's service and future once more per request, and a profile of the
-/// REST benchmark found that boxing a fifth of the server's CPU.
+/// router clones a boxed service and boxes a future once more per request, and as seven
+/// layers these steps cost the REST benchmark 15% to 25% more server CPU per request.
 async fn front(State(app): AppState, mut request: Request, next: Next) -> Response {
     let started = Instant::now();
     let id = request_id(&request);
@@ -274,8 +274,9 @@ fn request_id(request: &Request) -> String {
         .map_or_else(new_request_id, str::to_string)
 }
 
-/// A process-wide counter from a random start: unique within the process, not guessable
-/// across restarts, and without a system call per request.
+/// A process-wide counter from a random start: unique within the process, different after a
+/// restart, and without a system call per request. Request ids only tie log lines together;
+/// nothing relies on them being secret.
 fn new_request_id() -> String {
     static NEXT: std::sync::OnceLock<std::sync::atomic::AtomicU64> = std::sync::OnceLock::new();
     let next = NEXT.get_or_init(|| {
