@@ -469,6 +469,20 @@ fn close_reason(frame: Option<tokio_tungstenite::tungstenite::protocol::CloseFra
         .unwrap_or_default()
 }
 
+/// A text message's text, `Ok(None)` for any other message, or why the socket ended (a close
+/// frame's code and reason, an error, the end of the stream).
+fn text_of(
+    message: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>,
+) -> Result<Option<tokio_tungstenite::tungstenite::Utf8Bytes>, String> {
+    match message {
+        Some(Ok(Message::Text(text))) => Ok(Some(text)),
+        Some(Ok(Message::Close(frame))) => Err(close_reason(frame)),
+        Some(Ok(_)) => Ok(None),
+        Some(Err(e)) => Err(e.to_string()),
+        None => Err("end of stream".into()),
+    }
+}
+
 /// What the orders run reads of an answer: its request id, status and placed order's id. The
 /// rest is skipped unparsed (serde ignores unknown fields), so that the load generator spends
 /// little of the two cores it shares with the server.
@@ -532,19 +546,10 @@ async fn order_connection(
         };
         let mut fed = false;
         loop {
-            let text = match message {
-                Some(Ok(Message::Text(text))) => text,
-                Some(Ok(Message::Close(frame))) => {
-                    log.closed = Some(close_reason(frame));
-                    break;
-                }
-                Some(Ok(_)) => Default::default(),
-                Some(Err(e)) => {
-                    log.closed = Some(e.to_string());
-                    break;
-                }
-                None => {
-                    log.closed = Some("end of stream".into());
+            let text = match text_of(message) {
+                Ok(text) => text.unwrap_or_default(),
+                Err(reason) => {
+                    log.closed = Some(reason);
                     break;
                 }
             };
@@ -915,19 +920,11 @@ async fn subscriber(
             _ = stop.wait_for(|s| *s) => break,
             message = socket.next() => message,
         };
-        let text = match message {
-            Some(Ok(Message::Text(text))) => text,
-            Some(Ok(Message::Close(frame))) => {
-                log.closed = Some(close_reason(frame));
-                break;
-            }
-            Some(Ok(_)) => continue,
-            Some(Err(e)) => {
-                log.closed = Some(e.to_string());
-                break;
-            }
-            None => {
-                log.closed = Some("end of stream".into());
+        let text = match text_of(message) {
+            Ok(Some(text)) => text,
+            Ok(None) => continue,
+            Err(reason) => {
+                log.closed = Some(reason);
                 break;
             }
         };
