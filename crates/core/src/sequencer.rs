@@ -19,7 +19,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use store::{Snapshot, Store, StoreError};
+use store::{JournalBatch, Snapshot, Store, StoreError};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
@@ -145,40 +145,56 @@ pub enum RecoverFrom {
 }
 
 /// Journal batches read from the store at a time during recovery.
-const READ_AHEAD_BATCHES: usize = 256;
+const READ_AHEAD_BATCHES: usize = 64;
+
+/// Reads of [`READ_AHEAD_BATCHES`] waiting for the decoder at most. Reading runs apart from
+/// decoding, so the next read is under way while the last one is decoded and replayed, rather
+/// than starting only once replay has nearly caught up with the decoder.
+const READS_AHEAD: usize = 8;
 
 /// Recovery's reader hands decoded commands to replay in groups of whole batches, each closed
 /// once it holds this many commands (or at the end of a read).
 const DECODED_GROUP_COMMANDS: usize = 4_096;
 
 /// Decoded groups waiting for replay at most: with [`DECODED_GROUP_COMMANDS`] this bounds the
-/// memory the reader runs ahead by (one oversized batch aside).
+/// memory the decoder runs ahead by (one oversized batch aside).
 const DECODED_GROUPS_AHEAD: usize = 4;
 
-/// One journal batch as recovery's reader decoded it: its commands up to the first that does
-/// not decode, and that one's problem.
+/// One journal batch as recovery's decoder left it: where its commands end in the group's
+/// list, and the problem of the first command that did not decode, if one did not (its
+/// commands before that one are in the list).
 struct DecodedBatch {
     batch: u64,
     first_seq: u64,
     last_seq: u64,
-    commands: Vec<CoreCommand>,
+    commands_end: usize,
     error: Option<DecodeError>,
 }
 
-/// Reads the journal from `first_batch` and decodes it, sending groups of decoded batches in
-/// journal order; stops after a store error or an undecodable batch (sent as the last item),
-/// at the journal's end, or when replay stops listening.
-async fn read_and_decode(
+/// Whole batches decoded for replay: their commands in one list. Replay sends each group back
+/// once applied, emptied, and the decoder fills it again, so that recovery decodes into the
+/// same few lists instead of touching fresh memory for every command of the journal (on this
+/// kind of virtual machine, first touches of memory cost as much as decoding).
+#[derive(Default)]
+struct DecodedGroup {
+    batches: Vec<DecodedBatch>,
+    commands: Vec<CoreCommand>,
+}
+
+/// Reads the journal from `first_batch` in journal order, [`READ_AHEAD_BATCHES`] at a time;
+/// stops after a store error (sent as the last item), at the journal's end, or when the
+/// decoder stops listening.
+async fn read_ahead(
     store: Arc<Store>,
     first_batch: u64,
-    groups: mpsc::Sender<Result<Vec<DecodedBatch>, StoreError>>,
+    reads: mpsc::Sender<Result<Vec<JournalBatch>, StoreError>>,
 ) {
     let mut next = first_batch;
     loop {
         let batches = match store.read(next, READ_AHEAD_BATCHES).await {
             Ok(batches) => batches,
             Err(error) => {
-                let _ = groups.send(Err(error)).await;
+                let _ = reads.send(Err(error)).await;
                 return;
             }
         };
@@ -186,36 +202,54 @@ async fn read_and_decode(
             return;
         };
         next = last.batch + 1;
-        let mut group = Vec::new();
-        let mut group_commands = 0;
+        if reads.send(Ok(batches)).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Decodes what [`read_ahead`] reads, sending groups of decoded batches in journal order;
+/// stops after a store error or an undecodable batch (sent as the last item), at the
+/// journal's end, or when replay stops listening. Groups come from `emptied` when replay has
+/// sent one back, and are made new otherwise.
+async fn decode_reads(
+    mut reads: mpsc::Receiver<Result<Vec<JournalBatch>, StoreError>>,
+    groups: mpsc::Sender<Result<DecodedGroup, StoreError>>,
+    mut emptied: mpsc::Receiver<DecodedGroup>,
+) {
+    while let Some(read) = reads.recv().await {
+        let batches = match read {
+            Ok(batches) => batches,
+            Err(error) => {
+                let _ = groups.send(Err(error)).await;
+                return;
+            }
+        };
+        let mut group = emptied.try_recv().unwrap_or_default();
         for batch in batches {
-            // Every command takes at least one byte: a header claiming more is caught below.
-            let room = usize::try_from(batch.commands).map_or(0, |n| n.min(batch.payload.len()));
-            let mut commands = Vec::with_capacity(room);
             let mut error = None;
             for command in codec::decode_each(&batch.payload) {
                 match command {
-                    Ok(command) => commands.push(command),
+                    Ok(command) => group.commands.push(command),
                     Err(problem) => error = Some(problem),
                 }
             }
             let failed = error.is_some();
-            group_commands += commands.len();
-            group.push(DecodedBatch {
+            group.batches.push(DecodedBatch {
                 batch: batch.batch,
                 first_seq: batch.first_seq,
                 last_seq: batch.last_seq(),
-                commands,
+                commands_end: group.commands.len(),
                 error,
             });
-            if failed || group_commands >= DECODED_GROUP_COMMANDS {
-                if groups.send(Ok(std::mem::take(&mut group))).await.is_err() || failed {
+            if failed || group.commands.len() >= DECODED_GROUP_COMMANDS {
+                let full = std::mem::replace(&mut group, emptied.try_recv().unwrap_or_default());
+                if groups.send(Ok(full)).await.is_err() || failed {
                     return;
                 }
-                group_commands = 0;
             }
         }
-        if !group.is_empty() && groups.send(Ok(group)).await.is_err() {
+        if !group.batches.is_empty() && groups.send(Ok(group)).await.is_err() {
             return;
         }
     }
@@ -263,12 +297,18 @@ pub async fn recover(
             }
         }
     };
+    let (reads, read) = mpsc::channel(READS_AHEAD);
     let (groups, mut incoming) = mpsc::channel(DECODED_GROUPS_AHEAD);
-    let reader = tokio::spawn(read_and_decode(store.clone(), first_batch, groups));
+    // Every group in use, waiting or being filled fits: sending one back never waits.
+    let (give_back, emptied) = mpsc::channel(DECODED_GROUPS_AHEAD + 2);
+    let reader = tokio::spawn(read_ahead(store.clone(), first_batch, reads));
+    let decoder = tokio::spawn(decode_reads(read, groups, emptied));
     let mut replayed = 0;
     let mut out = Output::default();
     while let Some(group) = incoming.recv().await {
-        for batch in group? {
+        let mut group = group?;
+        let mut start = 0;
+        for batch in group.batches.drain(..) {
             let mismatch = || {
                 RecoveryError::Store(StoreError::Corrupt {
                     what: "journal batch",
@@ -279,7 +319,7 @@ pub async fn recover(
             if batch.first_seq != seq + 1 {
                 return Err(mismatch());
             }
-            for command in &batch.commands {
+            for command in &group.commands[start..batch.commands_end] {
                 seq += 1;
                 out.clear();
                 state
@@ -287,6 +327,7 @@ pub async fn recover(
                     .map_err(|reason| RecoveryError::Diverged { seq, reason })?;
                 replayed += 1;
             }
+            start = batch.commands_end;
             if let Some(error) = batch.error {
                 return Err(RecoveryError::Decode {
                     batch: batch.batch,
@@ -297,7 +338,11 @@ pub async fn recover(
                 return Err(mismatch());
             }
         }
+        group.commands.clear();
+        // The decoder may have finished: then the group is simply dropped.
+        let _ = give_back.try_send(group);
     }
+    let _ = decoder.await;
     let _ = reader.await;
     let recovery = Recovery {
         snapshot_seq: snapshot.map(|s| s.seq),
