@@ -205,6 +205,7 @@ enum BookCommands {
 }
 
 fn main() -> anyhow::Result<()> {
+    cli::without_transparent_huge_pages();
     let cli = Cli::parse();
     match cli.command {
         Commands::Login(args) => {

@@ -47,6 +47,37 @@ fn replay(input: &str) -> Vec<Value> {
         .collect()
 }
 
+/// The binary runs without transparent huge pages (see `cli::without_transparent_huge_pages`):
+/// the kernel reports the process's setting in `/proc/<pid>/status`.
+#[cfg(target_os = "linux")]
+#[test]
+fn the_binary_runs_without_transparent_huge_pages() {
+    let mut child = agora()
+        .args(["book", "replay"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("agora starts");
+    let status = format!("/proc/{}/status", child.id());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut last = String::new();
+    while std::time::Instant::now() < deadline {
+        last = std::fs::read_to_string(&status)
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.starts_with("THP_enabled:"))
+            .unwrap_or_default()
+            .to_string();
+        if last.ends_with('0') {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    drop(child.stdin.take());
+    assert!(child.wait().unwrap().success());
+    assert!(last.ends_with('0'), "{status}: {last:?}");
+}
+
 const MARKET: &str = r#"{"cmd":"market","market":"BTC-USDT","tick":"0.01","lot":"0.001"}"#;
 
 #[test]
