@@ -149,8 +149,9 @@ const READ_AHEAD_BATCHES: usize = 64;
 
 /// Reads of [`READ_AHEAD_BATCHES`] waiting for the decoder at most. Reading runs apart from
 /// decoding, so the next read is under way while the last one is decoded and replayed, rather
-/// than starting only once replay has nearly caught up with the decoder.
-const READS_AHEAD: usize = 8;
+/// than starting only once replay has nearly caught up with the decoder. With the read under
+/// way and the one being decoded, at most four reads (256 batches) are held undecoded.
+const READS_AHEAD: usize = 2;
 
 /// Recovery's reader hands decoded commands to replay in groups of whole batches, each closed
 /// once it holds this many commands (or at the end of a read).
