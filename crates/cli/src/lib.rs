@@ -14,9 +14,9 @@ pub mod watch;
 ///
 /// mimalloc asks for huge pages on the memory it maps, and the kernel then zeroes 2 MiB (and,
 /// under `defrag=madvise`, may compact memory first) at the first touch of each. On the
-/// virtual machines Agora was measured on, those first touches took up to half of a recovery's
-/// time, and more in some runs than in others: with 4 KiB pages recovery replayed about 45%
-/// faster on average, with far less spread (docs/performance.md). A kernel without the
+/// virtual machines Agora was measured on, those first touches took over a third of a slow
+/// recovery's CPU samples, more in some runs than in others: with 4 KiB pages recovery
+/// replayed a third to a half faster on average, with far less spread (docs/performance.md). A kernel without the
 /// setting keeps its default.
 pub fn without_transparent_huge_pages() {
     #[cfg(target_os = "linux")]
