@@ -300,7 +300,7 @@ pub async fn recover(
     };
     let (reads, read) = mpsc::channel(READS_AHEAD);
     let (groups, mut incoming) = mpsc::channel(DECODED_GROUPS_AHEAD);
-    // Every group in use, waiting or being filled fits: sending one back never waits.
+    // Replay hands groups back without waiting; one that finds the channel full is dropped.
     let (give_back, emptied) = mpsc::channel(DECODED_GROUPS_AHEAD + 2);
     let reader = tokio::spawn(read_ahead(store.clone(), first_batch, reads));
     let decoder = tokio::spawn(decode_reads(read, groups, emptied));
@@ -340,7 +340,7 @@ pub async fn recover(
             }
         }
         group.commands.clear();
-        // The decoder may have finished: then the group is simply dropped.
+        // Dropped when the decoder has finished or holds enough groups already.
         let _ = give_back.try_send(group);
     }
     let _ = decoder.await;
