@@ -510,7 +510,6 @@ impl Projector {
             kind: kind.into(),
             detail,
             command_digest: digest,
-            prev_hash: self.audit_head,
             hash,
         });
         self.audit_head = hash;

@@ -291,9 +291,7 @@ pub struct AuditRow {
     pub detail: String,
     /// SHA-256 of the encoded command as journaled.
     pub command_digest: [u8; 32],
-    /// The previous entry's hash (zeros for the first).
-    pub prev_hash: [u8; 32],
-    /// [`audit_hash`] of this entry.
+    /// [`audit_hash`] of this entry, over the previous entry's hash (zeros for the first).
     pub hash: [u8; 32],
 }
 
@@ -1063,8 +1061,9 @@ impl Store {
                 });
             }
             // An upsert statement may not change one row twice (PostgreSQL refuses it), and a
-            // batch may change an order several times: its last row is its state.
-            let orders = last_per_key(&batch.orders, |o| (o.market, o.order_id, o.accepted_seq));
+            // batch may change an order several times: its last row is its state. An order is
+            // keyed by the command that accepted it (a command accepts at most one).
+            let orders = last_per_key(&batch.orders, |o| o.accepted_seq);
             for chunk in statement_chunks(&orders, INSERT_ROWS_MAX, self.is_sqlite()) {
                 let mut query = sqlx::QueryBuilder::new(
                     "INSERT INTO orders (market, order_id, accepted_seq, user_id, side, order_type, price, qty, filled, open_qty, status, updated_seq) ",
@@ -1084,7 +1083,7 @@ impl Store {
                         .push_bind(to_db(order.updated_seq));
                 });
                 query.push(
-                    " ON CONFLICT (market, order_id, accepted_seq) DO UPDATE SET price = excluded.price, qty = excluded.qty, filled = excluded.filled, open_qty = excluded.open_qty, status = excluded.status, updated_seq = excluded.updated_seq",
+                    " ON CONFLICT (accepted_seq) DO UPDATE SET price = excluded.price, qty = excluded.qty, filled = excluded.filled, open_qty = excluded.open_qty, status = excluded.status, updated_seq = excluded.updated_seq",
                 );
                 query.build().execute(&mut *tx).await?;
             }
@@ -1122,14 +1121,13 @@ impl Store {
             }
             for chunk in statement_chunks(&batch.audit, INSERT_ROWS_MAX, self.is_sqlite()) {
                 let mut query = sqlx::QueryBuilder::new(
-                    "INSERT INTO audit (seq, kind, detail, command_digest, prev_hash, hash) ",
+                    "INSERT INTO audit (seq, kind, detail, command_digest, hash) ",
                 );
                 query.push_values(chunk, |mut row, entry| {
                     row.push_bind(to_db(entry.seq))
                         .push_bind(entry.kind.clone())
                         .push_bind(entry.detail.clone())
                         .push_bind(entry.command_digest.to_vec())
-                        .push_bind(entry.prev_hash.to_vec())
                         .push_bind(entry.hash.to_vec());
                 });
                 query.build().execute(&mut *tx).await?;
@@ -1263,7 +1261,7 @@ impl Store {
             head: [0; 32],
             problem: None,
         };
-        let sql = "SELECT seq, kind, detail, command_digest, prev_hash, hash FROM audit WHERE seq >= $1 ORDER BY seq LIMIT 1000";
+        let sql = "SELECT seq, kind, detail, command_digest, hash FROM audit WHERE seq >= $1 ORDER BY seq LIMIT 1000";
         loop {
             let rows: Vec<AuditRow> = on_read_models!(self, pool => {
                 sqlx::query(sql)
@@ -1278,7 +1276,6 @@ impl Store {
                             kind: row.try_get("kind")?,
                             detail: row.try_get("detail")?,
                             command_digest: hash32(row.try_get("command_digest")?, "audit entry", seq)?,
-                            prev_hash: hash32(row.try_get("prev_hash")?, "audit entry", seq)?,
                             hash: hash32(row.try_get("hash")?, "audit entry", seq)?,
                         })
                     })
@@ -1291,8 +1288,6 @@ impl Store {
                 let expected = report.entries + 1;
                 let problem = if row.seq != expected {
                     Some("an entry is missing")
-                } else if row.prev_hash != report.head {
-                    Some("its previous hash does not match the chain")
                 } else if audit_hash(
                     &report.head,
                     expected,

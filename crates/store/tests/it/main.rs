@@ -351,3 +351,165 @@ async fn sqlite_read_models_have_their_own_file_and_do_not_hold_appends_back() {
     read.close().await;
     store.close().await;
 }
+
+/// Runs the migrations up to and including `last` of one backend's folder, as a build from
+/// before the later ones would have, on the store `target` names (which must not be open).
+async fn migrate_as_an_older_build(target: &Target, last: i64) {
+    let (folder, sqlite_path) = match target.url.strip_prefix("sqlite://") {
+        Some(path) => ("sqlite_read", Some(store::sqlite_read_models_path(path))),
+        None => ("postgres", None),
+    };
+    let all = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("migrations")
+        .join(folder);
+    let older = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(&all).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name().into_string().unwrap();
+        let version: i64 = name.split('_').next().unwrap().parse().unwrap();
+        if version <= last {
+            std::fs::copy(entry.path(), older.path().join(&name)).unwrap();
+        }
+    }
+    let migrator = sqlx::migrate::Migrator::new(older.path()).await.unwrap();
+    match sqlite_path {
+        Some(path) => {
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            let options = sqlx::sqlite::SqliteConnectOptions::new()
+                .filename(&path)
+                .create_if_missing(true);
+            let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
+            migrator.run(&pool).await.unwrap();
+            pool.close().await;
+        }
+        None => {
+            let schema = target.options.pg_schema.as_deref().unwrap();
+            let pool = sqlx::PgPool::connect(&target.url).await.unwrap();
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+                .execute(&pool)
+                .await
+                .unwrap();
+            pool.close().await;
+            let options: sqlx::postgres::PgConnectOptions = target.url.parse().unwrap();
+            let pool = sqlx::PgPool::connect_with(options.options([("search_path", schema)]))
+                .await
+                .unwrap();
+            migrator.run(&pool).await.unwrap();
+            pool.close().await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn read_models_written_before_the_leaner_schema_keep_every_row() {
+    for target in targets("leaner") {
+        // The read models as the build before the leaner schema wrote them: orders keyed by
+        // market, id and accepting command (an id used twice), audit entries that repeat
+        // the previous entry's hash.
+        let sqlite = target.url.starts_with("sqlite://");
+        migrate_as_an_older_build(&target, if sqlite { 1 } else { 9 }).await;
+        let blob = |bytes: &[u8; 32]| {
+            let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            match sqlite {
+                true => format!("X'{hex}'"),
+                false => format!("'\\x{hex}'::bytea"),
+            }
+        };
+        let digest = [7u8; 32];
+        let first = store::audit_hash(&[0; 32], 1, "place", "order 5", &digest);
+        let second = store::audit_hash(&first, 2, "place", "order 5 again", &digest);
+        target
+            .tamper_read_models(&format!(
+                "INSERT INTO orders (market, order_id, accepted_seq, user_id, side, order_type, qty, filled, open_qty, status, updated_seq, price) VALUES \
+                 (0, 5, 1, 9, 'buy', 'limit', 10, 10, 0, 'filled', 2, 100), \
+                 (0, 5, 2, 9, 'sell', 'limit', 4, 0, 4, 'open', 2, 120); \
+                 INSERT INTO trades (seq, n, market, maker, taker, maker_user, taker_user, taker_side, price, qty) VALUES \
+                 (2, 0, 0, 5, 6, 9, 8, 'sell', 100, 10); \
+                 INSERT INTO balance_changes (seq, n, owner, asset, bucket, delta) VALUES \
+                 (1, 0, 'user:9', 2, 'available', '-1000'), (1, 1, 'user:9', 2, 'held', '1500'); \
+                 INSERT INTO audit (seq, kind, detail, command_digest, prev_hash, hash) VALUES \
+                 (1, 'place', 'order 5', {digest}, {zero}, {first}), \
+                 (2, 'place', 'order 5 again', {digest}, {first}, {second}); \
+                 INSERT INTO projection_offsets (name, seq) VALUES ('read_models', 2)",
+                digest = blob(&digest),
+                zero = blob(&[0; 32]),
+                first = blob(&first),
+                second = blob(&second),
+            ))
+            .await;
+
+        let store = target.open().await;
+        let name = store.backend_name();
+        let orders = store.orders_of_user(9, None, None, None, 10).await.unwrap();
+        assert_eq!(
+            orders
+                .iter()
+                .map(|o| (o.order_id, o.accepted_seq, o.status, o.open_qty, o.price))
+                .collect::<Vec<_>>(),
+            [(5, 2, "open", 4, Some(120)), (5, 1, "filled", 0, Some(100))],
+            "{name}"
+        );
+        assert_eq!(
+            store.order_by_id(5).await.unwrap().map(|o| o.accepted_seq),
+            Some(2),
+            "{name}"
+        );
+        let trades = store.trades_of_user(8, None, 10).await.unwrap();
+        assert_eq!(trades.len(), 1, "{name}");
+        assert_eq!(
+            (trades[0].maker, trades[0].taker, trades[0].qty),
+            (5, 6, 10)
+        );
+        let balances = store.projected_balances().await.unwrap();
+        assert_eq!(
+            balances.get(&("user:9".to_string(), 2)),
+            Some(&500),
+            "{name}"
+        );
+        let audit = store.verify_audit(None).await.unwrap();
+        assert_eq!(
+            (audit.entries, audit.head, audit.problem),
+            (2, second, None),
+            "{name}"
+        );
+        assert_eq!(store.audit_head().await.unwrap(), second, "{name}");
+
+        // Projecting goes on where it stopped: the open order changes by its accepting
+        // command, and the chain grows from the stored head.
+        let mut order = orders[0].clone();
+        order.open_qty = 0;
+        order.status = "cancelled";
+        order.updated_seq = 3;
+        let third = store::audit_hash(&second, 3, "cancel", "order 5", &digest);
+        let batch = store::ProjectionBatch {
+            first_seq: 3,
+            last_seq: 3,
+            orders: vec![order],
+            audit: vec![store::AuditRow {
+                seq: 3,
+                kind: "cancel".into(),
+                detail: "order 5".into(),
+                command_digest: digest,
+                hash: third,
+            }],
+            ..store::ProjectionBatch::default()
+        };
+        store.write_projection("read_models", &batch).await.unwrap();
+        let orders = store.orders_of_user(9, None, None, None, 10).await.unwrap();
+        assert_eq!(
+            orders
+                .iter()
+                .map(|o| (o.accepted_seq, o.status))
+                .collect::<Vec<_>>(),
+            [(2, "cancelled"), (1, "filled")],
+            "{name}"
+        );
+        let audit = store.verify_audit(None).await.unwrap();
+        assert_eq!(
+            (audit.entries, audit.head, audit.problem),
+            (3, third, None),
+            "{name}"
+        );
+        store.close().await;
+    }
+}
