@@ -157,8 +157,14 @@ impl App {
         };
         let url = config.database_url();
         let store = Arc::new(Store::open(&url, &options).await?);
-        let (sequencer, tasks, recovery) =
-            Sequencer::start(store.clone(), SequencerOptions::default()).await?;
+        let (sequencer, tasks, recovery) = Sequencer::start(
+            store.clone(),
+            SequencerOptions {
+                snapshot_every_commands: config.snapshot_every_commands,
+                ..SequencerOptions::default()
+            },
+        )
+        .await?;
         tracing::info!(
             seq = recovery.seq,
             replayed = recovery.replayed_commands,

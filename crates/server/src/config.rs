@@ -7,6 +7,9 @@ use serde::Deserialize;
 
 /// The longest `projector_linger_ms`.
 pub const PROJECTOR_LINGER_MS_MAX: u64 = 60_000;
+/// The fewest commands between two snapshots (`snapshot_every_commands`, unless 0): a snapshot
+/// stops the sequencer while the state is encoded and hashed.
+pub const SNAPSHOT_EVERY_COMMANDS_MIN: u64 = 100;
 
 /// Everything `agora serve` can be told.
 #[derive(Clone, Debug, Deserialize)]
@@ -37,6 +40,9 @@ pub struct Config {
     pub projector_linger_ms: u64,
     /// How long an idempotency key is remembered, in seconds.
     pub idempotency_ttl_s: u64,
+    /// The core writes a snapshot of its state after this many commands since the last one
+    /// (0: never); recovery replays the journal from the newest valid snapshot.
+    pub snapshot_every_commands: u64,
 }
 
 /// Sessions and keys.
@@ -99,6 +105,7 @@ impl Default for Config {
             clock_tick_ms: 1_000,
             projector_linger_ms: 25,
             idempotency_ttl_s: 24 * 3600,
+            snapshot_every_commands: 100_000,
         }
     }
 }
@@ -232,6 +239,7 @@ impl Config {
             "AGORA_CLOCK_TICK_MS" => self.clock_tick_ms = number(name, &value)?,
             "AGORA_PROJECTOR_LINGER_MS" => self.projector_linger_ms = number(name, &value)?,
             "AGORA_IDEMPOTENCY_TTL_S" => self.idempotency_ttl_s = number(name, &value)?,
+            "AGORA_SNAPSHOT_EVERY_COMMANDS" => self.snapshot_every_commands = number(name, &value)?,
             _ => {}
         }
         Ok(())
@@ -317,6 +325,12 @@ impl Config {
         }
         if self.projector_linger_ms > PROJECTOR_LINGER_MS_MAX {
             return invalid("projector_linger_ms", "must be 0 to 60,000 ms");
+        }
+        if (1..SNAPSHOT_EVERY_COMMANDS_MIN).contains(&self.snapshot_every_commands) {
+            return invalid(
+                "snapshot_every_commands",
+                &format!("must be 0 (never) or at least {SNAPSHOT_EVERY_COMMANDS_MIN}"),
+            );
         }
         Ok(())
     }

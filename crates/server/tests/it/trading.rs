@@ -996,3 +996,69 @@ async fn a_read_of_history_does_not_wait_out_the_projectors_pause() {
     }
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_follow_the_configured_interval() {
+    // Every 100 commands: the deposits below write at least one snapshot.
+    let h = crate::Harness::start("sqlite", None, None, |config| {
+        config.snapshot_every_commands = 100;
+    })
+    .await;
+    // The metrics are the process's: count from what they say now.
+    let written = |metrics: &str| {
+        metrics
+            .lines()
+            .find(|line| line.starts_with("agora_core_snapshot_write_seconds_count"))
+            .and_then(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let before = written(&h.metrics().await);
+    let admin = h.admin().await;
+    h.market(&admin).await;
+    let (alice, _) = h.user(&admin, "alice").await;
+    for _ in 0..120 {
+        h.deposit(&admin, alice, "BTC", "0.001").await;
+    }
+    let mut snapshots = 0;
+    for _ in 0..100 {
+        snapshots = written(&h.metrics().await) - before;
+        if snapshots > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(snapshots >= 1, "no snapshot after 120 deposits");
+    h.stop().await;
+
+    // The default waits for 100,000 commands: the same deposits write none.
+    let h = crate::Harness::start("sqlite", None, None, |_| {}).await;
+    let before = written(&h.metrics().await);
+    let admin = h.admin().await;
+    h.market(&admin).await;
+    let (alice, _) = h.user(&admin, "alice").await;
+    for _ in 0..120 {
+        h.deposit(&admin, alice, "BTC", "0.001").await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(written(&h.metrics().await), before);
+    h.stop().await;
+
+    // Fewer than 100 commands between snapshots is refused by name; 0 means never.
+    let env = |value: &str| {
+        [(
+            "AGORA_SNAPSHOT_EVERY_COMMANDS".to_string(),
+            value.to_string(),
+        )]
+    };
+    let error = server::Config::load(None, env("10")).expect_err("refused");
+    assert!(
+        error.to_string().contains("snapshot_every_commands"),
+        "{error}"
+    );
+    assert_eq!(
+        server::Config::load(None, env("0"))
+            .unwrap()
+            .snapshot_every_commands,
+        0
+    );
+}
