@@ -381,6 +381,14 @@ pub(crate) fn statement_chunks<T>(
     })
 }
 
+/// Options shared by the SQLite pools. A pooled SQLite connection is a library handle in this
+/// process, not a socket that the other end may have closed: testing it before each use (sqlx's
+/// default, a `ping` sent to the connection's worker thread and answered from it) only adds a
+/// round trip between threads to every acquire, such as one per journal append.
+fn sqlite_pool() -> SqlitePoolOptions {
+    SqlitePoolOptions::new().test_before_acquire(false)
+}
+
 /// The outcome of checking the whole journal.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct JournalReport {
@@ -594,13 +602,13 @@ impl Store {
                 .pragma("wal_autocheckpoint", "0")
                 .statement_cache_capacity(STATEMENT_CACHE_CAPACITY)
                 .disable_statement_logging();
-            let writer = SqlitePoolOptions::new()
+            let writer = sqlite_pool()
                 .max_connections(1)
                 .acquire_timeout(acquire)
                 .connect_with(connect.clone())
                 .await?;
             SQLITE_MIGRATIONS.run(&writer).await?;
-            let readers = SqlitePoolOptions::new()
+            let readers = sqlite_pool()
                 .max_connections(connections)
                 .acquire_timeout(acquire)
                 .connect_with(connect.clone())
@@ -614,7 +622,7 @@ impl Store {
                 .filename(sqlite_read_models_path(path))
                 .synchronous(SqliteSynchronous::Normal)
                 .pragma("wal_autocheckpoint", "1000");
-            let read_models_writer = SqlitePoolOptions::new()
+            let read_models_writer = sqlite_pool()
                 .max_connections(1)
                 .acquire_timeout(acquire)
                 // A projection's multi-row INSERTs each keep a statement journal (the pages
@@ -623,7 +631,7 @@ impl Store {
                 .connect_with(read_connect.clone().pragma("temp_store", "MEMORY"))
                 .await?;
             SQLITE_READ_MIGRATIONS.run(&read_models_writer).await?;
-            let read_models = SqlitePoolOptions::new()
+            let read_models = sqlite_pool()
                 .max_connections(connections)
                 .acquire_timeout(acquire)
                 .connect_with(read_connect)
