@@ -997,6 +997,16 @@ async fn a_read_of_history_does_not_wait_out_the_projectors_pause() {
     h.stop().await;
 }
 
+/// A market, a user and 120 deposits to them: more than 120 commands.
+async fn one_hundred_twenty_commands(h: &crate::Harness) {
+    let admin = h.admin().await;
+    h.market(&admin).await;
+    let (alice, _) = h.user(&admin, "alice").await;
+    for _ in 0..120 {
+        h.deposit(&admin, alice, "BTC", "0.001").await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshots_follow_the_configured_interval() {
     // Every 100 commands: the deposits below write at least one snapshot.
@@ -1013,12 +1023,7 @@ async fn snapshots_follow_the_configured_interval() {
             .unwrap_or(0)
     };
     let before = written(&h.metrics().await);
-    let admin = h.admin().await;
-    h.market(&admin).await;
-    let (alice, _) = h.user(&admin, "alice").await;
-    for _ in 0..120 {
-        h.deposit(&admin, alice, "BTC", "0.001").await;
-    }
+    one_hundred_twenty_commands(&h).await;
     let mut snapshots = 0;
     for _ in 0..100 {
         snapshots = written(&h.metrics().await) - before;
@@ -1033,12 +1038,7 @@ async fn snapshots_follow_the_configured_interval() {
     // The default waits for 100,000 commands: the same deposits write none.
     let h = crate::Harness::start("sqlite", None, None, |_| {}).await;
     let before = written(&h.metrics().await);
-    let admin = h.admin().await;
-    h.market(&admin).await;
-    let (alice, _) = h.user(&admin, "alice").await;
-    for _ in 0..120 {
-        h.deposit(&admin, alice, "BTC", "0.001").await;
-    }
+    one_hundred_twenty_commands(&h).await;
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     assert_eq!(written(&h.metrics().await), before);
     h.stop().await;
