@@ -137,8 +137,10 @@ fn order_id(body: &[u8]) -> Option<u64> {
 struct Tally {
     /// Each request's latency, with the second of the run it was due (or sent) in.
     latencies: Vec<(u32, Duration)>,
-    /// The cancels' latencies alone (a cancel first reads the core's state to find the
-    /// caller's order, then submits: two passes through the sequencer to a placement's one).
+    /// The placements' and the cancels' latencies apart (a cancel first reads the core's state
+    /// to find the caller's order, then submits: two passes through the sequencer to a
+    /// placement's one).
+    places: Vec<Duration>,
     cancels: Vec<Duration>,
     errors: u64,
     first_error: Option<String>,
@@ -233,8 +235,9 @@ async fn drive(
         };
         let second = started.saturating_duration_since(run_started).as_secs() as u32;
         tally.latencies.push((second, started.elapsed()));
-        if cancel {
-            tally.cancels.push(started.elapsed());
+        match cancel {
+            true => tally.cancels.push(started.elapsed()),
+            false => tally.places.push(started.elapsed()),
         }
         match answer {
             Ok(()) => {}
@@ -294,12 +297,14 @@ async fn measure(bench: &ApiBenchOptions) -> anyhow::Result<()> {
         })
         .collect();
     let mut samples = Vec::new();
+    let mut places = Vec::new();
     let mut cancels = Vec::new();
     let mut errors = 0;
     let mut first_error = None;
     for task in tasks {
         let mut tally = task.await?;
         samples.append(&mut tally.latencies);
+        places.append(&mut tally.places);
         cancels.append(&mut tally.cancels);
         errors += tally.errors;
         first_error = first_error.or(tally.first_error);
@@ -326,20 +331,8 @@ async fn measure(bench: &ApiBenchOptions) -> anyhow::Result<()> {
         server_cpu.as_secs_f64() / elapsed.as_secs_f64() * 100.0,
         own_cpu.as_secs_f64() / elapsed.as_secs_f64() * 100.0,
     );
-    let mut places: Vec<Duration> = Vec::with_capacity(latencies.len());
-    {
-        // The placements: every latency less the cancels' (a multiset difference over two
-        // sorted lists).
-        cancels.sort_unstable();
-        let mut c = cancels.iter().peekable();
-        for latency in &latencies {
-            if c.peek() == Some(&latency) {
-                c.next();
-            } else {
-                places.push(*latency);
-            }
-        }
-    }
+    places.sort_unstable();
+    cancels.sort_unstable();
     println!(
         "placements p50 {}, p99 {}; cancels p50 {}, p99 {}",
         bench_ws::ms(bench_ws::at(&places, 0.50)),
