@@ -332,14 +332,24 @@ pub const JOB_STATES: [&str; 6] = [
     "discarded",
 ];
 
-/// The states jobs rest in, as the predicate of the `jobs_by_state` index (migration 0008):
-/// a query names it word for word so that SQLite, too, sees that the index applies.
+/// The states jobs rest in (waiting for children, or ended), as the predicate of the
+/// `jobs_by_state` index (migration 0011): a query names it word for word so that SQLite, too,
+/// sees that the index applies. Comparisons, not an IN list: SQLite tests a partial index's
+/// predicate on every row it writes, and an IN list there costs a temporary table per row.
 macro_rules! at_rest {
     () => {
-        "state IN ('waiting_children', 'completed', 'dead', 'discarded')"
+        "state <> 'waiting' AND state <> 'active'"
     };
 }
 const AT_REST: &str = at_rest!();
+
+/// Ended jobs (completed, dead or discarded), as the predicate of the `jobs_finished` index
+/// (migration 0011), named word for word as [`at_rest!`] is.
+macro_rules! ended {
+    () => {
+        concat!(at_rest!(), " AND state <> 'waiting_children'")
+    };
+}
 
 /// The condition selecting one state's jobs, in the form that lets the planner use the
 /// partial index holding them; `None` for a state no job is ever in.
@@ -354,6 +364,28 @@ fn state_filter(state: &str) -> Option<&'static str> {
         _ => return None,
     })
 }
+
+/// The purge of ended jobs past their own `purge_at_ms` (binds: now, limit).
+const PURGE_OWN_SQL: &str = concat!(
+    "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE purge_at_ms <= $1 AND ",
+    ended!(),
+    " ORDER BY purge_at_ms LIMIT $2)"
+);
+/// The purge of a queue's ended jobs in two states that ended before a time (binds: queue,
+/// the states, the time, limit). Naming `jobs_finished`'s predicate lets both databases use
+/// that partial index, here and in [`PURGE_BY_COUNT_SQL`].
+const PURGE_BY_AGE_SQL: &str = concat!(
+    "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE queue = $1 AND ",
+    ended!(),
+    " AND state IN ($2, $3) AND finished_ms < $4 ORDER BY finished_ms LIMIT $5)"
+);
+/// The purge of a queue's ended jobs in two states beyond the newest ones kept (binds:
+/// queue, the states, limit, how many are kept).
+const PURGE_BY_COUNT_SQL: &str = concat!(
+    "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE queue = $1 AND ",
+    ended!(),
+    " AND state IN ($2, $3) ORDER BY finished_ms DESC, id DESC LIMIT $4 OFFSET $5)"
+);
 
 /// Completed jobs that are deleted at once instead of kept: added with
 /// `keep_completed_ms` 0 and without a parent (whose bookkeeping marks the child's row).
@@ -1685,12 +1717,10 @@ impl Store {
     pub async fn purge_jobs(&self, now_ms: i64, limit: u64) -> Result<u64, StoreError> {
         let mut left = limit.max(1) as i64;
         let mut deleted = 0u64;
-        let own = "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE purge_at_ms <= $1 AND state IN ('completed', 'dead', 'discarded') ORDER BY purge_at_ms LIMIT $2)";
+        let own = PURGE_OWN_SQL;
         let rules = "SELECT name, keep_completed_last, keep_completed_ms, keep_failed_last, keep_failed_ms FROM queues \
                      WHERE keep_completed_last IS NOT NULL OR keep_completed_ms IS NOT NULL OR keep_failed_last IS NOT NULL OR keep_failed_ms IS NOT NULL";
-        // The literal state list lets both databases use the partial index `jobs_finished`.
-        let by_age = "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE queue = $1 AND state IN ('completed', 'dead', 'discarded') AND state IN ($2, $3) AND finished_ms < $4 ORDER BY finished_ms LIMIT $5)";
-        let by_count = "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE queue = $1 AND state IN ('completed', 'dead', 'discarded') AND state IN ($2, $3) ORDER BY finished_ms DESC, id DESC LIMIT $4 OFFSET $5)";
+        let (by_age, by_count) = (PURGE_BY_AGE_SQL, PURGE_BY_COUNT_SQL);
         on_writer!(self, pool => {
             let n = sqlx::query(own).bind(now_ms).bind(left).execute(pool).await?.rows_affected();
             deleted += n;
@@ -1945,8 +1975,9 @@ impl Store {
 
 #[cfg(test)]
 mod plans {
-    //! The listing and counting queries reach the jobs table only through indexes, on both
-    //! backends: the partial indexes of migration 0008 leave no full index to fall back on.
+    //! The listing, counting and purging queries reach the jobs table only through indexes,
+    //! on both backends: the partial indexes of migrations 0008 and 0011 leave no full index to
+    //! fall back on, and a query uses one only if it names its predicate.
 
     use super::*;
     use crate::StoreOptions;
@@ -2056,6 +2087,85 @@ mod plans {
                 "counting jobs scans the table: {steps:#?}"
             );
             assert_eq!(jobs_in_state_sql("paused", false), None);
+        }
+    }
+
+    #[tokio::test]
+    async fn purges_find_ended_jobs_through_their_partial_indexes() {
+        for (store, _dir) in stores().await {
+            let purges = [
+                (
+                    PURGE_OWN_SQL,
+                    "jobs_purge",
+                    vec![Bind::Int(0), Bind::Int(100)],
+                ),
+                (
+                    PURGE_BY_AGE_SQL,
+                    "jobs_finished",
+                    vec![
+                        Bind::Text("q"),
+                        Bind::Text("completed"),
+                        Bind::Text("dead"),
+                        Bind::Int(0),
+                        Bind::Int(100),
+                    ],
+                ),
+                (
+                    PURGE_BY_COUNT_SQL,
+                    "jobs_finished",
+                    vec![
+                        Bind::Text("q"),
+                        Bind::Text("completed"),
+                        Bind::Text("dead"),
+                        Bind::Int(100),
+                        Bind::Int(10),
+                    ],
+                ),
+            ];
+            for (sql, index, binds) in purges {
+                let steps = plan(&store, sql, &binds).await;
+                assert!(
+                    steps.iter().any(|step| step.contains(index)),
+                    "{sql} does not read {index}: {steps:#?}"
+                );
+                assert!(
+                    !steps
+                        .iter()
+                        .any(|step| step.trim() == "SCAN jobs" || step.contains("Seq Scan on jobs")),
+                    "{sql} scans the table: {steps:#?}"
+                );
+            }
+        }
+    }
+
+    /// SQLite tests a partial index's predicate on the old and the new row of every job it
+    /// writes, and tests an IN list there by building a temporary table for each row (four
+    /// per claimed job with the predicates of migration 0008). The predicates are comparisons.
+    #[tokio::test]
+    async fn partial_indexes_over_jobs_have_no_lists_in_their_predicates() {
+        for (store, _dir) in stores().await {
+            let sql = match store.backend {
+                Backend::Sqlite { .. } => {
+                    "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'jobs' AND sql IS NOT NULL"
+                }
+                Backend::Postgres(_) => {
+                    "SELECT indexname::TEXT, indexdef FROM pg_indexes WHERE tablename = 'jobs' AND schemaname = current_schema()"
+                }
+            };
+            let indexes: Vec<(String, String)> = on_pool!(store, pool => {
+                sqlx::query_as(sql).fetch_all(pool).await.unwrap()
+            });
+            assert!(
+                indexes.iter().any(|(name, _)| name == "jobs_by_state"),
+                "{indexes:#?}"
+            );
+            for (name, definition) in &indexes {
+                let upper = definition.to_uppercase();
+                assert!(
+                    !upper.contains(" IN (") && !upper.contains("ANY ("),
+                    "{name} tests a list: {definition}"
+                );
+            }
         }
     }
 }
