@@ -261,7 +261,9 @@ impl Store {
     /// [`limits::PAGE_ROWS_MAX`]): the next page after the last id of the previous one.
     pub async fn users(&self, after_id: u64, limit: usize) -> Result<Vec<UserRow>, StoreError> {
         let after_id = i64::try_from(after_id).unwrap_or(i64::MAX);
-        let sql = format!("SELECT {USER_COLUMNS} FROM users WHERE id > $1 ORDER BY id LIMIT $2");
+        let sql = format!(
+            "SELECT {USER_COLUMNS} FROM users WHERE id > $1 ORDER BY id LIMIT CAST($2 AS BIGINT)"
+        );
         let users = on_pool!(self, pool => {
             sqlx::query(sqlx::AssertSqlSafe(sql))
                 .bind(after_id)
@@ -359,7 +361,7 @@ impl Store {
             return Ok(Vec::new());
         };
         let sql = format!(
-            "SELECT {API_KEY_COLUMNS} FROM api_keys WHERE user_id = $1 ORDER BY revoked, created_ms, key_id LIMIT $2"
+            "SELECT {API_KEY_COLUMNS} FROM api_keys WHERE user_id = $1 ORDER BY revoked, created_ms, key_id LIMIT CAST($2 AS BIGINT)"
         );
         let keys = on_pool!(self, pool => {
             sqlx::query(sqlx::AssertSqlSafe(sql))
@@ -472,7 +474,10 @@ impl Store {
                 let before_seq = i64::try_from(before_seq).unwrap_or(i64::MAX);
                 query.push(" AND accepted_seq < ").push_bind(before_seq);
             }
-            query.push(" ORDER BY accepted_seq DESC LIMIT ").push_bind(page_limit(limit));
+            query
+                .push(" ORDER BY accepted_seq DESC LIMIT CAST(")
+                .push_bind(page_limit(limit))
+                .push(" AS BIGINT)");
             query
                 .build()
                 .fetch_all(pool)
@@ -497,10 +502,10 @@ impl Store {
         // then merged: an `OR` of the two would read and sort all of the user's trades. A
         // trade with oneself is taken from the maker side only.
         let sql = format!(
-            "SELECT {TRADE_COLUMNS} FROM (SELECT {TRADE_COLUMNS} FROM trades WHERE maker_user = $1 AND ($2 IS NULL OR market = $2) ORDER BY seq DESC, n DESC LIMIT $3) AS made \
+            "SELECT {TRADE_COLUMNS} FROM (SELECT {TRADE_COLUMNS} FROM trades WHERE maker_user = $1 AND ($2 IS NULL OR market = $2) ORDER BY seq DESC, n DESC LIMIT CAST($3 AS BIGINT)) AS made \
              UNION ALL \
-             SELECT {TRADE_COLUMNS} FROM (SELECT {TRADE_COLUMNS} FROM trades WHERE taker_user = $1 AND maker_user <> $1 AND ($2 IS NULL OR market = $2) ORDER BY seq DESC, n DESC LIMIT $3) AS took \
-             ORDER BY seq DESC, n DESC LIMIT $3"
+             SELECT {TRADE_COLUMNS} FROM (SELECT {TRADE_COLUMNS} FROM trades WHERE taker_user = $1 AND maker_user <> $1 AND ($2 IS NULL OR market = $2) ORDER BY seq DESC, n DESC LIMIT CAST($3 AS BIGINT)) AS took \
+             ORDER BY seq DESC, n DESC LIMIT CAST($3 AS BIGINT)"
         );
         let trades = on_read_models!(self, pool => {
             sqlx::query(sqlx::AssertSqlSafe(sql))
@@ -524,7 +529,7 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<TradeRow>, StoreError> {
         let sql = format!(
-            "SELECT {TRADE_COLUMNS} FROM trades WHERE market = $1 ORDER BY seq DESC, n DESC LIMIT $2"
+            "SELECT {TRADE_COLUMNS} FROM trades WHERE market = $1 ORDER BY seq DESC, n DESC LIMIT CAST($2 AS BIGINT)"
         );
         let trades = on_read_models!(self, pool => {
             sqlx::query(sqlx::AssertSqlSafe(sql))

@@ -153,7 +153,7 @@ impl Store {
     /// Deletes expired keys, at most `limit`; returns how many.
     pub async fn purge_idempotency(&self, now_ms: i64, limit: usize) -> Result<u64, StoreError> {
         let sql = "DELETE FROM idempotency_keys WHERE (user_id, key) IN \
-                   (SELECT user_id, key FROM idempotency_keys WHERE expires_ms <= $1 LIMIT $2)";
+                   (SELECT user_id, key FROM idempotency_keys WHERE expires_ms <= $1 LIMIT CAST($2 AS BIGINT))";
         let deleted = on_writer!(self, pool => {
             sqlx::query(sql)
                 .bind(now_ms)

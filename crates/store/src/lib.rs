@@ -347,7 +347,12 @@ pub struct AuditReport {
 /// Rows per multi-row insert statement (well below both backends' parameter limits).
 const INSERT_ROWS_MAX: usize = 500;
 
-/// Prepared statements each connection keeps (sqlx's default is 100). The multi-row
+/// Prepared statements each connection keeps (sqlx's default is 100).
+///
+/// Every bound LIMIT and OFFSET in this crate is written `CAST($n AS BIGINT)`. SQLite reads a
+/// bare bound LIMIT while it plans the statement and then marks the statement to be prepared
+/// again whenever that parameter is bound anew, which sqlx does at every execution: a claim of
+/// jobs spent about a million instructions preparing itself again each time. The multi-row
 /// statements come in a few shapes per table (see [`statement_chunks`]), and the projection
 /// and the queue share the SQLite writer's connection.
 const STATEMENT_CACHE_CAPACITY: usize = 256;
@@ -855,7 +860,7 @@ impl Store {
         // Past the first batch, the batch before `start` is read too: its checksum is the
         // first link of the chain.
         let with_link = start > 1;
-        let sql = "SELECT batch, first_seq, commands, payload, checksum FROM journal WHERE batch >= $1 ORDER BY batch LIMIT $2";
+        let sql = "SELECT batch, first_seq, commands, payload, checksum FROM journal WHERE batch >= $1 ORDER BY batch LIMIT CAST($2 AS BIGINT)";
         let rows: Vec<JournalBatch> = on_pool!(self, pool => {
             sqlx::query(sql)
                 .bind(to_db(start - u64::from(with_link)))
@@ -904,7 +909,7 @@ impl Store {
         let mut link = [0u8; 32];
         let mut expected_batch = 1;
         let mut expected_seq = 1;
-        let sql = "SELECT batch, first_seq, commands, payload, checksum FROM journal WHERE batch >= $1 ORDER BY batch LIMIT $2";
+        let sql = "SELECT batch, first_seq, commands, payload, checksum FROM journal WHERE batch >= $1 ORDER BY batch LIMIT CAST($2 AS BIGINT)";
         loop {
             let rows: Vec<Result<JournalBatch, StoreError>> = on_pool!(self, pool => {
                 sqlx::query(sql)
@@ -992,7 +997,7 @@ impl Store {
 
     /// Deletes snapshots older than the newest `keep`.
     pub async fn prune_snapshots(&self, keep: u64) -> Result<u64, StoreError> {
-        let sql = "DELETE FROM snapshots WHERE seq NOT IN (SELECT seq FROM snapshots ORDER BY seq DESC LIMIT $1)";
+        let sql = "DELETE FROM snapshots WHERE seq NOT IN (SELECT seq FROM snapshots ORDER BY seq DESC LIMIT CAST($1 AS BIGINT))";
         let done = on_writer!(self, pool => sqlx::query(sql).bind(to_db(keep)).execute(pool).await?.rows_affected());
         Ok(done)
     }

@@ -369,7 +369,7 @@ fn state_filter(state: &str) -> Option<&'static str> {
 const PURGE_OWN_SQL: &str = concat!(
     "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE purge_at_ms <= $1 AND ",
     ended!(),
-    " ORDER BY purge_at_ms LIMIT $2)"
+    " ORDER BY purge_at_ms LIMIT CAST($2 AS BIGINT))"
 );
 /// The purge of a queue's ended jobs in two states that ended before a time (binds: queue,
 /// the states, the time, limit). Naming `jobs_finished`'s predicate lets both databases use
@@ -377,14 +377,14 @@ const PURGE_OWN_SQL: &str = concat!(
 const PURGE_BY_AGE_SQL: &str = concat!(
     "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE queue = $1 AND ",
     ended!(),
-    " AND state IN ($2, $3) AND finished_ms < $4 ORDER BY finished_ms LIMIT $5)"
+    " AND state IN ($2, $3) AND finished_ms < $4 ORDER BY finished_ms LIMIT CAST($5 AS BIGINT))"
 );
 /// The purge of a queue's ended jobs in two states beyond the newest ones kept (binds:
 /// queue, the states, limit, how many are kept).
 const PURGE_BY_COUNT_SQL: &str = concat!(
     "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE queue = $1 AND ",
     ended!(),
-    " AND state IN ($2, $3) ORDER BY finished_ms DESC, id DESC LIMIT $4 OFFSET $5)"
+    " AND state IN ($2, $3) ORDER BY finished_ms DESC, id DESC LIMIT CAST($4 AS BIGINT) OFFSET CAST($5 AS BIGINT))"
 );
 
 /// Completed jobs that are deleted at once instead of kept: added with
@@ -452,7 +452,7 @@ fn jobs_in_state_sql(state: &str, sqlite: bool) -> Option<String> {
         "jobs"
     };
     Some(format!(
-        "SELECT {JOB_COLUMNS} FROM {table} WHERE queue = $1 AND {in_state} AND {id} > $2 ORDER BY id LIMIT $3"
+        "SELECT {JOB_COLUMNS} FROM {table} WHERE queue = $1 AND {in_state} AND {id} > $2 ORDER BY id LIMIT CAST($3 AS BIGINT)"
     ))
 }
 
@@ -482,7 +482,7 @@ fn claim_sql(sqlite: bool) -> String {
         // SQLite's single writer runs it: no other claim can interleave.
         format!(
             "UPDATE jobs SET state = 'active', attempts = attempts + 1, lease = lease + 1, lease_until_ms = $1, worker = $2, started_ms = $3 \
-             WHERE id IN (SELECT id FROM jobs WHERE queue = $4 AND state = 'waiting' AND run_at_ms <= $3 ORDER BY priority, run_at_ms, id LIMIT $5) \
+             WHERE id IN (SELECT id FROM jobs WHERE queue = $4 AND state = 'waiting' AND run_at_ms <= $3 ORDER BY priority, run_at_ms, id LIMIT CAST($5 AS BIGINT)) \
              AND NOT EXISTS (SELECT 1 FROM queues WHERE name = $4 AND paused <> 0) \
              RETURNING {CLAIMED_COLUMNS}"
         )
@@ -495,7 +495,7 @@ fn claim_sql(sqlite: bool) -> String {
             "UPDATE jobs SET state = 'active', attempts = attempts + 1, lease = lease + 1, lease_until_ms = $1, worker = $2, started_ms = $3 \
              WHERE state = 'waiting' AND ctid = ANY(ARRAY(SELECT ctid FROM jobs WHERE queue = $4 AND state = 'waiting' AND run_at_ms <= $3 \
                AND NOT EXISTS (SELECT 1 FROM queues WHERE name = $4 AND paused <> 0) \
-               ORDER BY priority, run_at_ms, id LIMIT $5 FOR UPDATE SKIP LOCKED)) \
+               ORDER BY priority, run_at_ms, id LIMIT CAST($5 AS BIGINT) FOR UPDATE SKIP LOCKED)) \
              RETURNING {CLAIMED_COLUMNS}"
         )
     }
@@ -1448,7 +1448,7 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<ClaimedJob>, StoreError> {
         let sql = format!(
-            "SELECT {CLAIMED_COLUMNS} FROM jobs WHERE state = 'active' AND lease_until_ms < $1 ORDER BY lease_until_ms LIMIT $2"
+            "SELECT {CLAIMED_COLUMNS} FROM jobs WHERE state = 'active' AND lease_until_ms < $1 ORDER BY lease_until_ms LIMIT CAST($2 AS BIGINT)"
         );
         let jobs = on_pool!(self, pool => {
             sqlx::query(sqlx::AssertSqlSafe(sql))
@@ -1573,7 +1573,7 @@ impl Store {
             "SELECT {JOB_COLUMNS} FROM jobs WHERE state = 'dead' \
              AND ($1 IS NULL OR queue = $1) AND ($2 IS NULL OR error_category = $2) \
              AND ($3 IS NULL OR error LIKE $3 ESCAPE '\\' OR kind LIKE $3 ESCAPE '\\') \
-             AND ($4 IS NULL OR finished_ms >= $4) ORDER BY finished_ms DESC, id DESC LIMIT $5"
+             AND ($4 IS NULL OR finished_ms >= $4) ORDER BY finished_ms DESC, id DESC LIMIT CAST($5 AS BIGINT)"
         );
         let jobs = on_pool!(self, pool => {
             sqlx::query(sqlx::AssertSqlSafe(sql))
@@ -1657,8 +1657,9 @@ impl Store {
 
     /// The children of a parent, by id.
     pub async fn child_jobs(&self, parent: i64, limit: usize) -> Result<Vec<JobRow>, StoreError> {
-        let sql =
-            format!("SELECT {JOB_COLUMNS} FROM jobs WHERE parent_id = $1 ORDER BY id LIMIT $2");
+        let sql = format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE parent_id = $1 ORDER BY id LIMIT CAST($2 AS BIGINT)"
+        );
         let jobs = on_pool!(self, pool => {
             sqlx::query(sqlx::AssertSqlSafe(sql))
                 .bind(parent)
@@ -1770,7 +1771,7 @@ impl Store {
     ) -> Result<Vec<FailureBucket>, StoreError> {
         let window_ms = window_ms.max(1);
         let sql = "SELECT (at_ms / $1) * $1 AS w, category, message, COUNT(*) AS n FROM job_failures WHERE at_ms >= $2 \
-                   GROUP BY w, category, message ORDER BY w, n DESC, category, message LIMIT $3";
+                   GROUP BY w, category, message ORDER BY w, n DESC, category, message LIMIT CAST($3 AS BIGINT)";
         let buckets = on_pool!(self, pool => {
             sqlx::query(sql)
                 .bind(window_ms)
@@ -1948,7 +1949,7 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<ScheduleRow>, StoreError> {
         let sql = format!(
-            "SELECT {SCHEDULE_COLUMNS} FROM job_schedules WHERE next_tick_ms <= $1 ORDER BY next_tick_ms, name LIMIT $2"
+            "SELECT {SCHEDULE_COLUMNS} FROM job_schedules WHERE next_tick_ms <= $1 ORDER BY next_tick_ms, name LIMIT CAST($2 AS BIGINT)"
         );
         let rows = on_pool!(self, pool => {
             sqlx::query(sqlx::AssertSqlSafe(sql))

@@ -116,8 +116,9 @@ impl Store {
                 query.push(" AND id < ").push_bind(i64::try_from(before).unwrap_or(i64::MAX));
             }
             query
-                .push(" ORDER BY id DESC LIMIT ")
-                .push_bind(limit.min(limits::PAGE_ROWS_MAX) as i64);
+                .push(" ORDER BY id DESC LIMIT CAST(")
+                .push_bind(limit.min(limits::PAGE_ROWS_MAX) as i64)
+                .push(" AS BIGINT)");
             query
                 .build()
                 .fetch_all(pool)
