@@ -1718,12 +1718,10 @@ impl Store {
     pub async fn purge_jobs(&self, now_ms: i64, limit: u64) -> Result<u64, StoreError> {
         let mut left = limit.max(1) as i64;
         let mut deleted = 0u64;
-        let own = PURGE_OWN_SQL;
         let rules = "SELECT name, keep_completed_last, keep_completed_ms, keep_failed_last, keep_failed_ms FROM queues \
                      WHERE keep_completed_last IS NOT NULL OR keep_completed_ms IS NOT NULL OR keep_failed_last IS NOT NULL OR keep_failed_ms IS NOT NULL";
-        let (by_age, by_count) = (PURGE_BY_AGE_SQL, PURGE_BY_COUNT_SQL);
         on_writer!(self, pool => {
-            let n = sqlx::query(own).bind(now_ms).bind(left).execute(pool).await?.rows_affected();
+            let n = sqlx::query(PURGE_OWN_SQL).bind(now_ms).bind(left).execute(pool).await?.rows_affected();
             deleted += n;
             left -= n as i64;
             let queues = sqlx::query(rules).fetch_all(pool).await?;
@@ -1738,7 +1736,7 @@ impl Store {
                         break;
                     }
                     if let Some(age) = age {
-                        let n = sqlx::query(by_age)
+                        let n = sqlx::query(PURGE_BY_AGE_SQL)
                             .bind(&name).bind(state).bind(other)
                             .bind(now_ms.saturating_sub(age))
                             .bind(left)
@@ -1747,7 +1745,7 @@ impl Store {
                         left -= n as i64;
                     }
                     if let Some(last) = last && left > 0 {
-                        let n = sqlx::query(by_count)
+                        let n = sqlx::query(PURGE_BY_COUNT_SQL)
                             .bind(&name).bind(state).bind(other)
                             .bind(left)
                             .bind(last)
