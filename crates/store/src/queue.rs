@@ -365,11 +365,20 @@ fn state_filter(state: &str) -> Option<&'static str> {
     })
 }
 
+/// What a statement deleting jobs returns of each: its id if it ever failed (so has a failure
+/// history to delete with it, see [`forget_failures!`]), else NULL.
+macro_rules! deleted_failed {
+    () => {
+        " RETURNING CASE WHEN error IS NOT NULL THEN id END AS failed"
+    };
+}
+
 /// The purge of ended jobs past their own `purge_at_ms` (binds: now, limit).
 const PURGE_OWN_SQL: &str = concat!(
     "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE purge_at_ms <= $1 AND ",
     ended!(),
-    " ORDER BY purge_at_ms LIMIT CAST($2 AS BIGINT))"
+    " ORDER BY purge_at_ms LIMIT CAST($2 AS BIGINT))",
+    deleted_failed!()
 );
 /// The purge of a queue's ended jobs in two states that ended before a time (binds: queue,
 /// the states, the time, limit). Naming `jobs_finished`'s predicate lets both databases use
@@ -377,14 +386,16 @@ const PURGE_OWN_SQL: &str = concat!(
 const PURGE_BY_AGE_SQL: &str = concat!(
     "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE queue = $1 AND ",
     ended!(),
-    " AND state IN ($2, $3) AND finished_ms < $4 ORDER BY finished_ms LIMIT CAST($5 AS BIGINT))"
+    " AND state IN ($2, $3) AND finished_ms < $4 ORDER BY finished_ms LIMIT CAST($5 AS BIGINT))",
+    deleted_failed!()
 );
 /// The purge of a queue's ended jobs in two states beyond the newest ones kept (binds:
 /// queue, the states, limit, how many are kept).
 const PURGE_BY_COUNT_SQL: &str = concat!(
     "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE queue = $1 AND ",
     ended!(),
-    " AND state IN ($2, $3) ORDER BY finished_ms DESC, id DESC LIMIT CAST($4 AS BIGINT) OFFSET CAST($5 AS BIGINT))"
+    " AND state IN ($2, $3) ORDER BY finished_ms DESC, id DESC LIMIT CAST($4 AS BIGINT) OFFSET CAST($5 AS BIGINT))",
+    deleted_failed!()
 );
 
 /// Completed jobs that are deleted at once instead of kept: added with
@@ -395,17 +406,21 @@ const DROPPED_ON_COMPLETION: &str =
 /// What a PostgreSQL completion returns of each job it ends.
 const PG_ENDED_COLUMNS: &str =
     "jobs.id, jobs.lease, jobs.queue, jobs.kind, jobs.attempts, jobs.started_ms, jobs.parent_id";
+/// The same columns by name.
+const PG_ENDED_NAMES: &str = "id, lease, queue, kind, attempts, started_ms, parent_id";
 
 /// A PostgreSQL completion of a chunk of jobs (binds: ids, leases and results as arrays, the
-/// time): jobs kept for no time are deleted, the others marked completed, each under its
-/// lease.
+/// time): jobs kept for no time are deleted with their failure history (see
+/// [`forget_failures!`]), the others marked completed, each under its lease.
 static PG_COMPLETE_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "WITH v (id, lease, result) AS (SELECT * FROM unnest($1::BIGINT[], $2::BIGINT[], $3::TEXT[])), \
-                     gone AS (DELETE FROM jobs USING v WHERE jobs.id = v.id AND jobs.lease = v.lease AND jobs.state = 'active' AND {DROPPED_ON_COMPLETION} RETURNING {PG_ENDED_COLUMNS}), \
+                     gone AS (DELETE FROM jobs USING v WHERE jobs.id = v.id AND jobs.lease = v.lease AND jobs.state = 'active' AND {DROPPED_ON_COMPLETION} \
+                       RETURNING {PG_ENDED_COLUMNS}, jobs.error IS NOT NULL AS failed), \
+                     history AS (DELETE FROM job_failures WHERE job_id = ANY(ARRAY(SELECT id FROM gone WHERE failed))), \
                      kept AS (UPDATE jobs SET state = 'completed', result = v.result, lease_until_ms = NULL, finished_ms = $4, purge_at_ms = $4 + keep_completed_ms \
                      FROM v WHERE jobs.id = v.id AND jobs.lease = v.lease AND jobs.state = 'active' AND NOT ({DROPPED_ON_COMPLETION}) RETURNING {PG_ENDED_COLUMNS}) \
-                     SELECT * FROM gone UNION ALL SELECT * FROM kept"
+                     SELECT {PG_ENDED_NAMES} FROM gone UNION ALL SELECT {PG_ENDED_NAMES} FROM kept"
     )
 });
 
@@ -626,6 +641,15 @@ where
     ))
 }
 
+/// The `failed` column of a row that [`deleted_failed!`] returns.
+fn decode_failed<R: Row>(row: &R) -> Result<Option<i64>, sqlx::Error>
+where
+    for<'r> Option<i64>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> &'r str: sqlx::ColumnIndex<R>,
+{
+    row.try_get("failed")
+}
+
 fn clip(mut text: String, max: usize) -> String {
     if text.len() > max {
         let mut end = max;
@@ -635,6 +659,27 @@ fn clip(mut text: String, max: usize) -> String {
         text.truncate(end);
     }
     text
+}
+
+/// Deletes the failure history of deleted jobs, given the ids of those that ever failed, on
+/// an open transaction of either backend (`$conn` is `&mut *tx`). The jobs tables have no
+/// foreign keys (migration 0012): every statement that deletes jobs calls this in its
+/// transaction. A job has a history only if it failed, and every failure sets its `error`,
+/// which nothing clears ([`deleted_failed!`]). Expands to a `Result<(), StoreError>`.
+macro_rules! forget_failures {
+    ($conn:expr, $failed:expr) => {{
+        let failed: &[i64] = $failed;
+        for chunk in crate::statement_chunks(failed, COMPLETE_ROWS_MAX, true) {
+            let mut statement = QueryBuilder::new("DELETE FROM job_failures WHERE job_id IN (");
+            let mut ids = statement.separated(", ");
+            for id in chunk {
+                ids.push_bind(*id);
+            }
+            statement.push(")");
+            statement.build().execute(&mut *$conn).await?;
+        }
+        Ok::<(), StoreError>(())
+    }};
 }
 
 /// A child ended (completed, died, or was discarded) on an open transaction of either
@@ -1318,6 +1363,7 @@ impl Store {
                 // no data-modifying WITH parts: the deletions first, then the updates, which
                 // no longer see the deleted jobs.
                 let returning = "id, lease, queue, kind, attempts, started_ms, parent_id";
+                let mut failed = Vec::new();
                 let mut tx = pool.begin().await?;
                 for chunk in crate::statement_chunks(completions, COMPLETE_ROWS_MAX, true) {
                     // Jobs kept for no time after completing (and not counted by a parent)
@@ -1329,12 +1375,14 @@ impl Store {
                     statement
                         .push(DROPPED_ON_COMPLETION)
                         .push(" RETURNING ")
-                        .push(returning);
+                        .push(returning)
+                        .push(", CASE WHEN error IS NOT NULL THEN id END AS failed");
                     let deleted = statement.build().fetch_all(&mut *tx).await?;
                     let all_deleted = deleted.len() == chunk.len();
                     for row in deleted {
                         let key: (i64, i64) = (row.try_get("id")?, row.try_get("lease")?);
                         ended.insert(key, decode_ended(&row)?);
+                        failed.extend(decode_failed(&row)?);
                     }
                     if all_deleted {
                         // Each (id, lease) names one job: none is left to mark completed.
@@ -1350,6 +1398,7 @@ impl Store {
                         ended.insert(key, decode_ended(&row)?);
                     }
                 }
+                forget_failures!(&mut *tx, &failed)?;
                 settle!(tx, ended)
             }
         };
@@ -1720,11 +1769,23 @@ impl Store {
         let mut deleted = 0u64;
         let rules = "SELECT name, keep_completed_last, keep_completed_ms, keep_failed_last, keep_failed_ms FROM queues \
                      WHERE keep_completed_last IS NOT NULL OR keep_completed_ms IS NOT NULL OR keep_failed_last IS NOT NULL OR keep_failed_ms IS NOT NULL";
+        // Each statement returns a row per deleted job: the job's id if it failed, else NULL.
+        let mut failed: Vec<i64> = Vec::new();
+        macro_rules! count {
+            ($rows:expr) => {{
+                let rows = $rows;
+                for row in &rows {
+                    failed.extend(decode_failed(row)?);
+                }
+                rows.len() as u64
+            }};
+        }
         on_writer!(self, pool => {
-            let n = sqlx::query(PURGE_OWN_SQL).bind(now_ms).bind(left).execute(pool).await?.rows_affected();
+            let mut tx = pool.begin().await?;
+            let n = count!(sqlx::query(PURGE_OWN_SQL).bind(now_ms).bind(left).fetch_all(&mut *tx).await?);
             deleted += n;
             left -= n as i64;
-            let queues = sqlx::query(rules).fetch_all(pool).await?;
+            let queues = sqlx::query(rules).fetch_all(&mut *tx).await?;
             for row in &queues {
                 let name: String = row.try_get("name")?;
                 let groups = [
@@ -1736,25 +1797,27 @@ impl Store {
                         break;
                     }
                     if let Some(age) = age {
-                        let n = sqlx::query(PURGE_BY_AGE_SQL)
+                        let n = count!(sqlx::query(PURGE_BY_AGE_SQL)
                             .bind(&name).bind(state).bind(other)
                             .bind(now_ms.saturating_sub(age))
                             .bind(left)
-                            .execute(pool).await?.rows_affected();
+                            .fetch_all(&mut *tx).await?);
                         deleted += n;
                         left -= n as i64;
                     }
                     if let Some(last) = last && left > 0 {
-                        let n = sqlx::query(PURGE_BY_COUNT_SQL)
+                        let n = count!(sqlx::query(PURGE_BY_COUNT_SQL)
                             .bind(&name).bind(state).bind(other)
                             .bind(left)
                             .bind(last)
-                            .execute(pool).await?.rows_affected();
+                            .fetch_all(&mut *tx).await?);
                         deleted += n;
                         left -= n as i64;
                     }
                 }
             }
+            forget_failures!(&mut *tx, &failed)?;
+            tx.commit().await?;
         });
         Ok(deleted)
     }
@@ -1981,7 +2044,7 @@ mod plans {
     use super::*;
     use crate::StoreOptions;
 
-    async fn stores() -> Vec<(Store, Option<tempfile::TempDir>)> {
+    pub(super) async fn stores() -> Vec<(Store, Option<tempfile::TempDir>)> {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}/agora.db", dir.path().display());
         let mut stores = vec![(
@@ -2166,5 +2229,202 @@ mod plans {
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod links {
+    //! The jobs tables carry no foreign keys (migration 0012): the store itself deletes a
+    //! job's failure history with the job, on every path that deletes jobs.
+
+    use super::*;
+    use crate::StoreOptions;
+
+    fn job(queue: &str, keep_completed_ms: Option<u64>, keep_failed_ms: Option<u64>) -> NewJob {
+        NewJob {
+            queue: queue.into(),
+            kind: "k".into(),
+            payload: "{}".into(),
+            priority: 0,
+            run_at_ms: 0,
+            attempts_max: 5,
+            backoff: "fixed",
+            backoff_ms: 1,
+            backoff_max_ms: 1,
+            jitter_pct: 0,
+            timeout_ms: 1_000,
+            dedup: None,
+            parent: None,
+            on_child_failure: None,
+            keep_completed_ms,
+            keep_failed_ms,
+            schedule: None,
+        }
+    }
+
+    async fn add(store: &Store, job: NewJob) -> i64 {
+        store.add_jobs(&[job], 0).await.unwrap()[0].id()
+    }
+
+    /// Claims the queue's one ready job and fails it: retried at once, or dead.
+    async fn fail(store: &Store, queue: &str, now_ms: i64, retry: bool) -> i64 {
+        let claimed = store
+            .claim_jobs(queue, 1, now_ms, 1_000, "w")
+            .await
+            .unwrap();
+        let [job] = claimed.as_slice() else {
+            panic!("one job to claim in {queue}: {claimed:?}")
+        };
+        let failure = Failure {
+            category: "network",
+            message: "down".into(),
+            retry_at_ms: retry.then_some(now_ms),
+            strategy: "retry_later",
+        };
+        store
+            .fail_job(job.id, job.lease, &failure, now_ms)
+            .await
+            .unwrap()
+            .unwrap();
+        job.id
+    }
+
+    async fn history_rows(store: &Store) -> i64 {
+        on_writer!(store, pool => {
+            sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM job_failures").fetch_one(pool).await.unwrap()
+        })
+    }
+
+    #[tokio::test]
+    async fn the_jobs_tables_have_no_foreign_keys() {
+        for (store, _dir) in super::plans::stores().await {
+            for table in ["jobs", "job_failures"] {
+                let keys: i64 = on_writer!(store, pool => {
+                    let sql = if store.is_sqlite() {
+                        "SELECT COUNT(*) FROM pragma_foreign_key_list($1)"
+                    } else {
+                        "SELECT COUNT(*) FROM pg_constraint WHERE contype = 'f' AND conrelid = to_regclass($1)"
+                    };
+                    sqlx::query_scalar(sql).bind(table).fetch_one(pool).await.unwrap()
+                });
+                assert_eq!(keys, 0, "foreign keys on {table}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn every_path_that_deletes_jobs_deletes_their_failure_history() {
+        for (store, _dir) in super::plans::stores().await {
+            for queue in ["done", "own", "aged", "counted"] {
+                store.declare_queue(queue).await.unwrap();
+            }
+            let aged = QueueKeep {
+                failed_ms: Some(10),
+                ..QueueKeep::default()
+            };
+            let counted = QueueKeep {
+                failed_last: Some(1),
+                ..QueueKeep::default()
+            };
+            assert!(store.set_queue_keep("aged", &aged).await.unwrap());
+            assert!(store.set_queue_keep("counted", &counted).await.unwrap());
+
+            // Completed and deleted at once, after a failed attempt.
+            let done = add(&store, job("done", Some(0), None)).await;
+            assert_eq!(fail(&store, "done", 1, true).await, done);
+            assert_eq!(store.job_failures(done).await.unwrap().len(), 1);
+            let claimed = store.claim_jobs("done", 1, 2, 1_000, "w").await.unwrap();
+            let settled = store
+                .complete_jobs(&[(done, claimed[0].lease, None)], 3)
+                .await
+                .unwrap();
+            assert!(settled.jobs[0].is_some());
+            assert_eq!(store.job(done).await.unwrap(), None);
+            assert!(
+                store.job_failures(done).await.unwrap().is_empty(),
+                "completion"
+            );
+
+            // Dead, then purged by its own rule, its queue's age rule, its queue's count rule.
+            let own = add(&store, job("own", None, Some(0))).await;
+            fail(&store, "own", 4, false).await;
+            let aged = add(&store, job("aged", None, None)).await;
+            fail(&store, "aged", 5, false).await;
+            let older = add(&store, job("counted", None, None)).await;
+            fail(&store, "counted", 6, false).await;
+            let newer = add(&store, job("counted", None, None)).await;
+            fail(&store, "counted", 7, false).await;
+            assert_eq!(history_rows(&store).await, 4);
+
+            assert_eq!(store.purge_jobs(100, 100).await.unwrap(), 3);
+            for (id, rule) in [(own, "own"), (aged, "age"), (older, "count")] {
+                assert_eq!(
+                    store.job(id).await.unwrap(),
+                    None,
+                    "purged by its {rule} rule"
+                );
+                assert!(
+                    store.job_failures(id).await.unwrap().is_empty(),
+                    "{rule} rule"
+                );
+            }
+            assert!(store.job(newer).await.unwrap().is_some());
+            assert_eq!(
+                store.job_failures(newer).await.unwrap().len(),
+                1,
+                "kept with its job"
+            );
+            assert_eq!(history_rows(&store).await, 1);
+        }
+    }
+
+    /// Migration 0012 rebuilds both SQLite tables: their rows stay, and the id counters keep
+    /// their place, so that an id deleted before the rebuild is not given again.
+    #[tokio::test]
+    async fn the_sqlite_rebuild_keeps_rows_and_id_counters() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agora.db");
+        {
+            let options = sqlx::sqlite::SqliteConnectOptions::new()
+                .filename(&path)
+                .create_if_missing(true)
+                .foreign_keys(true);
+            let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
+            crate::SQLITE_MIGRATIONS.run_to(11, &pool).await.unwrap();
+            for sql in [
+                "INSERT INTO queues (name) VALUES ('q')",
+                "INSERT INTO jobs (queue, kind, payload, priority, state, run_at_ms, attempts_max, backoff, backoff_ms, backoff_max_ms, jitter_pct, timeout_ms, created_ms) \
+                 VALUES ('q', 'k', '{}', 0, 'waiting', 0, 3, 'fixed', 1, 1, 0, 1000, 0), ('q', 'k', '{}', 0, 'waiting', 0, 3, 'fixed', 1, 1, 0, 1000, 0), \
+                        ('q', 'k', '{}', 0, 'waiting', 0, 3, 'fixed', 1, 1, 0, 1000, 0)",
+                "INSERT INTO job_failures (job_id, attempt, at_ms, category, message) VALUES (1, 1, 0, 'network', 'a'), (3, 1, 0, 'network', 'b')",
+                "DELETE FROM jobs WHERE id = 3",
+            ] {
+                sqlx::query(sql).execute(&pool).await.unwrap();
+            }
+            pool.close().await;
+        }
+        let url = format!("sqlite://{}", path.display());
+        let store = Store::open(&url, &StoreOptions::default()).await.unwrap();
+        assert!(store.job(1).await.unwrap().is_some());
+        assert!(store.job(2).await.unwrap().is_some());
+        assert_eq!(store.job_failures(1).await.unwrap().len(), 1);
+        let id = add(&store, job("q", None, None)).await;
+        assert_eq!(
+            id, 4,
+            "job 3 was deleted before the rebuild; its id stays used"
+        );
+        let failure_ids: Vec<i64> = on_writer!(store, pool => {
+            sqlx::query_scalar("SELECT id FROM job_failures ORDER BY id").fetch_all(pool).await.unwrap()
+        });
+        assert_eq!(
+            failure_ids,
+            [1],
+            "job 3's failure went with it, by the cascade then"
+        );
+        assert_eq!(fail(&store, "q", 1, true).await, 1);
+        let failure_ids: Vec<i64> = on_writer!(store, pool => {
+            sqlx::query_scalar("SELECT id FROM job_failures ORDER BY id").fetch_all(pool).await.unwrap()
+        });
+        assert_eq!(failure_ids, [1, 3], "failure 2's id stays used too");
     }
 }
