@@ -26,6 +26,9 @@ const INSERT_JOBS_MAX: usize = 1_000;
 
 /// Completions written by one statement (a completion binds 3 values).
 const COMPLETE_ROWS_MAX: usize = 1_000;
+/// Priorities of a queue's waiting jobs that the due-time query skips through one by one;
+/// beyond them it reads the queue's whole ready index.
+const DUE_PRIORITIES_SKIPPED_MAX: i64 = 64;
 
 /// How far up a chain of parents one child's end is followed (a safety bound: the queue
 /// refuses deeper flows before they are written).
@@ -364,6 +367,22 @@ fn state_filter(state: &str) -> Option<&'static str> {
         _ => return None,
     })
 }
+
+/// The earliest due time of a queue's waiting jobs, skipping through the ready index from
+/// one priority to the next (binds: queue, most priorities to skip through); also how many
+/// priorities it went through. Each step is an ordered read of one index entry (`ORDER BY …
+/// LIMIT 1` rather than `MIN`, which PostgreSQL may answer by reading the whole range).
+const NEXT_DUE_SKIPPING_SQL: &str = "WITH RECURSIVE p (priority, n) AS ( \
+       SELECT (SELECT priority FROM jobs WHERE queue = $1 AND state = 'waiting' ORDER BY priority LIMIT 1), 1 \
+       UNION ALL \
+       SELECT (SELECT priority FROM jobs WHERE queue = $1 AND state = 'waiting' AND priority > p.priority ORDER BY priority LIMIT 1), p.n + 1 \
+       FROM p WHERE p.priority IS NOT NULL AND p.n < $2) \
+     SELECT MIN((SELECT run_at_ms FROM jobs WHERE queue = $1 AND state = 'waiting' AND priority = p.priority ORDER BY run_at_ms LIMIT 1)) AS due, \
+       COUNT(p.priority) AS priorities \
+     FROM p WHERE p.priority IS NOT NULL";
+/// The same, reading the queue's whole ready index (binds: queue).
+const NEXT_DUE_WHOLE_SQL: &str =
+    "SELECT MIN(run_at_ms) AS due FROM jobs WHERE queue = $1 AND state = 'waiting'";
 
 /// What a statement deleting jobs returns of each: its id if it ever failed (so has a failure
 /// history to delete with it, see [`forget_failures!`]), else NULL.
@@ -2017,12 +2036,23 @@ impl Store {
 
 impl Store {
     /// The earliest time a waiting job of `queue` becomes due, if it has any.
+    ///
+    /// The ready index orders a queue's waiting jobs by priority, then due time: the earliest
+    /// due time is the least of each priority's first, and the query skips from one priority
+    /// to the next, two index lookups per priority. A queue whose waiting jobs have more than
+    /// [`DUE_PRIORITIES_SKIPPED_MAX`] priorities is read whole instead, through the same index.
     pub async fn next_due_ms(&self, queue: &str) -> Result<Option<i64>, StoreError> {
-        // `priority >= 0` (true of every job) matches the predicate of `jobs_due`, which only
-        // this query may use (migration 0009).
-        let sql = "SELECT MIN(run_at_ms) AS due FROM jobs WHERE queue = $1 AND state = 'waiting' AND priority >= 0";
         let due = on_pool!(self, pool => {
-            sqlx::query(sql).bind(queue).fetch_one(pool).await?.try_get::<Option<i64>, _>("due")?
+            let row = sqlx::query(NEXT_DUE_SKIPPING_SQL)
+                .bind(queue)
+                .bind(DUE_PRIORITIES_SKIPPED_MAX)
+                .fetch_one(pool)
+                .await?;
+            if row.try_get::<i64, _>("priorities")? < DUE_PRIORITIES_SKIPPED_MAX {
+                row.try_get::<Option<i64>, _>("due")?
+            } else {
+                sqlx::query(NEXT_DUE_WHOLE_SQL).bind(queue).fetch_one(pool).await?.try_get::<Option<i64>, _>("due")?
+            }
         });
         Ok(due)
     }
@@ -2160,7 +2190,7 @@ mod plans {
 
     /// The plan of `sql` with its binds, one line per step; PostgreSQL is told to avoid
     /// sequential scans, so that one still chosen means no index applies.
-    async fn plan(store: &Store, sql: &str, binds: &[Bind<'_>]) -> Vec<String> {
+    pub(super) async fn plan(store: &Store, sql: &str, binds: &[Bind<'_>]) -> Vec<String> {
         match &store.backend {
             Backend::Sqlite { readers, .. } => {
                 let explain = format!("EXPLAIN QUERY PLAN {sql}");
@@ -2204,14 +2234,14 @@ mod plans {
         }
     }
 
-    enum Bind<'a> {
+    pub(super) enum Bind<'a> {
         Int(i64),
         Text(&'a str),
     }
 
     /// Steps that walk the whole table, or the primary key from a cursor (which passes the
     /// jobs of every state and queue).
-    fn full_scans(plan: &[String]) -> Vec<&String> {
+    pub(super) fn full_scans(plan: &[String]) -> Vec<&String> {
         plan.iter()
             .filter(|step| {
                 step.trim() == "SCAN jobs"
@@ -2568,6 +2598,70 @@ mod completions {
                 ("completed", Some("1"))
             );
             assert_eq!(store.job(stale).await.unwrap().unwrap().state, "active");
+        }
+    }
+}
+
+#[cfg(test)]
+mod due {
+    //! When a queue's next waiting job falls due, read from the ready index (migration 0013).
+
+    use super::links::{add, job};
+    use super::plans::{Bind, full_scans, plan};
+    use super::*;
+
+    async fn add_due(store: &Store, queue: &str, priority: i32, run_at_ms: i64) {
+        let mut new = job(queue, None, None);
+        new.priority = priority;
+        new.run_at_ms = run_at_ms;
+        add(store, new).await;
+    }
+
+    #[tokio::test]
+    async fn the_next_due_time_is_the_earliest_over_every_priority() {
+        for (store, _dir) in super::plans::stores().await {
+            for queue in ["few", "many", "empty"] {
+                store.declare_queue(queue).await.unwrap();
+            }
+            assert_eq!(store.next_due_ms("empty").await.unwrap(), None);
+            for (priority, due) in [(0, 500), (5, 100), (5, 900), (9, 300)] {
+                add_due(&store, "few", priority, due).await;
+            }
+            assert_eq!(store.next_due_ms("few").await.unwrap(), Some(100));
+            // A claimed job no longer counts.
+            let claimed = store.claim_jobs("few", 1, 200, 1_000, "w").await.unwrap();
+            assert_eq!(claimed[0].run_at_ms, 100);
+            assert_eq!(store.next_due_ms("few").await.unwrap(), Some(300));
+
+            // More priorities than the query skips through: the whole index is read.
+            let priorities = DUE_PRIORITIES_SKIPPED_MAX as i32 + 6;
+            for priority in 0..priorities {
+                let due = if priority == priorities - 1 {
+                    7
+                } else {
+                    1_000 + i64::from(priority)
+                };
+                add_due(&store, "many", priority, due).await;
+            }
+            assert_eq!(store.next_due_ms("many").await.unwrap(), Some(7));
+        }
+    }
+
+    #[tokio::test]
+    async fn the_next_due_time_is_read_from_the_ready_index() {
+        for (store, _dir) in super::plans::stores().await {
+            let queries = [
+                (NEXT_DUE_SKIPPING_SQL, vec![Bind::Text("q"), Bind::Int(64)]),
+                (NEXT_DUE_WHOLE_SQL, vec![Bind::Text("q")]),
+            ];
+            for (sql, binds) in queries {
+                let steps = plan(&store, sql, &binds).await;
+                assert!(
+                    steps.iter().any(|step| step.contains("jobs_ready")),
+                    "{sql} does not read jobs_ready: {steps:#?}"
+                );
+                assert!(full_scans(&steps).is_empty(), "{sql}: {steps:#?}");
+            }
         }
     }
 }
