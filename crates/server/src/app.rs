@@ -52,6 +52,9 @@ pub struct App {
     projector_wake: Notify,
     /// A read is waiting for the read models: the projector does not linger.
     projection_wanted: Notify,
+    /// The highest sequence number a read has waited for: the projector does not linger
+    /// before it has projected that far, even when the wake-up was spent on an earlier step.
+    projection_wanted_seq: AtomicU64,
     projected: watch::Receiver<u64>,
     /// Set when the server begins to shut down: long-lived connections end.
     pub closing: watch::Sender<bool>,
@@ -219,6 +222,7 @@ impl App {
             last_acked: AtomicU64::new(recovery.seq),
             projector_wake: Notify::new(),
             projection_wanted: Notify::new(),
+            projection_wanted_seq: AtomicU64::new(0),
             projected,
             admin_lock: tokio::sync::Mutex::new(()),
             markets: std::sync::RwLock::new(Vec::new()),
@@ -351,6 +355,8 @@ impl App {
         let target = self.last_acked.load(Ordering::Relaxed);
         let mut projected = self.projected.clone();
         if *projected.borrow() < target {
+            self.projection_wanted_seq
+                .fetch_max(target, Ordering::Relaxed);
             self.projection_wanted.notify_one();
         }
         let wait = projected.wait_for(|seq| *seq >= target);
@@ -448,6 +454,14 @@ async fn project_loop(
         match projector.step().await {
             Ok(written) => {
                 projected.send_replace(projector.seq());
+                // A step reads a bounded part of the journal: one that wrote but stopped
+                // short of what a waiting read needs goes on at once (the read's wake-up may
+                // have started this very step).
+                if written > 0
+                    && projector.seq() < app.projection_wanted_seq.load(Ordering::Relaxed)
+                {
+                    continue;
+                }
                 if written > 0 {
                     tokio::select! {
                         _ = tokio::time::sleep(linger) => {}

@@ -997,6 +997,45 @@ async fn a_read_of_history_does_not_wait_out_the_projectors_pause() {
     h.stop().await;
 }
 
+/// A read that needs more of the journal than one projector step reads (64 batches) gets its
+/// writes: the step its wake-up started stops short, and the projector goes on at once
+/// instead of lingering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_behind_more_than_one_projector_step_gets_its_writes() {
+    let h = crate::Harness::start("sqlite", None, None, |config| {
+        config.projector_linger_ms = 60_000;
+    })
+    .await;
+    let admin = h.admin().await;
+    h.market(&admin).await;
+    let (alice, token) = h.user(&admin, "alice").await;
+    // One batch each (every deposit is awaited), while the projector lingers after its
+    // first write.
+    for _ in 0..100 {
+        h.deposit(&admin, alice, "BTC", "0.01").await;
+    }
+    let placed = h
+        .expect(
+            StatusCode::CREATED,
+            Method::POST,
+            "/api/v1/orders",
+            Some(&token),
+            Some(json!({"market": "BTC-USDT", "side": "sell", "price": "50000", "qty": "0.1"})),
+        )
+        .await;
+    let listed = h
+        .expect(
+            StatusCode::OK,
+            Method::GET,
+            "/api/v1/orders",
+            Some(&token),
+            None,
+        )
+        .await;
+    assert_eq!(listed[0]["id"], placed["order"]["id"], "{listed:?}");
+    h.stop().await;
+}
+
 /// A market, a user and 120 deposits to them: more than 120 commands.
 async fn one_hundred_twenty_commands(h: &crate::Harness) {
     let admin = h.admin().await;
