@@ -968,33 +968,39 @@ async fn a_read_of_history_does_not_wait_out_the_projectors_pause() {
     h.market(&admin).await;
     let (alice, token) = h.user(&admin, "alice").await;
     h.deposit(&admin, alice, "BTC", "1").await;
-    for n in 1..=3u64 {
-        let placed = h
-            .expect(
-                StatusCode::CREATED,
-                Method::POST,
-                "/api/v1/orders",
-                Some(&token),
-                Some(json!({"market": "BTC-USDT", "side": "sell", "price": "50000", "qty": "0.1"})),
-            )
-            .await;
-        let listed = h
-            .expect(
-                StatusCode::OK,
-                Method::GET,
-                "/api/v1/orders",
-                Some(&token),
-                None,
-            )
-            .await;
-        let listed = listed.as_array().unwrap();
-        assert_eq!(listed.len() as u64, n, "{listed:?}");
-        assert_eq!(
-            listed[0]["id"], placed["order"]["id"],
-            "newest first: {listed:?}"
-        );
+    for n in 1..=3 {
+        let listed = place_then_list(&h, &token).await;
+        assert_eq!(listed.len(), n, "{listed:?}");
     }
     h.stop().await;
+}
+
+/// Places a sell order and lists the user's orders at once, expecting it first; the list.
+async fn place_then_list(h: &crate::Harness, token: &str) -> Vec<serde_json::Value> {
+    let placed = h
+        .expect(
+            StatusCode::CREATED,
+            Method::POST,
+            "/api/v1/orders",
+            Some(token),
+            Some(json!({"market": "BTC-USDT", "side": "sell", "price": "50000", "qty": "0.1"})),
+        )
+        .await;
+    let listed = h
+        .expect(
+            StatusCode::OK,
+            Method::GET,
+            "/api/v1/orders",
+            Some(token),
+            None,
+        )
+        .await;
+    let listed = listed.as_array().unwrap().clone();
+    assert_eq!(
+        listed[0]["id"], placed["order"]["id"],
+        "newest first: {listed:?}"
+    );
+    listed
 }
 
 /// A read that needs more of the journal than one projector step reads (64 batches) gets its
@@ -1014,25 +1020,7 @@ async fn a_read_behind_more_than_one_projector_step_gets_its_writes() {
     for _ in 0..100 {
         h.deposit(&admin, alice, "BTC", "0.01").await;
     }
-    let placed = h
-        .expect(
-            StatusCode::CREATED,
-            Method::POST,
-            "/api/v1/orders",
-            Some(&token),
-            Some(json!({"market": "BTC-USDT", "side": "sell", "price": "50000", "qty": "0.1"})),
-        )
-        .await;
-    let listed = h
-        .expect(
-            StatusCode::OK,
-            Method::GET,
-            "/api/v1/orders",
-            Some(&token),
-            None,
-        )
-        .await;
-    assert_eq!(listed[0]["id"], placed["order"]["id"], "{listed:?}");
+    place_then_list(&h, &token).await;
     h.stop().await;
 }
 
