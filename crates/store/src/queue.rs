@@ -5,9 +5,11 @@
 //! time is a millisecond timestamp given by the caller, so tests drive the clock.
 //!
 //! Claiming takes the next ready jobs of a queue (priority, then due time, then id) and marks
-//! them active under a new lease token in one statement: `UPDATE … RETURNING` through SQLite's
-//! single writer, `FOR UPDATE SKIP LOCKED` on PostgreSQL so that concurrent claimers never wait
-//! for each other's rows. The token (a per-job counter raised at every claim) fences every
+//! them active under a new lease token in one transaction: on SQLite's single writer, a read
+//! of the jobs and then an update by their ids (an `UPDATE … RETURNING` costs SQLite a fifth
+//! more work per job: docs/performance.md); on PostgreSQL, one `UPDATE … RETURNING` over rows
+//! taken `FOR UPDATE SKIP LOCKED`, so that concurrent claimers never wait for each other's
+//! rows. The token (a per-job counter raised at every claim) fences every
 //! later report: a heartbeat, progress, completion or failure under an older token changes
 //! nothing.
 
