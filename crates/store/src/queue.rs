@@ -9,9 +9,8 @@
 //! of the jobs and then an update by their ids (an `UPDATE … RETURNING` costs SQLite a fifth
 //! more work per job: docs/performance.md); on PostgreSQL, one `UPDATE … RETURNING` over rows
 //! taken `FOR UPDATE SKIP LOCKED`, so that concurrent claimers never wait for each other's
-//! rows. The token (a per-job counter raised at every claim) fences every
-//! later report: a heartbeat, progress, completion or failure under an older token changes
-//! nothing.
+//! rows. The token (a per-job counter raised at every claim) fences every later report: a
+//! heartbeat, progress, completion or failure under an older token changes nothing.
 
 use std::collections::BTreeSet;
 
