@@ -393,9 +393,17 @@ macro_rules! deleted_failed {
     };
 }
 
+// Each purge states its conditions twice: in the subquery that picks the jobs, and on the
+// deleted row itself. On PostgreSQL the subquery's ids come from the statement's snapshot; a
+// row that a transaction the purge waited for has changed meanwhile (a dead job re-driven to
+// waiting, say) is checked again against the outer conditions only, so without them the
+// purge would delete a job that is no longer ended.
+
 /// The purge of ended jobs past their own `purge_at_ms` (binds: now, limit).
 const PURGE_OWN_SQL: &str = concat!(
-    "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE purge_at_ms <= $1 AND ",
+    "DELETE FROM jobs WHERE purge_at_ms <= $1 AND ",
+    ended!(),
+    " AND id IN (SELECT id FROM jobs WHERE purge_at_ms <= $1 AND ",
     ended!(),
     " ORDER BY purge_at_ms LIMIT CAST($2 AS BIGINT))",
     deleted_failed!()
@@ -404,7 +412,10 @@ const PURGE_OWN_SQL: &str = concat!(
 /// the states, the time, limit). Naming `jobs_finished`'s predicate lets both databases use
 /// that partial index, here and in [`PURGE_BY_COUNT_SQL`].
 const PURGE_BY_AGE_SQL: &str = concat!(
-    "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE queue = $1 AND ",
+    "DELETE FROM jobs WHERE queue = $1 AND ",
+    ended!(),
+    " AND state IN ($2, $3) AND finished_ms < $4",
+    " AND id IN (SELECT id FROM jobs WHERE queue = $1 AND ",
     ended!(),
     " AND state IN ($2, $3) AND finished_ms < $4 ORDER BY finished_ms LIMIT CAST($5 AS BIGINT))",
     deleted_failed!()
@@ -412,11 +423,17 @@ const PURGE_BY_AGE_SQL: &str = concat!(
 /// The purge of a queue's ended jobs in two states beyond the newest ones kept (binds:
 /// queue, the states, limit, how many are kept).
 const PURGE_BY_COUNT_SQL: &str = concat!(
-    "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE queue = $1 AND ",
+    "DELETE FROM jobs WHERE queue = $1 AND ",
+    ended!(),
+    " AND state IN ($2, $3) AND id IN (SELECT id FROM jobs WHERE queue = $1 AND ",
     ended!(),
     " AND state IN ($2, $3) ORDER BY finished_ms DESC, id DESC LIMIT CAST($4 AS BIGINT) OFFSET CAST($5 AS BIGINT))",
     deleted_failed!()
 );
+
+/// Sends one dead job back to waiting, due at once (binds: now, id).
+const REDRIVE_SQL: &str = "UPDATE jobs SET state = 'waiting', attempts = 0, run_at_ms = $1, strategy = NULL, finished_ms = NULL, purge_at_ms = NULL \
+                           WHERE id = $2 AND state = 'dead' RETURNING queue, kind";
 
 /// Completed jobs that are deleted at once instead of kept: added with
 /// `keep_completed_ms` 0 and without a parent (whose bookkeeping marks the child's row).
@@ -1393,6 +1410,25 @@ impl Store {
         completions: &[(i64, i64, Option<String>)],
         now_ms: i64,
     ) -> Result<Settled, StoreError> {
+        // A completion named again in one call (the same id and lease) is the same job: the
+        // first one's result is written and answered, the repeats are answered `None`. The
+        // statements see each job once, so neither database picks between two results.
+        let mut seen = std::collections::HashSet::with_capacity(completions.len());
+        let repeated = completions
+            .iter()
+            .any(|(id, lease, _)| !seen.insert((*id, *lease)));
+        let firsts: Vec<(i64, i64, Option<String>)>;
+        let unique = if repeated {
+            seen.clear();
+            firsts = completions
+                .iter()
+                .filter(|(id, lease, _)| seen.insert((*id, *lease)))
+                .cloned()
+                .collect();
+            firsts.as_slice()
+        } else {
+            completions
+        };
         // Settles the jobs `$ended` holds (by id and lease) in the order given, reports the
         // stale ones as `None`, lets parents react, and commits `$tx`.
         macro_rules! settle {
@@ -1426,7 +1462,7 @@ impl Store {
                 // updates are two parts of it.
                 let sql = PG_COMPLETE_SQL.as_str();
                 let mut tx = pool.begin().await?;
-                for chunk in completions.chunks(COMPLETE_ROWS_MAX) {
+                for chunk in unique.chunks(COMPLETE_ROWS_MAX) {
                     let ids: Vec<i64> = chunk.iter().map(|c| c.0).collect();
                     let leases: Vec<i64> = chunk.iter().map(|c| c.1).collect();
                     let results: Vec<Option<&str>> = chunk.iter().map(|c| c.2.as_deref()).collect();
@@ -1454,7 +1490,7 @@ impl Store {
                 // against 28.5K (callgrind).
                 let mut failed = Vec::new();
                 let mut tx = pool.begin().await?;
-                for chunk in crate::statement_chunks(completions, COMPLETE_ROWS_MAX, true) {
+                for chunk in crate::statement_chunks(unique, COMPLETE_ROWS_MAX, true) {
                     let mut read = QueryBuilder::new("WITH v (id, lease) AS (VALUES ");
                     for (n, (id, lease, _)) in chunk.iter().enumerate() {
                         if n > 0 {
@@ -1475,10 +1511,7 @@ impl Store {
                     let mut kept = std::collections::HashSet::new();
                     for row in read.build().fetch_all(&mut *tx).await? {
                         let key: (i64, i64) = (row.try_get("id")?, row.try_get("lease")?);
-                        if ended.insert(key, decode_ended(&row)?).is_some() {
-                            // The same completion twice in one call: the job once.
-                            continue;
-                        }
+                        ended.insert(key, decode_ended(&row)?);
                         if row.try_get::<i64, _>("dropped")? != 0 {
                             dropped.push(key.0);
                             failed.extend(decode_failed(&row)?);
@@ -1764,12 +1797,11 @@ impl Store {
         ids: &[i64],
         now_ms: i64,
     ) -> Result<Vec<(i64, String, String)>, StoreError> {
-        let sql = "UPDATE jobs SET state = 'waiting', attempts = 0, run_at_ms = $1, strategy = NULL, finished_ms = NULL, purge_at_ms = NULL WHERE id = $2 AND state = 'dead' RETURNING queue, kind";
         let redriven = on_writer!(self, pool => {
             let mut tx = pool.begin().await?;
             let mut redriven = Vec::new();
             for &id in ids {
-                if let Some(row) = sqlx::query(sql).bind(now_ms).bind(id).fetch_optional(&mut *tx).await? {
+                if let Some(row) = sqlx::query(REDRIVE_SQL).bind(now_ms).bind(id).fetch_optional(&mut *tx).await? {
                     redriven.push((id, row.try_get::<String, _>("queue")?, row.try_get::<String, _>("kind")?));
                 }
             }
@@ -2394,7 +2426,7 @@ mod links {
     }
 
     /// Claims the queue's one ready job and fails it: retried at once, or dead.
-    async fn fail(store: &Store, queue: &str, now_ms: i64, retry: bool) -> i64 {
+    pub(super) async fn fail(store: &Store, queue: &str, now_ms: i64, retry: bool) -> i64 {
         let claimed = store
             .claim_jobs(queue, 1, now_ms, 1_000, "w")
             .await
@@ -2578,7 +2610,7 @@ mod completions {
                         (dropped, lease(dropped), None),
                         (kept, lease(kept), Some("1".into())),
                         (dropped, lease(dropped), None),
-                        (kept, lease(kept), Some("1".into())),
+                        (kept, lease(kept), Some("2".into())),
                         (stale, lease(stale) + 1, None),
                     ],
                     2,
@@ -2591,9 +2623,128 @@ mod completions {
             let kept = store.job(kept).await.unwrap().unwrap();
             assert_eq!(
                 (kept.state.as_str(), kept.result.as_deref()),
-                ("completed", Some("1"))
+                ("completed", Some("1")),
+                "the first completion's result, the one answered"
             );
             assert_eq!(store.job(stale).await.unwrap().unwrap().state, "active");
+
+            // The same completion twice with different results, alone in the call.
+            let again = add(&store, job("q", None, None)).await;
+            let claimed = store.claim_jobs("q", 1, 3, 1_000, "w").await.unwrap();
+            let settled = store
+                .complete_jobs(
+                    &[
+                        (again, claimed[0].lease, Some("1".into())),
+                        (again, claimed[0].lease, Some("2".into())),
+                    ],
+                    4,
+                )
+                .await
+                .unwrap();
+            let ended: Vec<bool> = settled.jobs.iter().map(Option::is_some).collect();
+            assert_eq!(ended, [true, false]);
+            let again = store.job(again).await.unwrap().unwrap();
+            assert_eq!(again.result.as_deref(), Some("1"), "the answered result");
+        }
+    }
+}
+
+#[cfg(test)]
+mod races {
+    //! PostgreSQL runs a purge beside other writers; SQLite's single writer runs one
+    //! statement at a time, so these races cannot happen there.
+
+    use super::links::{add, fail, job};
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    /// How long a test waits for the purge to block on the held row.
+    const BLOCKED_WAIT_MS: u64 = 10_000;
+
+    #[tokio::test]
+    async fn a_purge_that_waits_for_a_redrive_keeps_the_redriven_job() {
+        for (store, _dir) in super::plans::stores().await {
+            let store = std::sync::Arc::new(store);
+            let Backend::Postgres(pool) = &store.backend else {
+                continue;
+            };
+            let rules = [
+                ("race_own", QueueKeep::default(), "own"),
+                (
+                    "race_aged",
+                    QueueKeep {
+                        failed_ms: Some(0),
+                        ..QueueKeep::default()
+                    },
+                    "age",
+                ),
+                (
+                    "race_counted",
+                    QueueKeep {
+                        failed_last: Some(0),
+                        ..QueueKeep::default()
+                    },
+                    "count",
+                ),
+            ];
+            for (queue, keep, rule) in rules {
+                store.declare_queue(queue).await.unwrap();
+                store.set_queue_keep(queue, &keep).await.unwrap();
+                let keep_failed_ms = (rule == "own").then_some(0);
+                let id = add(&store, job(queue, None, keep_failed_ms)).await;
+                fail(&store, queue, 1, false).await;
+
+                // Re-driven in a transaction held open, so that the purge, which found the
+                // job dead in its snapshot, waits for the row.
+                let mut redrive = pool.begin().await.unwrap();
+                let holder: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+                    .fetch_one(&mut *redrive)
+                    .await
+                    .unwrap();
+                let redriven = sqlx::query(REDRIVE_SQL)
+                    .bind(50i64)
+                    .bind(id)
+                    .execute(&mut *redrive)
+                    .await
+                    .unwrap();
+                assert_eq!(redriven.rows_affected(), 1);
+                let purging = {
+                    let store = store.clone();
+                    tokio::spawn(async move { store.purge_jobs(100, 100).await })
+                };
+                let started = Instant::now();
+                loop {
+                    let blocked: i64 = sqlx::query_scalar(
+                        "SELECT COUNT(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
+                    )
+                    .bind(holder)
+                    .fetch_one(pool)
+                    .await
+                    .unwrap();
+                    if blocked > 0 {
+                        break;
+                    }
+                    assert!(
+                        started.elapsed() < Duration::from_millis(BLOCKED_WAIT_MS),
+                        "the purge by the {rule} rule never waited for the re-driven row"
+                    );
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                redrive.commit().await.unwrap();
+
+                assert_eq!(purging.await.unwrap().unwrap(), 0, "{rule} rule");
+                let row = store.job(id).await.unwrap();
+                assert_eq!(
+                    row.map(|row| row.state),
+                    Some("waiting".to_string()),
+                    "the re-driven job outlives the purge by its {rule} rule"
+                );
+                assert_eq!(
+                    store.job_failures(id).await.unwrap().len(),
+                    1,
+                    "{rule} rule"
+                );
+            }
         }
     }
 }
