@@ -286,7 +286,10 @@ impl MarketConfig {
         else {
             return Err(CoreRejection::InvalidMarketAssets);
         };
-        let notional_decimals = spec.price_decimals + spec.qty_decimals;
+        // Decimals come from a command: summed without overflow, or refused.
+        let Some(notional_decimals) = spec.price_decimals.checked_add(spec.qty_decimals) else {
+            return Err(CoreRejection::InvalidMarketAssets);
+        };
         if base == quote
             || base_asset.decimals < spec.qty_decimals
             || quote_asset.decimals < notional_decimals

@@ -101,6 +101,15 @@ pub enum RecoveryError {
         /// The refusal.
         reason: CoreRejection,
     },
+    /// A task of recovery (the journal's reader or its decoder) failed before the journal's
+    /// end, so what was replayed may be only part of it.
+    #[error("recovery's journal {task} failed: {problem}")]
+    Interrupted {
+        /// Which task.
+        task: &'static str,
+        /// How it failed.
+        problem: String,
+    },
     /// A snapshot passed its checksum but does not restore or match its recorded hash.
     #[error("snapshot at {seq}: {problem}")]
     BadSnapshot {
@@ -343,8 +352,17 @@ pub async fn recover(
         // Dropped when the decoder has finished or holds enough groups already.
         let _ = give_back.try_send(group);
     }
-    let _ = decoder.await;
-    let _ = reader.await;
+    // The journal ended for replay when the decoder's channel closed; that is its end only
+    // if both tasks finished rather than failed (a panic in a test build, where panics
+    // unwind; release builds abort).
+    for (task, handle) in [("decoder", decoder), ("reader", reader)] {
+        if let Err(error) = handle.await {
+            return Err(RecoveryError::Interrupted {
+                task,
+                problem: error.to_string(),
+            });
+        }
+    }
     let recovery = Recovery {
         snapshot_seq: snapshot.map(|s| s.seq),
         skipped_snapshots: skipped,

@@ -959,7 +959,12 @@ impl Ledger {
             if !self.assets.contains_key(&asset) {
                 return Err(format!("{owner:?} holds unknown asset {asset}"));
             }
-            *sums.entry(asset).or_default() += balance.available + balance.held;
+            let sum = sums.entry(asset).or_default();
+            *sum = balance
+                .available
+                .checked_add(balance.held)
+                .and_then(|both| sum.checked_add(both))
+                .ok_or_else(|| format!("asset {asset}: balances overflow at {owner:?}"))?;
         }
         for (&asset, entry) in &self.assets {
             let sum = sums.get(&asset).copied().unwrap_or(0);
@@ -972,7 +977,10 @@ impl Ledger {
         }
         let mut held: BTreeMap<(Owner, AssetId), Amount> = BTreeMap::new();
         for hold in self.holds.values() {
-            *held.entry((hold.owner, hold.asset)).or_default() += hold.amount;
+            let sum = held.entry((hold.owner, hold.asset)).or_default();
+            *sum = sum.checked_add(hold.amount).ok_or_else(|| {
+                format!("{:?}: holds of asset {} overflow", hold.owner, hold.asset)
+            })?;
         }
         for (&key, balance) in &self.balances {
             let by_holds = held.get(&key).copied().unwrap_or(0);

@@ -218,6 +218,17 @@ fn refusals_change_nothing() {
             CoreRejection::InvalidMarketAssets,
         ),
         (
+            // Decimals whose sum overflows: refused, not a panic.
+            CoreCommand::CreateMarket {
+                spec: MarketSpec::new("BTC-EUR", u32::MAX, 1, 1, 1),
+                base: BTC,
+                quote: USD,
+                maker_fee_bps: 0,
+                taker_fee_bps: 0,
+            },
+            CoreRejection::InvalidMarketAssets,
+        ),
+        (
             CoreCommand::CreateMarket {
                 spec: MarketSpec::new("BTC-EUR", 0, 0, 1, 1),
                 base: BTC,
@@ -570,6 +581,40 @@ fn damaged_core_snapshots_are_errors() {
             other.verify().unwrap();
         }
     }
+}
+
+#[test]
+fn a_snapshot_whose_holds_overflow_is_refused_not_a_panic() {
+    // Two orders' holds of one user's BTC, each rewritten to 2^127 in the snapshot's bytes:
+    // their sum overflows an amount. A snapshot passes the store's checksum only if it was
+    // written so, but restoring must still answer with an error.
+    let mut state = setup(Settlement::Instant);
+    run(
+        &mut state,
+        CoreCommand::Deposit {
+            user: 1,
+            asset: BTC,
+            amount: 100_000_000,
+        },
+    )
+    .unwrap();
+    run(&mut state, limit(1, 1, Side::Sell, 100, 1_111)).unwrap();
+    run(&mut state, limit(2, 1, Side::Sell, 100, 2_222)).unwrap();
+    let mut bytes = state.snapshot();
+    for qty in [1_111u128, 2_222] {
+        // A sell holds its quantity in the base asset's units (8 decimals, lots of 4).
+        let held = (qty * 10_000).to_le_bytes();
+        let at = bytes
+            .windows(held.len())
+            .position(|window| window == held)
+            .expect("the hold's amount is in the snapshot");
+        bytes[at..at + held.len()].copy_from_slice(&(1u128 << 127).to_le_bytes());
+    }
+    let restored = std::panic::catch_unwind(|| State::restore(&bytes).map(|_| ()));
+    let error = restored
+        .expect("restoring does not panic")
+        .expect_err("holds that overflow are refused");
+    assert!(error.to_string().contains("overflow"), "{error}");
 }
 
 #[test]
