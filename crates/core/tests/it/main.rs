@@ -54,6 +54,19 @@ fn run(state: &mut State, command: CoreCommand) -> Result<Output, CoreRejection>
     state.apply(&command, &mut out).map(|()| out)
 }
 
+/// Credits a user with an asset; the test's set-up, so it must be accepted.
+fn deposit(state: &mut State, user: u64, asset: u32, amount: u128) {
+    run(
+        state,
+        CoreCommand::Deposit {
+            user,
+            asset,
+            amount,
+        },
+    )
+    .unwrap();
+}
+
 fn limit(id: u64, user: u64, side: Side, price: i64, qty: u64) -> CoreCommand {
     CoreCommand::Place(PlaceOrder::limit(
         MARKET,
@@ -72,24 +85,8 @@ fn bal(available: u128, held: u128) -> Balance {
 #[test]
 fn an_instant_trade_settles_with_fees_and_releases_what_is_left() {
     let mut state = setup(Settlement::Instant);
-    run(
-        &mut state,
-        CoreCommand::Deposit {
-            user: 1,
-            asset: BTC,
-            amount: 100_000_000,
-        },
-    )
-    .unwrap();
-    run(
-        &mut state,
-        CoreCommand::Deposit {
-            user: 2,
-            asset: USD,
-            amount: 10_000_000_000_000,
-        },
-    )
-    .unwrap();
+    deposit(&mut state, 1, BTC, 100_000_000);
+    deposit(&mut state, 2, USD, 10_000_000_000_000);
     // Alice sells 0.5 BTC at 50,000.00: 0.5 BTC held.
     run(&mut state, limit(1, 1, Side::Sell, 5_000_000, 5_000)).unwrap();
     assert_eq!(
@@ -132,15 +129,7 @@ fn an_instant_trade_settles_with_fees_and_releases_what_is_left() {
 #[test]
 fn refusals_change_nothing() {
     let mut state = setup(Settlement::Instant);
-    run(
-        &mut state,
-        CoreCommand::Deposit {
-            user: 1,
-            asset: USD,
-            amount: 1_000_000_000,
-        },
-    )
-    .unwrap();
+    deposit(&mut state, 1, USD, 1_000_000_000);
     run(&mut state, limit(1, 1, Side::Buy, 100, 10_000)).unwrap();
     let cases = [
         // The engine's verdict comes before the funds check: a duplicate id is reported as such
@@ -254,15 +243,7 @@ fn refusals_change_nothing() {
         assert_eq!(state.state_hash(), before, "{command:?} changed the state");
     }
     // A market sell needs base; a market buy on an instant market needs a protection price.
-    run(
-        &mut state,
-        CoreCommand::Deposit {
-            user: 2,
-            asset: BTC,
-            amount: 100_000_000,
-        },
-    )
-    .unwrap();
+    deposit(&mut state, 2, BTC, 100_000_000);
     run(&mut state, limit(5, 2, Side::Sell, 200, 10)).unwrap();
     let naked = CoreCommand::Place(PlaceOrder::market(MARKET, 6, 1, Side::Buy, Qty(1)));
     assert_eq!(
@@ -275,15 +256,7 @@ fn refusals_change_nothing() {
 #[test]
 fn escrow_fills_keep_the_sellers_base_held_per_trade() {
     let mut state = setup(Settlement::Escrow);
-    run(
-        &mut state,
-        CoreCommand::Deposit {
-            user: 1,
-            asset: BTC,
-            amount: 10_000,
-        },
-    )
-    .unwrap();
+    deposit(&mut state, 1, BTC, 10_000);
     run(&mut state, limit(1, 1, Side::Sell, 100, 1)).unwrap();
     // The buyer pays off-platform: no funds needed, nothing held for the buy.
     run(&mut state, limit(2, 2, Side::Buy, 100, 1)).unwrap();
@@ -301,15 +274,7 @@ fn escrow_fills_keep_the_sellers_base_held_per_trade() {
 #[test]
 fn withdrawals_hold_then_leave_or_return() {
     let mut state = setup(Settlement::Instant);
-    run(
-        &mut state,
-        CoreCommand::Deposit {
-            user: 1,
-            asset: BTC,
-            amount: 1_000,
-        },
-    )
-    .unwrap();
+    deposit(&mut state, 1, BTC, 1_000);
     run(
         &mut state,
         CoreCommand::RequestWithdrawal {
@@ -534,15 +499,7 @@ proptest! {
 #[test]
 fn damaged_core_snapshots_are_errors() {
     let mut state = setup(Settlement::Instant);
-    run(
-        &mut state,
-        CoreCommand::Deposit {
-            user: 1,
-            asset: BTC,
-            amount: 20_000_000,
-        },
-    )
-    .unwrap();
+    deposit(&mut state, 1, BTC, 20_000_000);
     run(
         &mut state,
         CoreCommand::SetReputation {
@@ -589,15 +546,7 @@ fn a_snapshot_whose_holds_overflow_is_refused_not_a_panic() {
     // their sum overflows an amount. A snapshot passes the store's checksum only if it was
     // written so, but restoring must still answer with an error.
     let mut state = setup(Settlement::Instant);
-    run(
-        &mut state,
-        CoreCommand::Deposit {
-            user: 1,
-            asset: BTC,
-            amount: 100_000_000,
-        },
-    )
-    .unwrap();
+    deposit(&mut state, 1, BTC, 100_000_000);
     run(&mut state, limit(1, 1, Side::Sell, 100, 1_111)).unwrap();
     run(&mut state, limit(2, 1, Side::Sell, 100, 2_222)).unwrap();
     let mut bytes = state.snapshot();
@@ -620,15 +569,7 @@ fn a_snapshot_whose_holds_overflow_is_refused_not_a_panic() {
 #[test]
 fn a_user_holds_at_most_the_open_order_limit() {
     let mut state = setup(Settlement::Instant);
-    run(
-        &mut state,
-        CoreCommand::Deposit {
-            user: 1,
-            asset: BTC,
-            amount: 1 << 80,
-        },
-    )
-    .unwrap();
+    deposit(&mut state, 1, BTC, 1 << 80);
     let max = agora_core::limits::OPEN_ORDERS_PER_USER_MAX as u64;
     for id in 1..=max {
         run(&mut state, limit(id, 1, Side::Sell, 100, 1)).unwrap();
@@ -641,15 +582,7 @@ fn a_user_holds_at_most_the_open_order_limit() {
     );
     assert_eq!(state.state_hash(), before);
     // Another user is not affected, and a cancel makes room.
-    run(
-        &mut state,
-        CoreCommand::Deposit {
-            user: 2,
-            asset: USD,
-            amount: 1 << 60,
-        },
-    )
-    .unwrap();
+    deposit(&mut state, 2, USD, 1 << 60);
     run(&mut state, limit(max + 2, 2, Side::Buy, 99, 1)).unwrap();
     run(
         &mut state,
