@@ -1128,20 +1128,27 @@ impl State {
     /// engine's is computed on a second thread while this one computes the ledger's and
     /// sorts the tracked orders; they are combined in the same order either way.
     pub fn state_hash(&self) -> [u8; 32] {
+        self.state_hash_with(EscrowParties::Hashed)
+    }
+
+    /// [`State::state_hash`], or the hash as it was before it covered each escrow's market,
+    /// seller and buyer (what snapshots up to version 3 recorded).
+    pub(crate) fn state_hash_with(&self, parties: EscrowParties) -> [u8; 32] {
         let orders: usize = self
             .engine
             .markets()
             .map(|market| self.engine.live_orders(market))
             .sum();
-        self.state_hash_on(if orders >= limits::PARALLEL_HASH_ORDERS_MIN {
+        let threads = if orders >= limits::PARALLEL_HASH_ORDERS_MIN {
             2
         } else {
             1
-        })
+        };
+        self.state_hash_on(threads, parties)
     }
 
     /// [`State::state_hash`] on one thread or two.
-    fn state_hash_on(&self, threads: u32) -> [u8; 32] {
+    fn state_hash_on(&self, threads: u32, parties: EscrowParties) -> [u8; 32] {
         let (engine, ledger, tracked) = if threads > 1 {
             std::thread::scope(|scope| {
                 // A thread the system refuses to start leaves the work to this one.
@@ -1201,11 +1208,24 @@ impl State {
             hasher.update(escrow.hold.to_le_bytes());
             hasher.update(escrow.base_amount.to_le_bytes());
             hasher.update(escrow.quote_amount.to_le_bytes());
+            if parties == EscrowParties::Hashed {
+                hasher.update(escrow.market.0.to_le_bytes());
+                hasher.update(escrow.seller.to_le_bytes());
+                hasher.update(escrow.buyer.to_le_bytes());
+            }
         }
         hasher.update(self.next_hold.to_le_bytes());
         hasher.update(self.next_trade.to_le_bytes());
         hasher.finalize().into()
     }
+}
+
+/// Whether the state hash covers each escrow's market, seller and buyer: it does since
+/// snapshot version 4; the hashes recorded with older snapshots did not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum EscrowParties {
+    Hashed,
+    Unhashed,
 }
 
 #[cfg(test)]
@@ -1233,7 +1253,15 @@ mod tests {
             state.apply(&CoreCommand::Place(place), &mut out).unwrap();
         }
         assert!(state.engine().live_orders(market) > 100);
-        assert_eq!(state.state_hash_on(2), state.state_hash_on(1));
-        assert_eq!(state.state_hash(), state.state_hash_on(1));
+        for parties in [EscrowParties::Hashed, EscrowParties::Unhashed] {
+            assert_eq!(
+                state.state_hash_on(2, parties),
+                state.state_hash_on(1, parties)
+            );
+        }
+        assert_eq!(
+            state.state_hash(),
+            state.state_hash_on(1, EscrowParties::Hashed)
+        );
     }
 }

@@ -284,7 +284,7 @@ pub async fn recover(
                     seq: snapshot.seq,
                     problem: e.to_string(),
                 })?;
-            if state.state_hash() != snapshot.state_hash {
+            if state.state_hash_as_recorded_by(&snapshot.payload) != snapshot.state_hash {
                 return Err(RecoveryError::BadSnapshot {
                     seq: snapshot.seq,
                     problem: "the restored state's hash differs from the recorded one".into(),

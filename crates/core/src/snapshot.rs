@@ -5,10 +5,14 @@ use book::{Engine, MarketId};
 use ledger::Ledger;
 
 use crate::codec::{DecodeError, Reader, Writer};
-use crate::{EscrowTrade, MarketConfig, State, Tracked};
+use crate::{EscrowParties, EscrowTrade, MarketConfig, State, Tracked};
 
 const MAGIC: &[u8; 4] = b"AGCR";
-const VERSION: u32 = 3;
+/// The bytes are those of version 3; the hash recorded with a snapshot covers each escrow's
+/// market, seller and buyer since this version.
+const VERSION: u32 = 4;
+/// The version whose recorded state hash left out escrows' markets, sellers and buyers.
+const VERSION_ESCROW_PARTIES_UNHASHED: u32 = 3;
 /// The version before markets could be halted: read as if none were.
 const VERSION_UNHALTED: u32 = 2;
 
@@ -86,6 +90,22 @@ impl State {
         out
     }
 
+    /// The hash of this state as the snapshot `bytes` it was restored from recorded it: the
+    /// current [`State::state_hash`], or for a snapshot older than version 4, the hash without
+    /// escrows' markets, sellers and buyers. What recovery checks a snapshot's recorded hash
+    /// against.
+    pub fn state_hash_as_recorded_by(&self, bytes: &[u8]) -> [u8; 32] {
+        let version = bytes
+            .get(MAGIC.len()..MAGIC.len() + 4)
+            .and_then(|version| version.try_into().ok())
+            .map_or(VERSION, u32::from_le_bytes);
+        if version <= VERSION_ESCROW_PARTIES_UNHASHED {
+            self.state_hash_with(EscrowParties::Unhashed)
+        } else {
+            self.state_hash()
+        }
+    }
+
     /// Rebuilds a core from [`State::snapshot`] bytes; refuses anything inconsistent.
     pub fn restore(bytes: &[u8]) -> Result<State, SnapshotError> {
         let mut r = Reader { bytes, at: 0 };
@@ -93,9 +113,9 @@ impl State {
             return Err(SnapshotError("not a core snapshot".into()));
         }
         let version = r.u32()?;
-        if version != VERSION && version != VERSION_UNHALTED {
+        if !(VERSION_UNHALTED..=VERSION).contains(&version) {
             return Err(SnapshotError(format!(
-                "core snapshot version {version}; this build reads {VERSION_UNHALTED} and {VERSION}"
+                "core snapshot version {version}; this build reads {VERSION_UNHALTED} to {VERSION}"
             )));
         }
         let engine_len = r.u64()? as usize;
@@ -124,7 +144,7 @@ impl State {
                 .clone();
             let mut config = MarketConfig::new(&state.ledger, &spec, base, quote, maker, taker)
                 .map_err(|reason| SnapshotError(format!("market {index}: {}", reason.code())))?;
-            if version >= VERSION {
+            if version >= VERSION_ESCROW_PARTIES_UNHASHED {
                 config.halted = match r.u8()? {
                     0 => false,
                     1 => true,

@@ -742,6 +742,7 @@ fn the_state_hash_and_snapshot_of_a_known_history_do_not_drift() {
     use sha2::{Digest, Sha256};
     let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
     let mut found = Vec::new();
+    let mut found_version_3 = Vec::new();
     for settlement in [Settlement::Instant, Settlement::Escrow] {
         let mut state = setup(settlement);
         for user in 1..=4 {
@@ -799,14 +800,67 @@ fn the_state_hash_and_snapshot_of_a_known_history_do_not_drift() {
         assert!(stop.resting && stop.remaining == Qty(2));
         assert!(state.engine().order(MARKET, 21).is_none());
         found.push(hex(&state.state_hash()));
-        found.push(hex(&Sha256::digest(state.snapshot())));
+        let bytes = state.snapshot();
+        found.push(hex(&Sha256::digest(&bytes)));
+        // The same bytes as version 3 wrote them, and the hash such a snapshot recorded.
+        let mut version_3 = bytes.clone();
+        version_3[4..8].copy_from_slice(&3u32.to_le_bytes());
+        let restored = State::restore(&version_3).unwrap();
+        assert_eq!(restored.state_hash(), state.state_hash());
+        found_version_3.push(hex(&restored.state_hash_as_recorded_by(&version_3)));
+        found_version_3.push(hex(&Sha256::digest(&version_3)));
     }
-    // Recorded before the core's per-order tracking moved into the engine, and unchanged by it.
+    // Since snapshot version 4 the hash covers each escrow's market, seller and buyer: the
+    // escrow market's hash and both snapshots' bytes (their version) changed with it.
     let expected = [
+        "00903763bb433a0f887dc9d1753de9525a59311b6798ddcefe6a4aa69b2dc713",
+        "d56f6609a71f5919df7c16af87908dd8a6c42af8cb16944df193d5bfe6e860bc",
+        "5eb6f34e6076c48bdf3b54918121878fbf8b1588d84c1908115d8fe6f9ee6b38",
+        "5777dd9cfec41427dae5943fb0b7d699aacf754825c645ebde348130faaacc64",
+    ];
+    assert_eq!(found, expected);
+    // Recorded with version 3, before the core's per-order tracking moved into the engine and
+    // unchanged by it: a snapshot written then still restores and matches its recorded hash.
+    let expected_version_3 = [
         "00903763bb433a0f887dc9d1753de9525a59311b6798ddcefe6a4aa69b2dc713",
         "efed04b2fb2b393f6cca7dddb46c71d1bdf11ef5f4d2f511cde5e0f049f4bc51",
         "d3e6fd81528c163cfd9fd42959b12bcee539b89bd2db46ecd812182739fbe93d",
         "f6d89d8ad6d35912d198c83c230ddf7ddc30d209f80854eab9532bd11d6f383f",
     ];
-    assert_eq!(found, expected);
+    assert_eq!(found_version_3, expected_version_3);
+}
+
+#[test]
+fn an_escrows_market_seller_and_buyer_are_in_the_state_hash() {
+    let mut state = setup(Settlement::Escrow);
+    for user in 1..=3 {
+        deposit(&mut state, user, BTC, 1 << 40);
+    }
+    run(&mut state, limit(1, 1, Side::Sell, 100, 10)).unwrap();
+    run(&mut state, limit(2, 2, Side::Buy, 100, 10)).unwrap();
+    let escrow = *state.escrows().values().next().expect("the trade's escrow");
+    assert_eq!((escrow.seller, escrow.buyer), (1, 2));
+    // The last escrow is encoded just before the two counters (8 bytes each): market (4),
+    // seller (8), buyer (8), hold (8), base and quote amounts (16 each).
+    let bytes = state.snapshot();
+    let buyer_at = bytes.len() - 16 - 32 - 8 - 8;
+    assert_eq!(bytes[buyer_at..buyer_at + 8], 2u64.to_le_bytes());
+    let mut other_buyer = bytes.clone();
+    other_buyer[buyer_at..buyer_at + 8].copy_from_slice(&3u64.to_le_bytes());
+    let other = State::restore(&other_buyer).unwrap();
+    assert_eq!(other.escrows().values().next().unwrap().buyer, 3);
+    assert_ne!(other.state_hash(), state.state_hash());
+    // A snapshot of version 3 recorded the hash without them.
+    let mut version_3 = other_buyer.clone();
+    version_3[4..8].copy_from_slice(&3u32.to_le_bytes());
+    let mut original_3 = bytes.clone();
+    original_3[4..8].copy_from_slice(&3u32.to_le_bytes());
+    assert_eq!(
+        State::restore(&version_3)
+            .unwrap()
+            .state_hash_as_recorded_by(&version_3),
+        State::restore(&original_3)
+            .unwrap()
+            .state_hash_as_recorded_by(&original_3),
+    );
 }
