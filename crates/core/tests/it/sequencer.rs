@@ -335,3 +335,65 @@ async fn recovery_replays_every_batch_in_order_and_names_one_that_does_not_decod
         }
     }
 }
+
+/// Recovery hands replay groups of about 4,096 decoded commands and reads 64 batches at a
+/// time: batches of very different sizes (one command, one short of a group, a group, more
+/// than a group) make groups close in the middle of reads and single batches fill a group
+/// alone. Recovery from zero and from a snapshot taken between them must both reach the
+/// state built while appending.
+#[tokio::test]
+async fn recovery_replays_batches_of_every_size_across_groups_and_reads() {
+    use agora_core::{Output, State, codec, workload};
+    use store::Snapshot;
+    const USERS: u64 = 8;
+    const BATCHES: usize = 105;
+    const SIZES: [u64; 7] = [1, 4_095, 4_096, 5_003, 37, 1, 200];
+    const SNAPSHOT_AFTER: usize = 60;
+    for backend in backends("every_size") {
+        let store = backend.open().await;
+        let mut state = State::new();
+        let mut out = Output::default();
+        let mut k = 0u64;
+        let setup = workload::setup(USERS);
+        let mut payload = Vec::new();
+        for command in &setup {
+            codec::encode(command, &mut payload);
+            state.apply(command, &mut out).expect("the set-up applies");
+        }
+        store.append(setup.len() as u64, payload).await.unwrap();
+        let mut seq = setup.len() as u64;
+        let mut snapshot_seq = 0;
+        for batch in 0..BATCHES {
+            let size = SIZES[batch % SIZES.len()];
+            let mut payload = Vec::new();
+            for _ in 0..size {
+                let command = workload::place_cancel(1 + k % USERS, k / USERS);
+                k += 1;
+                codec::encode(&command, &mut payload);
+                out.clear();
+                state.apply(&command, &mut out).expect("the mix applies");
+            }
+            store.append(size, payload).await.unwrap();
+            seq += size;
+            if batch == SNAPSHOT_AFTER {
+                snapshot_seq = seq;
+                let snapshot = Snapshot {
+                    seq,
+                    state_hash: state.state_hash(),
+                    payload: state.snapshot(),
+                };
+                store.put_snapshot(&snapshot, 0).await.unwrap();
+            }
+        }
+        let (_, from_zero) = recover(&store, RecoverFrom::Zero).await.unwrap();
+        assert_eq!((from_zero.replayed_commands, from_zero.seq), (seq, seq));
+        assert_eq!(from_zero.state_hash, state.state_hash());
+        let (_, from_snapshot) = recover(&store, RecoverFrom::LatestSnapshot).await.unwrap();
+        assert_eq!(from_snapshot.snapshot_seq, Some(snapshot_seq));
+        assert_eq!(
+            (from_snapshot.replayed_commands, from_snapshot.seq),
+            (seq - snapshot_seq, seq)
+        );
+        assert_eq!(from_snapshot.state_hash, state.state_hash());
+    }
+}
