@@ -20,9 +20,12 @@ pub fn decimal(field: &str, text: &str) -> Result<Decimal, ApiError> {
         && text.bytes().all(|b| b.is_ascii_digit() || b == b'.')
         && text.bytes().filter(|&b| b == b'.').count() <= 1
         && text.bytes().any(|b| b.is_ascii_digit());
+    // `Decimal::from_str` rounds what it cannot hold (more than 28 places, or more
+    // significant digits than its 96 bits): only a value that reads back as written is taken.
     plain
         .then(|| Decimal::from_str(text).ok())
         .flatten()
+        .filter(|value| value.normalize().to_string() == canonical(text))
         .ok_or_else(|| {
             ApiError::invalid(
                 "INVALID_DECIMAL",
@@ -32,6 +35,20 @@ pub fn decimal(field: &str, text: &str) -> Result<Decimal, ApiError> {
                 ),
             )
         })
+}
+
+/// A plain decimal string as `Decimal` writes it normalized: no leading zeros before the
+/// point (but one), no trailing zeros after it, and no point when nothing follows it.
+fn canonical(text: &str) -> String {
+    let (whole, fraction) = text.split_once('.').unwrap_or((text, ""));
+    let whole = whole.trim_start_matches('0');
+    let fraction = fraction.trim_end_matches('0');
+    let whole = if whole.is_empty() { "0" } else { whole };
+    if fraction.is_empty() {
+        whole.to_string()
+    } else {
+        format!("{whole}.{fraction}")
+    }
 }
 
 /// A decimal as a count of `10^-decimals` units; `None` when it has more places or does not
@@ -255,6 +272,19 @@ mod tests {
         }
         for bad in ["", "-1", "1e5", "1.2.3", ".", "abc", " 1"] {
             assert!(decimal("x", bad).is_err(), "{bad:?}");
+        }
+        // Digits a decimal cannot hold are refused, not rounded away (29 places and more, or
+        // more significant digits than 96 bits).
+        for rounded in [
+            "1.99999999999999999999999999999",
+            "0.000000000000000000000000000001",
+            "79228162514264337593543950335.5",
+        ] {
+            assert!(decimal("x", rounded).is_err(), "{rounded:?}");
+        }
+        for exact in ["007.50", "0.0000000000000000000000000001", "10.", ".5", "0"] {
+            let value = decimal("x", exact).unwrap();
+            assert_eq!(value.normalize().to_string(), canonical(exact), "{exact:?}");
         }
         assert_eq!(from_units(1234, 2), "12.34");
         assert_eq!(from_units(5, 0), "5");
