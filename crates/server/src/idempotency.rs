@@ -182,26 +182,54 @@ pub async fn idempotency(
             .await);
     };
     let method = parts.method.clone();
-    let path = parts.uri.path().to_string();
-    let run = |chosen: Option<ChosenOrderId>| {
-        let mut request = Request::from_parts(parts, HttpBody::from(bytes.clone()));
+    // The query is part of the request: `DELETE /orders?market=…` names its market there.
+    let target = parts
+        .uri
+        .path_and_query()
+        .map_or_else(|| parts.uri.path().to_string(), |target| target.to_string());
+    let body = bytes.to_vec();
+    let run = move |chosen: Option<ChosenOrderId>| {
+        let mut request = Request::from_parts(parts, HttpBody::from(bytes));
         if let Some(chosen) = chosen {
             request.extensions_mut().insert(chosen);
         }
         next.run(request)
     };
-    keyed(app, caller, &key, (&method, &path, &bytes), placement, run).await
+    keyed(app, caller, key, (method, target, body), placement, run).await
 }
 
 /// Runs the command `run` under `key`, the same for a request over HTTP and a command over
 /// the WebSocket: refused while the key is in flight, the stored answer given again for the
-/// same `(method, path, body)`, 409 for another; otherwise `run` is called (a placement with
-/// the order id kept with the key) and its answer stored.
+/// same `(method, path and query, body)`, 409 for another; otherwise `run` is called (a
+/// placement with the order id kept with the key) and its answer stored.
+///
+/// The work runs in a task of its own and goes on to its end when the caller stops waiting
+/// (a client that disconnects, a request past its timeout): a command already handed to the
+/// sequencer then still has its answer stored under the key, and a retry gets that answer
+/// instead of running the command again.
 pub(crate) async fn keyed<F, Fut>(
     app: &Arc<App>,
     caller: Caller,
+    key: String,
+    request: (Method, String, Vec<u8>),
+    placement: bool,
+    run: F,
+) -> Result<Response, ApiError>
+where
+    F: FnOnce(Option<ChosenOrderId>) -> Fut + Send + 'static,
+    Fut: Future<Output = Response> + Send + 'static,
+{
+    let app = app.clone();
+    tokio::spawn(async move { keyed_to_the_end(&app, caller, &key, request, placement, run).await })
+        .await
+        .map_err(ApiError::internal)?
+}
+
+async fn keyed_to_the_end<F, Fut>(
+    app: &Arc<App>,
+    caller: Caller,
     key: &str,
-    (method, path, body): (&Method, &str, &[u8]),
+    (method, path, body): (Method, String, Vec<u8>),
     placement: bool,
     run: F,
 ) -> Result<Response, ApiError>
@@ -215,7 +243,7 @@ where
     hasher.update(b"\n");
     hasher.update(path.as_bytes());
     hasher.update(b"\n");
-    hasher.update(body);
+    hasher.update(&body);
     let hash: [u8; 32] = hasher.finalize().into();
     let chosen = placement.then(|| app.next_order_id());
     let now = now_ms();

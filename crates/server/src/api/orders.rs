@@ -734,9 +734,11 @@ pub async fn ws_command(
         Some(Ok(key)) => Some(crate::idempotency::checked_key(&key, "idempotency_key")?),
         Some(Err(_)) => Some(crate::idempotency::checked_key("", "idempotency_key")?),
     };
-    let run = |chosen: Option<ChosenOrderId>| {
-        let app = app.clone();
-        let body = body.clone();
+    let op = op.to_string();
+    let (run_app, run_body) = (app.clone(), body.clone());
+    let run = move |chosen: Option<ChosenOrderId>| {
+        let app = run_app;
+        let body = run_body;
         async move {
             let answer = async {
                 let response = match id {
@@ -767,15 +769,8 @@ pub async fn ws_command(
                 None => "/api/v1/orders".to_string(),
                 Some(id) => format!("/api/v1/orders/{id}"),
             };
-            crate::idempotency::keyed(
-                app,
-                caller,
-                &key,
-                (&method, &path, &body),
-                id.is_none(),
-                run,
-            )
-            .await?
+            crate::idempotency::keyed(app, caller, key, (method, path, body), id.is_none(), run)
+                .await?
         }
         None => run(None).await,
     };

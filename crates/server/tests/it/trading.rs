@@ -1089,3 +1089,127 @@ async fn snapshots_follow_the_configured_interval() {
         0
     );
 }
+
+/// A keyed request whose client stops waiting (here, a client timeout of a few milliseconds)
+/// still runs to its end on the server and stores its answer: the retry with the same key
+/// gets that answer, and no placement runs twice. Before, the dropped request left its key
+/// pending and free, and the retry placed the order again (an IOC or filled order is no
+/// longer live, so its id could be used again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_placement_whose_client_gave_up_runs_once() {
+    const PLACEMENTS: u64 = 300;
+    for h in harnesses("idempotency_gave_up").await {
+        let admin = h.admin().await;
+        h.market(&admin).await;
+        let (alice, alice_token) = h.user(&admin, "alice").await;
+        let (bob, bob_token) = h.user(&admin, "bob").await;
+        h.deposit(&admin, alice, "BTC", "100").await;
+        h.deposit(&admin, bob, "USDT", "100000000").await;
+        h.expect(
+            StatusCode::CREATED,
+            Method::POST,
+            "/api/v1/orders",
+            Some(&alice_token),
+            Some(json!({"market": "BTC-USDT", "side": "sell", "price": "100", "qty": "90"})),
+        )
+        .await;
+        let body = r#"{"market":"BTC-USDT","side":"buy","price":"100","qty":"0.001","tif":"IOC"}"#;
+        for n in 0..PLACEMENTS {
+            let key = format!("gave-up-{n}");
+            let impatient = reqwest::Client::builder()
+                .timeout(std::time::Duration::from_micros(500 + (n % 20) * 400))
+                .build()
+                .unwrap();
+            let _ = impatient
+                .post(format!("{}/api/v1/orders", h.base))
+                .bearer_auth(&bob_token)
+                .header("content-type", "application/json")
+                .header("idempotency-key", &key)
+                .body(body)
+                .send()
+                .await;
+            loop {
+                let retry = h
+                    .client
+                    .post(format!("{}/api/v1/orders", h.base))
+                    .bearer_auth(&bob_token)
+                    .header("content-type", "application/json")
+                    .header("idempotency-key", &key)
+                    .body(body)
+                    .send()
+                    .await
+                    .unwrap();
+                let status = retry.status();
+                let text = retry.text().await.unwrap();
+                if status == StatusCode::CONFLICT && text.contains("IN_FLIGHT") {
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                    continue;
+                }
+                assert_eq!(status, StatusCode::CREATED, "{key}: {text}");
+                break;
+            }
+        }
+        let trades = h
+            .expect(
+                StatusCode::OK,
+                Method::GET,
+                "/api/v1/trades?limit=1000",
+                Some(&bob_token),
+                None,
+            )
+            .await;
+        let mut by_order = std::collections::BTreeMap::<u64, u32>::new();
+        for trade in trades.as_array().unwrap() {
+            *by_order
+                .entry(trade["order"].as_u64().unwrap())
+                .or_default() += 1;
+        }
+        let twice: Vec<_> = by_order.iter().filter(|(_, n)| **n > 1).collect();
+        assert!(twice.is_empty(), "orders that traded twice: {twice:?}");
+        assert_eq!(by_order.len() as u64, PLACEMENTS, "{trades}");
+        h.stop().await;
+    }
+}
+
+/// The query string is part of a keyed request: the same key with another market to cancel
+/// in is another request (409), not the first one's answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_reused_with_another_query_is_refused() {
+    for h in harnesses("idempotency_query").await {
+        let admin = h.admin().await;
+        h.market(&admin).await;
+        let (alice, token) = h.user(&admin, "alice").await;
+        h.deposit(&admin, alice, "BTC", "1").await;
+        h.expect(
+            StatusCode::CREATED,
+            Method::POST,
+            "/api/v1/orders",
+            Some(&token),
+            Some(json!({"market": "BTC-USDT", "side": "sell", "price": "100", "qty": "0.1"})),
+        )
+        .await;
+        let cancel_all = |query: &'static str| {
+            h.client
+                .delete(format!("{}/api/v1/orders?{query}", h.base))
+                .bearer_auth(&token)
+                .header("idempotency-key", "cancel-all")
+                .send()
+        };
+        let first = cancel_all("market=BTC-USDT").await.unwrap();
+        assert_eq!(first.status(), StatusCode::OK);
+        let again = cancel_all("market=BTC-USDT").await.unwrap();
+        assert_eq!(again.status(), StatusCode::OK);
+        assert!(again.headers().contains_key("idempotent-replayed"));
+        let other = cancel_all("market=ETH-USDT").await.unwrap();
+        assert_eq!(other.status(), StatusCode::CONFLICT);
+        assert!(
+            other
+                .text()
+                .await
+                .unwrap()
+                .contains("IDEMPOTENCY_KEY_REUSED"),
+            "another query under the same key"
+        );
+        h.stop().await;
+    }
+}
