@@ -583,7 +583,7 @@ fn truncate(mut text: String, max: usize) -> String {
     text
 }
 
-fn encode_json(
+pub(crate) fn encode_json(
     field: &'static str,
     value: &serde_json::Value,
     max: usize,

@@ -458,7 +458,18 @@ async fn run_job(
         tokio::select! {
             finished = &mut work => {
                 return match finished {
-                    Ok(Ok(result)) => Outcome::Done(id, lease, result),
+                    // A result the store would refuse fails this job alone, rather than the
+                    // batch of completions it would be written with.
+                    Ok(Ok(Some(result))) => {
+                        match crate::encode_json("result", &result, limits::RESULT_BYTES_MAX) {
+                            Ok(_) => Outcome::Done(id, lease, Some(result)),
+                            Err(refused) => Outcome::Failed(
+                                job,
+                                JobError::new(ErrorCategory::Validation, refused.to_string()),
+                            ),
+                        }
+                    }
+                    Ok(Ok(None)) => Outcome::Done(id, lease, None),
                     Ok(Err(error)) => Outcome::Failed(job, error),
                     Err(_) => Outcome::Failed(job, JobError::new(
                         ErrorCategory::Timeout,

@@ -345,3 +345,63 @@ async fn prefetched_jobs_keep_their_leases_and_go_back_unstarted_at_shutdown() {
         assert_eq!(completed.len() + waiting.len(), ids.len());
     }
 }
+
+/// A handler's result larger than the queue keeps fails that job alone (as a validation
+/// error, so it is not retried); the jobs whose completions would have been written in the
+/// same batch complete. Before, the whole batch was refused and every job in it stayed
+/// active until its lease ran out.
+#[tokio::test]
+async fn an_oversized_result_fails_its_job_and_not_its_batch() {
+    for target in targets("oversized") {
+        let queue = Queue::new(target.open().await);
+        queue.declare("work").await.unwrap();
+        let big = queue
+            .add(JobSpec::new("work", "big", json!({})))
+            .await
+            .unwrap()
+            .id();
+        let small: Vec<JobSpec> = (0..20)
+            .map(|_| JobSpec::new("work", "small", json!({})))
+            .collect();
+        let small: Vec<i64> = queue
+            .add_bulk(&small)
+            .await
+            .unwrap()
+            .iter()
+            .map(|added| added.id())
+            .collect();
+        // All 21 handlers end together, so their outcomes share one completion batch.
+        let together = Arc::new(tokio::sync::Barrier::new(21));
+        let (for_big, for_small) = (together.clone(), together.clone());
+        let too_long = "x".repeat(queue::limits::RESULT_BYTES_MAX + 1);
+        let worker = Worker::new(queue.clone(), "work", patient(30))
+            .handle("big", move |_context: JobContext| {
+                let together = for_big.clone();
+                let result = json!(too_long);
+                async move {
+                    together.wait().await;
+                    Ok(Some(result))
+                }
+            })
+            .handle("small", move |_context: JobContext| {
+                let together = for_small.clone();
+                async move {
+                    together.wait().await;
+                    Ok(Some(json!("done")))
+                }
+            })
+            .start()
+            .await
+            .unwrap();
+        let dead = wait_for_state(&queue, big, "dead").await;
+        assert_eq!(dead.attempts, 1);
+        let failures = queue.failures(big).await.unwrap();
+        assert_eq!(failures.len(), 1);
+        assert_eq!(failures[0].category, "validation");
+        assert!(failures[0].message.contains("result"), "{failures:?}");
+        for id in small {
+            wait_for_state(&queue, id, "completed").await;
+        }
+        worker.shutdown().await.unwrap();
+    }
+}
