@@ -272,10 +272,24 @@ impl Worker {
                     store_error!(error);
                 }
             }
-            // Wait for a free slot, then take every free one.
-            let first = tokio::select! {
-                permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
-                _ = stopped.changed() => break,
+            // Wait for a free slot, then take every free one. Jobs waiting in the buffer keep
+            // their leases meanwhile, however long the running ones take.
+            // (A slot free at once needs no timer.)
+            let first = match slots.clone().try_acquire_owned() {
+                Ok(permit) => permit,
+                Err(_) => {
+                    let renewal = renewal_wait_ms(&buffer, options.lease_ms, queue.now_ms());
+                    tokio::select! {
+                        permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+                        _ = tokio::time::sleep(Duration::from_millis(renewal.unwrap_or(0))), if renewal.is_some() => {
+                            if let Err(error) = renew_buffer(&queue, &mut buffer, options.lease_ms).await {
+                                store_error!(error);
+                            }
+                            continue;
+                        }
+                        _ = stopped.changed() => break,
+                    }
+                }
             };
             let mut permits = vec![first];
             while permits.len() < limits::CLAIM_JOBS_MAX {
@@ -341,28 +355,12 @@ impl Worker {
                 }
                 continue;
             }
-            // Jobs that waited in the buffer for half their lease are renewed together (the
-            // oldest first in line decides); one whose lease was lost belongs to someone else.
             let now = queue.now_ms();
-            if buffer
-                .front()
-                .is_some_and(|job| job.lease_until_ms - now < (options.lease_ms / 2) as i64)
+            if renewal_wait_ms(&buffer, options.lease_ms, now) == Some(0)
+                && let Err(error) = renew_buffer(&queue, &mut buffer, options.lease_ms).await
             {
-                let held: Vec<(i64, i64)> = buffer.iter().map(|job| (job.id, job.lease)).collect();
-                match queue.heartbeat_many(&held, options.lease_ms).await {
-                    Ok(still) => {
-                        let until = now + options.lease_ms as i64;
-                        let mut still = still.into_iter();
-                        buffer.retain_mut(|job| {
-                            job.lease_until_ms = until;
-                            still.next().unwrap_or(false)
-                        });
-                    }
-                    Err(error) => {
-                        drop(permits);
-                        store_error!(error);
-                    }
-                }
+                drop(permits);
+                store_error!(error);
             }
             for permit in permits {
                 let Some(job) = buffer.pop_front() else { break };
@@ -407,6 +405,34 @@ impl Worker {
             None => written,
         }
     }
+}
+
+/// How long until the buffered jobs' leases are due for renewal, in milliseconds (0: now);
+/// `None` with nothing buffered. They are renewed together once the oldest, first in line,
+/// has half its lease left.
+fn renewal_wait_ms(buffer: &VecDeque<Job>, lease_ms: u64, now_ms: i64) -> Option<u64> {
+    let oldest = buffer.front()?;
+    let due = oldest.lease_until_ms - (lease_ms / 2) as i64;
+    Some(due.saturating_sub(now_ms).max(0) as u64)
+}
+
+/// Renews the leases of the buffered jobs in one statement; a job whose lease was lost
+/// belongs to someone else and leaves the buffer.
+async fn renew_buffer(
+    queue: &Queue,
+    buffer: &mut VecDeque<Job>,
+    lease_ms: u64,
+) -> Result<(), QueueError> {
+    let now = queue.now_ms();
+    let held: Vec<(i64, i64)> = buffer.iter().map(|job| (job.id, job.lease)).collect();
+    let still = queue.heartbeat_many(&held, lease_ms).await?;
+    let until = now + lease_ms as i64;
+    let mut still = still.into_iter();
+    buffer.retain_mut(|job| {
+        job.lease_until_ms = until;
+        still.next().unwrap_or(false)
+    });
+    Ok(())
 }
 
 /// PostgreSQL: forwards notifications of new jobs from other processes to this process's

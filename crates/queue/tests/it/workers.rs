@@ -405,3 +405,58 @@ async fn an_oversized_result_fails_its_job_and_not_its_batch() {
         worker.shutdown().await.unwrap();
     }
 }
+
+/// Jobs claimed ahead wait in the worker's buffer while a handler runs longer than the
+/// lease: the worker renews their leases as it waits for a free slot, so another worker's
+/// sweep for stalled jobs (here, the test's) takes none of them. Before, their leases were
+/// renewed only on the way to starting a job, and they lapsed.
+#[tokio::test]
+async fn jobs_waiting_in_the_buffer_keep_their_leases_while_a_long_job_runs() {
+    const LEASE_MS: u64 = 300;
+    const HANDLER_MS: u64 = 700;
+    for target in targets("buffer_leases") {
+        let queue = Queue::new(target.open().await);
+        queue.declare("work").await.unwrap();
+        let specs: Vec<JobSpec> = (0..4)
+            .map(|_| JobSpec::new("work", "slow", json!({})))
+            .collect();
+        let ids: Vec<i64> = queue
+            .add_bulk(&specs)
+            .await
+            .unwrap()
+            .iter()
+            .map(|added| added.id())
+            .collect();
+        let options = WorkerOptions {
+            prefetch: 10,
+            lease_ms: LEASE_MS,
+            ..patient(1)
+        };
+        let worker = Worker::new(queue.clone(), "work", options)
+            .handle("slow", |_context: JobContext| async move {
+                tokio::time::sleep(Duration::from_millis(HANDLER_MS)).await;
+                Ok(None)
+            })
+            .start()
+            .await
+            .unwrap();
+        // Another worker's sweep, every 50 ms, until every job has completed.
+        let mut swept = 0;
+        for id in &ids {
+            loop {
+                swept += queue.recover_stalled().await.unwrap();
+                if queue.job(*id).await.unwrap().state == "completed" {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        worker.shutdown().await.unwrap();
+        assert_eq!(swept, 0, "jobs taken as stalled");
+        for id in ids {
+            let job = queue.job(id).await.unwrap();
+            assert_eq!((job.state.as_str(), job.attempts), ("completed", 1), "{id}");
+            assert!(queue.failures(id).await.unwrap().is_empty(), "{id}");
+        }
+    }
+}
