@@ -84,12 +84,14 @@ impl InFlight {
             .expect("in-flight lock")
             .insert((kind, id))
         {
-            return Err(ApiError::conflict(
+            let mut busy = ApiError::conflict(
                 "CONFLICTING_COMMAND",
                 format!(
                     "another command on this {kind} is still running; retry when it is answered"
                 ),
-            ));
+            );
+            busy.retry_after_s = Some(1);
+            return Err(busy);
         }
         Ok(Busy {
             set: self,
@@ -285,13 +287,17 @@ where
     let status = response.status();
     // A handler's answer is JSON or empty; anything else is the framework refusing the path
     // or the method before a handler ran (rendered as an error body by an outer layer). Those,
-    // like server errors, are not kept: the key stays free and the request is refused again.
+    // like server errors and answers that ask for a retry (`Retry-After`: another command on
+    // the same order was running), are not kept: the key stays free for the retry.
     let from_handler = status.is_success()
         || response
             .headers()
             .get(axum::http::header::CONTENT_TYPE)
             .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
-    if status.is_server_error() || !from_handler {
+    let retry = response
+        .headers()
+        .contains_key(axum::http::header::RETRY_AFTER);
+    if status.is_server_error() || !from_handler || retry {
         app.store.idempotency_forget(caller.user, key).await?;
         return Ok(response);
     }

@@ -1213,3 +1213,62 @@ async fn a_key_reused_with_another_query_is_refused() {
         h.stop().await;
     }
 }
+
+/// A keyed command refused with 409 `CONFLICTING_COMMAND` (another command on the same order
+/// was running) is asked to retry: that answer is not kept under its key, and the retry with
+/// the same key runs the command instead of being given the 409 again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_command_refused_as_conflicting_can_be_retried_with_its_key() {
+    const ROUNDS_MAX: usize = 20;
+    let h = crate::Harness::start("sqlite", None, None, |_| {}).await;
+    let admin = h.admin().await;
+    h.market(&admin).await;
+    let (alice, token) = h.user(&admin, "alice").await;
+    h.deposit(&admin, alice, "BTC", "10").await;
+    let modify = |id: u64, key: String, qty: &str| {
+        h.client
+            .patch(format!("{}/api/v1/orders/{id}", h.base))
+            .bearer_auth(&token)
+            .header("idempotency-key", key)
+            .json(&json!({ "qty": qty }))
+            .send()
+    };
+    let mut refused = Vec::new();
+    for round in 0..ROUNDS_MAX {
+        let (_, _, placed) = keyed(
+            &h,
+            &token,
+            None,
+            r#"{"market":"BTC-USDT","side":"sell","price":"100","qty":"0.5"}"#,
+        )
+        .await;
+        let id = placed["order"]["id"].as_u64().unwrap();
+        let sends: Vec<_> = (0..8)
+            .map(|n| {
+                let send = modify(id, format!("conflict-{round}-{n}"), "0.4");
+                async move { (n, send.await.unwrap()) }
+            })
+            .collect();
+        for (n, response) in futures_util::future::join_all(sends).await {
+            if response.status() == StatusCode::CONFLICT {
+                let answer: serde_json::Value = response.json().await.unwrap();
+                assert_eq!(answer["error"]["code"], "CONFLICTING_COMMAND");
+                refused.push((id, format!("conflict-{round}-{n}")));
+            }
+        }
+        if !refused.is_empty() {
+            break;
+        }
+    }
+    assert!(!refused.is_empty(), "no command was refused as conflicting");
+    for (id, key) in refused {
+        let retry = modify(id, key, "0.4").await.unwrap();
+        assert!(
+            !retry.headers().contains_key("idempotent-replayed"),
+            "the 409 was kept under its key"
+        );
+        // The first modify to 0.4 won; this one changes nothing and is refused as such.
+        assert_eq!(retry.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    }
+    h.stop().await;
+}
