@@ -247,6 +247,9 @@ impl Worker {
         let mut failure = None;
         let mut store_errors = 0u32;
         let mut buffer: VecDeque<Job> = VecDeque::new();
+        let renewal = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(renewal);
+        let mut renewal_due: Option<i64> = None;
         let active = metrics::gauge!(crate::events::names::ACTIVE, "queue" => queue_name.clone());
         // A store error is retried after a pause; only a run of them stops the worker.
         macro_rules! store_error {
@@ -273,15 +276,26 @@ impl Worker {
                 }
             }
             // Wait for a free slot, then take every free one. Jobs waiting in the buffer keep
-            // their leases meanwhile, however long the running ones take.
-            // (A slot free at once needs no timer.)
+            // their leases meanwhile, however long the running ones take: one timer, moved
+            // only when the renewal's due time changes (a slot free at once needs none).
             let first = match slots.clone().try_acquire_owned() {
                 Ok(permit) => permit,
                 Err(_) => {
-                    let renewal = renewal_wait_ms(&buffer, options.lease_ms, queue.now_ms());
+                    let due = renewal_due_ms(&buffer, options.lease_ms);
+                    if due != renewal_due {
+                        renewal_due = due;
+                        if let Some(due) = due {
+                            let wait = due.saturating_sub(queue.now_ms()).max(0) as u64;
+                            renewal
+                                .as_mut()
+                                .reset(tokio::time::Instant::now() + Duration::from_millis(wait));
+                        }
+                    }
                     tokio::select! {
                         permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
-                        _ = tokio::time::sleep(Duration::from_millis(renewal.unwrap_or(0))), if renewal.is_some() => {
+                        () = &mut renewal, if renewal_due.is_some() => {
+                            // Set again from the renewed leases (or after an error) next time.
+                            renewal_due = None;
                             if let Err(error) = renew_buffer(&queue, &mut buffer, options.lease_ms).await {
                                 store_error!(error);
                             }
@@ -356,7 +370,7 @@ impl Worker {
                 continue;
             }
             let now = queue.now_ms();
-            if renewal_wait_ms(&buffer, options.lease_ms, now) == Some(0)
+            if renewal_due_ms(&buffer, options.lease_ms).is_some_and(|due| due <= now)
                 && let Err(error) = renew_buffer(&queue, &mut buffer, options.lease_ms).await
             {
                 drop(permits);
@@ -407,13 +421,12 @@ impl Worker {
     }
 }
 
-/// How long until the buffered jobs' leases are due for renewal, in milliseconds (0: now);
-/// `None` with nothing buffered. They are renewed together once the oldest, first in line,
-/// has half its lease left.
-fn renewal_wait_ms(buffer: &VecDeque<Job>, lease_ms: u64, now_ms: i64) -> Option<u64> {
+/// When the buffered jobs' leases are due for renewal, on the queue's clock; `None` with
+/// nothing buffered. They are renewed together once the oldest, first in line, has half its
+/// lease left.
+fn renewal_due_ms(buffer: &VecDeque<Job>, lease_ms: u64) -> Option<i64> {
     let oldest = buffer.front()?;
-    let due = oldest.lease_until_ms - (lease_ms / 2) as i64;
-    Some(due.saturating_sub(now_ms).max(0) as u64)
+    Some(oldest.lease_until_ms - (lease_ms / 2) as i64)
 }
 
 /// Renews the leases of the buffered jobs in one statement; a job whose lease was lost
