@@ -20,12 +20,16 @@ pub fn decimal(field: &str, text: &str) -> Result<Decimal, ApiError> {
         && text.bytes().all(|b| b.is_ascii_digit() || b == b'.')
         && text.bytes().filter(|&b| b == b'.').count() <= 1
         && text.bytes().any(|b| b.is_ascii_digit());
-    // `Decimal::from_str` rounds what it cannot hold (more than 28 places, or more
-    // significant digits than its 96 bits): only a value that reads back as written is taken.
+    // `Decimal::from_str` keeps the places written (trailing zeros too) and rounds away
+    // those it cannot hold (more than 28, or more digits than its 96 bits): a value with
+    // fewer places than the text was rounded.
+    let places = text
+        .split_once('.')
+        .map_or(0, |(_, fraction)| fraction.len());
     plain
         .then(|| Decimal::from_str(text).ok())
         .flatten()
-        .filter(|value| value.normalize().to_string() == canonical(text))
+        .filter(|value| value.scale() as usize == places)
         .ok_or_else(|| {
             ApiError::invalid(
                 "INVALID_DECIMAL",
@@ -35,20 +39,6 @@ pub fn decimal(field: &str, text: &str) -> Result<Decimal, ApiError> {
                 ),
             )
         })
-}
-
-/// A plain decimal string as `Decimal` writes it normalized: no leading zeros before the
-/// point (but one), no trailing zeros after it, and no point when nothing follows it.
-fn canonical(text: &str) -> String {
-    let (whole, fraction) = text.split_once('.').unwrap_or((text, ""));
-    let whole = whole.trim_start_matches('0');
-    let fraction = fraction.trim_end_matches('0');
-    let whole = if whole.is_empty() { "0" } else { whole };
-    if fraction.is_empty() {
-        whole.to_string()
-    } else {
-        format!("{whole}.{fraction}")
-    }
 }
 
 /// A decimal as a count of `10^-decimals` units; `None` when it has more places or does not
@@ -282,9 +272,18 @@ mod tests {
         ] {
             assert!(decimal("x", rounded).is_err(), "{rounded:?}");
         }
-        for exact in ["007.50", "0.0000000000000000000000000001", "10.", ".5", "0"] {
+        for (exact, written) in [
+            ("007.50", "7.5"),
+            (
+                "0.0000000000000000000000000001",
+                "0.0000000000000000000000000001",
+            ),
+            ("10.", "10"),
+            (".5", "0.5"),
+            ("0", "0"),
+        ] {
             let value = decimal("x", exact).unwrap();
-            assert_eq!(value.normalize().to_string(), canonical(exact), "{exact:?}");
+            assert_eq!(value.normalize().to_string(), written, "{exact:?}");
         }
         assert_eq!(from_units(1234, 2), "12.34");
         assert_eq!(from_units(5, 0), "5");
