@@ -189,7 +189,7 @@ pub async fn idempotency(
         .uri
         .path_and_query()
         .map_or_else(|| parts.uri.path().to_string(), |target| target.to_string());
-    let body = bytes.to_vec();
+    let body = bytes.clone();
     let run = move |chosen: Option<ChosenOrderId>| {
         let mut request = Request::from_parts(parts, HttpBody::from(bytes));
         if let Some(chosen) = chosen {
@@ -213,7 +213,7 @@ pub(crate) async fn keyed<F, Fut>(
     app: &Arc<App>,
     caller: Caller,
     key: String,
-    request: (Method, String, Vec<u8>),
+    request: (Method, String, axum::body::Bytes),
     placement: bool,
     run: F,
 ) -> Result<Response, ApiError>
@@ -231,7 +231,7 @@ async fn keyed_to_the_end<F, Fut>(
     app: &Arc<App>,
     caller: Caller,
     key: &str,
-    (method, path, body): (Method, String, Vec<u8>),
+    (method, path, body): (Method, String, axum::body::Bytes),
     placement: bool,
     run: F,
 ) -> Result<Response, ApiError>

@@ -769,8 +769,15 @@ pub async fn ws_command(
                 None => "/api/v1/orders".to_string(),
                 Some(id) => format!("/api/v1/orders/{id}"),
             };
-            crate::idempotency::keyed(app, caller, key, (method, path, body), id.is_none(), run)
-                .await?
+            crate::idempotency::keyed(
+                app,
+                caller,
+                key,
+                (method, path, body.into()),
+                id.is_none(),
+                run,
+            )
+            .await?
         }
         None => run(None).await,
     };
