@@ -1114,31 +1114,24 @@ async fn a_keyed_placement_whose_client_gave_up_runs_once() {
         )
         .await;
         let body = r#"{"market":"BTC-USDT","side":"buy","price":"100","qty":"0.001","tif":"IOC"}"#;
+        let place = |client: &reqwest::Client, key: &str| {
+            client
+                .post(format!("{}/api/v1/orders", h.base))
+                .bearer_auth(&bob_token)
+                .header("content-type", "application/json")
+                .header("idempotency-key", key)
+                .body(body)
+                .send()
+        };
         for n in 0..PLACEMENTS {
             let key = format!("gave-up-{n}");
             let impatient = reqwest::Client::builder()
                 .timeout(std::time::Duration::from_micros(500 + (n % 20) * 400))
                 .build()
                 .unwrap();
-            let _ = impatient
-                .post(format!("{}/api/v1/orders", h.base))
-                .bearer_auth(&bob_token)
-                .header("content-type", "application/json")
-                .header("idempotency-key", &key)
-                .body(body)
-                .send()
-                .await;
+            let _ = place(&impatient, &key).await;
             loop {
-                let retry = h
-                    .client
-                    .post(format!("{}/api/v1/orders", h.base))
-                    .bearer_auth(&bob_token)
-                    .header("content-type", "application/json")
-                    .header("idempotency-key", &key)
-                    .body(body)
-                    .send()
-                    .await
-                    .unwrap();
+                let retry = place(&h.client, &key).await.unwrap();
                 let status = retry.status();
                 let text = retry.text().await.unwrap();
                 if status == StatusCode::CONFLICT && text.contains("IN_FLIGHT") {
